@@ -1,0 +1,356 @@
+"""Run configuration: frozen dataclasses, config files, strict overrides, validation."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosswrite_jax.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the Transformer; the only config a model sees."""
+
+    vocab_size: int = 8000
+    d_model: int = 256
+    num_heads: int = 4
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_ff: int = 1024
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    activation: str = "relu"  # relu | gelu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_epsilon: float = 1e-6
+    max_length: int = 256  # longest sequence the sinusoidal position table covers
+    dropout_rate: float = 0.1
+    tie_output_embedding: bool = True
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where pairs come from and how they become batches."""
+
+    dataset: str = "multi30k_sample"  # the bundled sample, or a directory of {split}.{lang}[.gz]
+    source_lang: str = "en"
+    target_lang: str = "de"
+    train_split: str = "train"
+    eval_split: str = "val"  # periodic validation during training
+    max_source_length: int = 64
+    max_target_length: int = 64
+    bucket_lengths: tuple[int, ...] = (16, 32, 48, 64)
+    length_grouping_window: int = 16  # batches sorted together by length; 1 disables grouping
+    tokenizer: str = ""  # existing tokenizer directory; empty: train one on the training text
+    tokenizer_model: str = "bpe"  # bpe | unigram
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW, schedule, clipping and which parameters are frozen."""
+
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"  # cosine | linear | rsqrt | constant
+    warmup_steps: int = 100
+    end_learning_rate_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-9
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    freeze: tuple[str, ...] = ()  # path regexes, e.g. ("encoder/.*",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, batch, seed, validation and logging cadence."""
+
+    steps: int = 1000
+    batch_size: int = 64  # global, in sentence pairs
+    seed: int = 0
+    label_smoothing: float = 0.1
+    eval_every: int = 500  # 0 disables periodic validation
+    eval_batches: int = 4  # validation batches per periodic evaluation
+    log_every: int = 50
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing cadence and retention."""
+
+    every: int = 500  # steps between saves; the last step is always saved
+    max_to_keep: int = 2
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over (data, fsdp, tensor) and the sharding rules preset."""
+
+    shape: tuple[int, ...] = (-1, 1, 1)  # one entry may be -1: the remaining devices
+    rules: str = "fsdp"  # data_parallel | fsdp | tensor_parallel | fsdp_tp
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Decoding and scoring of a split."""
+
+    split: str = "test"
+    batch_size: int = 128
+    max_decode_length: int = 64
+    max_examples: int = 0  # 0: the whole split
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "model.activation": ("relu", "gelu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.tokenizer_model": ("bpe", "unigram"),
+    "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
+    "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
+}
+
+
+def all_keys(config: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config (of the base config if none is given)."""
+    config = Config() if config is None else config
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(all_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, config: Config) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with a key listed by `crosswrite keys`"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _field_type(obj: Any, name: str) -> Any:
+    return typing.get_type_hints(type(obj))[name]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks (and for strings from the command line, parses) a value against a field type."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            if text in ("", "()"):
+                value = ()
+            else:
+                try:
+                    value = ast.literal_eval(text if text.startswith(("(", "[")) else f"({text},)")
+                except (ValueError, SyntaxError):
+                    value = tuple(part.strip() for part in text.strip("()[]").split(",") if part.strip())
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+            value = (value,)
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(key, item, item_type) for item in value)
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"config key '{key}' wants {type_name}, got {value!r}")
+
+
+def override(config: Config, updates: dict[str, Any]) -> Config:
+    """Returns the config with dotted keys replaced, e.g. {'optimizer.learning_rate': 3e-4}."""
+    for key, value in updates.items():
+        parts = key.split(".")
+        config = _replace_path(config, parts, value, key, config)
+    validate(config)
+    return config
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, key: str, root: Config) -> Any:
+    name = parts[0]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise _unknown_key(key, root)
+    current = getattr(obj, name)
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(current):
+            raise _unknown_key(key, root)
+        return dataclasses.replace(obj, **{name: _coerce(key, value, _field_type(obj, name))})
+    return dataclasses.replace(obj, **{name: _replace_path(current, parts[1:], value, key, root)})
+
+
+def validate(config: Config) -> None:
+    """Checks types, choices and ranges; raises UserError naming the key."""
+    _check_types(config, "")
+    for key, choices in _CHOICES.items():
+        value = get(config, key)
+        if value not in choices:
+            raise UserError(f"config key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+    m = config.model
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise UserError("config key 'model.num_heads' must divide 'model.d_model' (or set 'model.head_dim')")
+    positive = ["model.vocab_size", "model.d_model", "model.num_heads", "model.d_ff", "train.steps",
+                "train.batch_size", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
+                "checkpoint.max_to_keep", "data.max_source_length", "data.max_target_length"]
+    for key in positive:
+        if get(config, key) <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {get(config, key)}")
+    if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):
+        raise UserError(f"config key 'mesh.shape' {config.mesh.shape}: sizes must be positive, one may be -1")
+    if len(config.mesh.shape) != 3:
+        raise UserError(f"config key 'mesh.shape' needs 3 sizes (data, fsdp, tensor), got {config.mesh.shape}")
+    if not config.data.bucket_lengths or list(config.data.bucket_lengths) != sorted(config.data.bucket_lengths):
+        raise UserError("config key 'data.bucket_lengths' must be a non-empty increasing tuple")
+    if not 0.0 <= m.dropout_rate < 1.0:
+        raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, key + ".")
+            continue
+        annotation = _field_type(obj, f.name)
+        coerced = _coerce(key, value, annotation) if not isinstance(value, str) or annotation is str else None
+        if coerced is None or (annotation is int and isinstance(value, float)):
+            type_name = getattr(annotation, "__name__", str(annotation))
+            raise UserError(f"config key '{key}' wants {type_name}, got {value!r}")
+
+
+def get(config: Any, key: str) -> Any:
+    """Value of a dotted key."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """A JSON-ready nested dict."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Rebuilds a Config from `to_dict` output, strictly."""
+    flat = _flatten(data)
+    try:
+        return override(Config(), flat)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def load(path: str | Path) -> Config:
+    """Loads a python config file whose `get_config()` returns a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found; pass --config with a file under configs/")
+    spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
+    module = types.ModuleType(spec.name)
+    module.__file__ = str(path)
+    try:
+        spec.loader.exec_module(module)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    except Exception as error:  # a broken config file is bad input, not a crash
+        raise UserError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise UserError(f"{path}: defines no get_config(); it must return a crosswrite_jax.config.Config")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a Config")
+    try:
+        validate(config)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Parses ['--config.a.b=1', '--config.c', '2'] into {'a.b': '1', 'c': '2'}."""
+    updates: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise UserError(f"unrecognized argument '{arg}'; overrides look like --config.train.steps=100")
+        body = arg[len("--config."):]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise UserError(f"override '{arg}' has no value; write --config.{body}=VALUE")
+        updates[key] = value
+        i += 1
+    return updates
+
+
+def save_json(config: Config, path: str | Path) -> None:
+    """Writes the resolved config as JSON."""
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> Config:
+    """Reads a config saved by `save_json`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable config ({error})") from None
+    return from_dict(data, str(path))

@@ -1,0 +1,147 @@
+"""Batches of token ids: seeded, length-grouped, bucket-padded, random-access training and eval pipelines."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer
+from crosswrite_jax.errors import UserError
+
+
+def _check_buckets(bucket_lengths: Sequence[int]) -> tuple[int, ...]:
+    buckets = tuple(int(b) for b in bucket_lengths)
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 2:
+        raise UserError(f"config key 'data.bucket_lengths' is {tuple(bucket_lengths)}; "
+                        f"it must be a non-empty increasing tuple of lengths >= 2")
+    return buckets
+
+
+class _Packed:
+    """Token id rows stored flat (ids + offsets), each already truncated and ending with EOS."""
+
+    def __init__(self, rows: list[list[int]], max_length: int, eos_id: int) -> None:
+        rows = [row[:max_length - 1] + [eos_id] for row in rows]
+        self.lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+        self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self.ids = np.fromiter((i for r in rows for i in r), dtype=np.int32, count=int(self.offsets[-1]))
+
+    def pad(self, indices: np.ndarray, width: int, pad_id: int) -> np.ndarray:
+        """Rows `indices` (-1: an all-pad row) as an int32 [len(indices), width] array."""
+        out = np.full((len(indices), width), pad_id, dtype=np.int32)
+        for r, i in enumerate(indices):
+            if i >= 0:
+                out[r, :self.lengths[i]] = self.ids[self.offsets[i]:self.offsets[i + 1]]
+        return out
+
+
+def _bucket(longest: int, buckets: tuple[int, ...]) -> int:
+    return buckets[int(np.searchsorted(buckets, longest))]
+
+
+class _TrainBatches:
+    """Maps a step k to the process-local part of global batch k (picklable, epoch plan cached)."""
+
+    def __init__(self, sources: _Packed, targets: _Packed, *, global_batch_size: int, buckets: tuple[int, ...],
+                 seed: int, window: int, process_index: int, process_count: int, pad_id: int) -> None:
+        self.sources, self.targets, self.buckets = sources, targets, buckets
+        self.batch_size, self.seed, self.window, self.pad_id = global_batch_size, seed, window, pad_id
+        self.local = global_batch_size // process_count
+        self.start = process_index * self.local
+        self.lengths = sources.lengths + targets.lengths
+        self.batches_per_epoch = len(self.lengths) // global_batch_size
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """Example indices of every global batch of an epoch, [batches_per_epoch, global_batch_size]."""
+        cached = self._cache
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        rng = np.random.default_rng([epoch, self.seed & (2**64 - 1)])
+        order = rng.permutation(len(self.lengths))
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start:start + span]
+            if self.window > 1:
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            full = len(chunk) // self.batch_size * self.batch_size
+            batches.append(chunk[:full].reshape(-1, self.batch_size))
+        plan = np.concatenate(batches)[rng.permutation(self.batches_per_epoch)]
+        self._cache = (epoch, plan)
+        return plan
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.plan(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+        source_width = _bucket(int(self.sources.lengths[rows].max()), self.buckets)
+        target_width = _bucket(int(self.targets.lengths[rows].max()), self.buckets)
+        local = rows[self.start:self.start + self.local]
+        return {"inputs": self.sources.pad(local, source_width, self.pad_id),
+                "targets": self.targets.pad(local, target_width, self.pad_id)}
+
+
+def train_dataset(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, global_batch_size: int,
+                  max_source_length: int, max_target_length: int, bucket_lengths: Sequence[int], seed: int,
+                  length_grouping_window: int = 16, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """Endless random-access dataset: element k is this process's rows of global training batch k."""
+    buckets = _check_buckets(bucket_lengths)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
+                        f"the process count ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} is outside [0, {process_count})")
+    if length_grouping_window < 1:
+        raise UserError(f"config key 'data.length_grouping_window' must be >= 1, got {length_grouping_window}")
+    source_ids = tokenizer.encode_batch([s for s, _ in pairs])
+    target_ids = tokenizer.encode_batch([t for _, t in pairs])
+    keep = [i for i, (s, t) in enumerate(zip(source_ids, target_ids)) if s and t]
+    if len(keep) < global_batch_size:
+        raise UserError(f"only {len(keep)} of {len(pairs)} pairs are non-empty on both sides, fewer than one "
+                        f"batch of {global_batch_size}; lower train.batch_size or use a larger split")
+    sources = _Packed([source_ids[i] for i in keep], min(max_source_length, buckets[-1]), tokenizer.eos_id)
+    targets = _Packed([target_ids[i] for i in keep], min(max_target_length, buckets[-1]), tokenizer.eos_id)
+    batches = _TrainBatches(sources, targets, global_batch_size=global_batch_size, buckets=buckets,
+                            seed=seed, window=length_grouping_window, process_index=process_index,
+                            process_count=process_count, pad_id=tokenizer.pad_id)
+    return grain.MapDataset.range(sys.maxsize).map(batches)
+
+
+def eval_batches(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, batch_size: int,
+                 max_source_length: int, bucket_lengths: Sequence[int],
+                 max_target_length: int = 0) -> list[dict[str, np.ndarray]]:
+    """In-order batches of every pair: `inputs`, `example_index` (-1 for filler rows), and `targets` if asked."""
+    buckets = _check_buckets(bucket_lengths)
+    if batch_size <= 0:
+        raise UserError(f"config key 'eval.batch_size' must be positive, got {batch_size}")
+    sides = [(_Packed(tokenizer.encode_batch([s for s, _ in pairs]), min(max_source_length, buckets[-1]),
+                      tokenizer.eos_id), "inputs")]
+    if max_target_length > 0:
+        sides.append((_Packed(tokenizer.encode_batch([t for _, t in pairs]), min(max_target_length, buckets[-1]),
+                              tokenizer.eos_id), "targets"))
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        index = np.arange(start, start + batch_size, dtype=np.int32)
+        index[index >= len(pairs)] = -1
+        batch = {"example_index": index}
+        for packed, key in sides:
+            width = _bucket(int(packed.lengths[index[index >= 0]].max()), buckets)
+            batch[key] = packed.pad(index, width, tokenizer.pad_id)
+        batches.append(batch)
+    return batches
+
+
+def padding_fraction(ds: grain.MapDataset, num_batches: int, pad_id: int = PAD_ID) -> dict[str, float]:
+    """Fraction of pad tokens in `inputs` and `targets` over the first num_batches elements."""
+    pads = {"inputs": 0, "targets": 0}
+    total = {"inputs": 0, "targets": 0}
+    for k in range(num_batches):
+        batch = ds[k]
+        for key in pads:
+            pads[key] += int((batch[key] == pad_id).sum())
+            total[key] += batch[key].size
+    return {key: pads[key] / max(total[key], 1) for key in pads}

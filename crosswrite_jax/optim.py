@@ -1,0 +1,96 @@
+"""Learning-rate schedules, the AdamW chain, and freezing by routing parameters through labels."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import optax
+
+from crosswrite_jax.config import OptimizerConfig
+from crosswrite_jax.errors import UserError
+
+TRAIN, FREEZE = "train", "freeze"
+
+
+def path_str(path: tuple) -> str:
+    """'encoder/layer_0/mlp/wi/kernel' for a pytree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def parameter_paths(params: Any) -> list[str]:
+    """Slash-joined paths of every leaf."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def freeze_labels(params: Any, freeze: Sequence[str]) -> Any:
+    """A tree of 'train' / 'freeze' labels: a leaf is frozen when a regex fully matches its path."""
+    patterns = [(p, re.compile(p)) for p in freeze]
+    used = {p: False for p in freeze}
+
+    def label(path, _):
+        name = path_str(path)
+        for text, pattern in patterns:
+            if pattern.fullmatch(name):
+                used[text] = True
+                return FREEZE
+        return TRAIN
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        example = parameter_paths(params)[0]
+        raise UserError(
+            f"config key 'optimizer.freeze': pattern '{unused[0]}' matches no parameter;"
+            f" patterns match whole slash-joined paths such as '{example}'")
+    return labels
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup then cosine, linear, inverse-square-root or constant."""
+    peak, warmup = config.learning_rate, max(config.warmup_steps, 0)
+    end = peak * config.end_learning_rate_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_ratio)
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    elif config.schedule == "rsqrt":
+        decay = lambda step: peak * (max(warmup, 1) / (step + max(warmup, 1))) ** 0.5  # noqa: E731
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only, not on norm scales and biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and its label tree; frozen leaves go to `set_to_zero` and hold no moments."""
+    schedule = learning_rate_schedule(config, total_steps)
+    chain = []
+    if config.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=_decay_mask))
+    labels = freeze_labels(params, config.freeze)
+    tx = optax.multi_transform({TRAIN: optax.chain(*chain), FREEZE: optax.set_to_zero()}, labels)
+    return tx, labels
+
+
+def count_parameters(params: Any, labels: Any) -> dict[str, int]:
+    """Trainable and frozen parameter counts."""
+    counts = {TRAIN: 0, FREEZE: 0}
+    for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+        counts[label] += int(p.size)
+    return {"trainable": counts[TRAIN], "frozen": counts[FREEZE], "total": counts[TRAIN] + counts[FREEZE]}
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a tree (shapes suffice; nothing is read)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

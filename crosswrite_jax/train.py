@@ -1,0 +1,288 @@
+"""The training loop: a jitted, sharded train_step fed by the grain pipeline, with validation and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from crosswrite_jax import checkpoint, sharding
+from crosswrite_jax import workdir as workdir_lib
+from crosswrite_jax.config import Config
+from crosswrite_jax.data import pipeline
+from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder
+from crosswrite_jax.optim import count_parameters, learning_rate_schedule, make_optimizer, tree_bytes
+from crosswrite_jax.reporting import MetricsWriter
+from crosswrite_jax.state import StateLayout, TrainState, create_state, state_layout, strip_boxes
+
+log = logging.getLogger("crosswrite")
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> dict[str, jax.Array]:
+    """Summed (label-smoothed) loss, NLL, correct tokens and token count over non-pad targets."""
+    weights = (targets != PAD_ID).astype(jnp.float32)
+    vocab = logits.shape[-1]
+    on, off = 1.0 - label_smoothing, label_smoothing / vocab
+    soft = jax.nn.one_hot(targets, vocab) * on + off
+    log_probs = jax.nn.log_softmax(logits)
+    loss = -jnp.sum(soft * log_probs, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * weights), "nll_sum": jnp.sum(nll * weights),
+            "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
+
+
+def make_train_step(model: EncoderDecoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    label_smoothing: float, dropout_seed: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, batch["inputs"], batch["targets"], deterministic=False,
+                                 rngs={"dropout": rng})
+            sums = token_losses(logits, batch["targets"], label_smoothing)
+            return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(sums, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model: EncoderDecoder, label_smoothing: float) -> Callable[[Any, dict], dict]:
+    """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout."""
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], batch["targets"], deterministic=True)
+        return token_losses(logits, batch["targets"], label_smoothing)
+
+    return eval_step
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Per-token loss, NLL, perplexity and accuracy from summed metrics."""
+    tokens = max(sums["tokens"], 1.0)
+    nll = sums["nll_sum"] / tokens
+    return {"loss": sums["loss_sum"] / tokens, "nll": nll, "perplexity": float(np.exp(min(nll, 50.0))),
+            "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"]}
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array sharded over (data, fsdp)."""
+    spec = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(spec, v) for k, v in local_batch.items()}
+
+
+@dataclass
+class Trainer:
+    """A model, its optimizer and their sharded layout on a mesh: what both training and tests build on."""
+
+    config: Config
+    mesh: Mesh
+    rules: Any
+    model: EncoderDecoder
+    tx: optax.GradientTransformation
+    labels: Any
+    layout: StateLayout
+    schedule: optax.Schedule
+
+    @classmethod
+    def build(cls, config: Config, mesh: Mesh) -> "Trainer":
+        rules = sharding.logical_rules(config.mesh.rules)
+        model = EncoderDecoder(config.model)
+        dummy = jnp.ones((1, 8), jnp.int32)
+        init = lambda key: model.init({"params": key}, dummy, dummy)["params"]  # noqa: E731
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(init, jax.random.key(0))
+            tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps)
+            layout = state_layout(boxed, tx, mesh, rules)
+        trainer = cls(config, mesh, rules, model, tx, labels, layout,
+                      learning_rate_schedule(config.optimizer, config.train.steps))
+        trainer._init = init
+        return trainer
+
+    def context(self):
+        """Mesh and logical rules in force while tracing."""
+        return _MeshContext(self.mesh, self.rules)
+
+    def init_state(self) -> TrainState:
+        """Fresh parameters and optimizer state, created in their shards."""
+        with self.context():
+            return create_state(self._init, self.tx, self.layout, jax.random.key(self.config.train.seed))
+
+    def jit_train_step(self):
+        step = make_train_step(self.model, self.tx, self.schedule, self.config.train.label_smoothing,
+                               self.config.train.seed + 1)
+        batch = sharding.batch_sharding(self.mesh)
+        return jax.jit(step, in_shardings=(self.layout.shardings, batch),
+                       out_shardings=(self.layout.shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    def jit_eval_step(self):
+        step = make_eval_step(self.model, self.config.train.label_smoothing)
+        return jax.jit(step, in_shardings=(self.layout.shardings.params, sharding.batch_sharding(self.mesh)),
+                       out_shardings=sharding.replicated(self.mesh))
+
+    def parameter_report(self) -> dict[str, int]:
+        """Trainable / frozen counts and optimizer-state bytes, from shapes alone."""
+        counts = count_parameters(self.layout.abstract.params, self.labels)
+        return dict(counts, optimizer_state_bytes=tree_bytes(self.layout.abstract.opt_state))
+
+
+class _MeshContext:
+    def __init__(self, mesh, rules):
+        self._mesh_cm = jax.set_mesh(mesh)
+        self._rules_cm = nn.logical_axis_rules(rules)
+
+    def __enter__(self):
+        self._mesh_cm.__enter__()
+        self._rules_cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._rules_cm.__exit__(*exc)
+        return self._mesh_cm.__exit__(*exc)
+
+
+def _validate(trainer: Trainer, eval_step, params, val_dataset, num_batches: int) -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    with trainer.context():
+        for i in range(num_batches):
+            sums = jax.device_get(eval_step(params, to_global_batch(val_dataset[i], trainer.mesh)))
+            for k in totals:
+                totals[k] += float(sums[k])
+    return summarize(totals)
+
+
+def train(config: Config, workdir: str | Path) -> dict[str, Any]:
+    """Trains (resuming from the newest checkpoint in `workdir`) and returns the last metrics."""
+    run = workdir_lib.prepare(config, workdir)
+    config, tokenizer = run.config, run.tokenizer
+    mesh = sharding.make_mesh(config.mesh.shape)
+    trainer = Trainer.build(config, mesh)
+    is_main = jax.process_index() == 0
+    report = trainer.parameter_report()
+    if is_main:
+        total = report["total"]
+        log.info("mesh %s, rules %s", dict(mesh.shape), config.mesh.rules)
+        log.info("parameters: %s trainable (%.1f%%), %s frozen; optimizer state %.2f MB",
+                 f"{report['trainable']:,}", 100 * report["trainable"] / total, f"{report['frozen']:,}",
+                 report["optimizer_state_bytes"] / 1e6)
+
+    manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
+    if manager.latest_step() is not None:
+        state, metadata = checkpoint.restore_state(manager, trainer.layout)
+        workdir_lib.check_tokenizer(metadata, tokenizer, run.checkpoint_dir)
+        if is_main:
+            log.info("resumed from step %d", int(state.step))
+    else:
+        state = trainer.init_state()
+    start = int(jax.device_get(state.step))
+
+    d = config.data
+    train_pairs = run.read_split(d.train_split)
+    train_data = pipeline.train_dataset(
+        train_pairs, tokenizer, global_batch_size=config.train.batch_size, max_source_length=d.max_source_length,
+        max_target_length=d.max_target_length, bucket_lengths=d.bucket_lengths, seed=config.train.seed,
+        length_grouping_window=d.length_grouping_window, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    val_data = None
+    if config.train.eval_every > 0:
+        val_data = pipeline.train_dataset(
+            run.read_split(d.eval_split), tokenizer, global_batch_size=config.train.batch_size,
+            max_source_length=d.max_source_length, max_target_length=d.max_target_length,
+            bucket_lengths=d.bucket_lengths, seed=0, length_grouping_window=1,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+    writer = MetricsWriter(run.workdir, enabled=is_main)
+    train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+    metadata = {"tokenizer_fingerprint": tokenizer.fingerprint, "data_index": start}
+    last: dict[str, Any] = {}
+    progress = _progress_bar(start, config, enabled=is_main and config.train.progress_bar)
+    window = _Window()
+    pending = None  # metrics of the step before, read after the next one is dispatched
+    with trainer.context():
+        for step in range(start, config.train.steps):
+            local = train_data[step]
+            state, metrics = train_step(state, to_global_batch(local, mesh))
+            if pending is not None:
+                window.add(*pending)
+            pending = (metrics, _token_counts(local))
+            done = step + 1
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                window.add(*pending)
+                pending = None
+                last = window.flush()
+                writer.write(done, "train", last)
+                progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}",
+                                     lr=f"{last['learning_rate']:.2e}", refresh=False)
+            progress.update(1)
+            if val_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
+                val = _validate(trainer, eval_step, state.params, val_data, config.train.eval_batches)
+                writer.write(done, "val", val)
+                last.update({f"val_{k}": v for k, v in val.items()})
+            if done % config.checkpoint.every == 0 or done == config.train.steps:
+                checkpoint.save(manager, state, dict(metadata, data_index=done), force=True)
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return last
+
+
+def _token_counts(local: dict[str, np.ndarray]) -> tuple[int, int]:
+    """Real (non-pad) and padded token counts of the global batch, source and target together."""
+    real = sum(int(np.count_nonzero(local[k] != PAD_ID)) for k in ("inputs", "targets"))
+    padded = sum(int(local[k].size) for k in ("inputs", "targets"))
+    return real * jax.process_count(), padded * jax.process_count()
+
+
+class _Window:
+    """Accumulates step metrics between log records."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, float] = {}
+        self.steps, self.real_tokens, self.padded_tokens, self.started = 0, 0, 0, time.perf_counter()
+
+    def add(self, metrics, token_counts: tuple[int, int]):
+        metrics = jax.device_get(metrics)
+        for k in ("loss_sum", "nll_sum", "correct", "tokens"):
+            self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
+        self.sums["grad_norm"] = float(metrics["grad_norm"])
+        self.sums["learning_rate"] = float(metrics["learning_rate"])
+        self.steps += 1
+        self.real_tokens += token_counts[0]
+        self.padded_tokens += token_counts[1]
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = summarize(self.sums)
+        out.update(grad_norm=self.sums["grad_norm"], learning_rate=self.sums["learning_rate"],
+                   tokens_per_second=self.real_tokens / elapsed,
+                   padded_tokens_per_second=self.padded_tokens / elapsed,
+                   steps_per_second=self.steps / elapsed)
+        self.reset()
+        return out
+
+
+def _progress_bar(start: int, config: Config, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.train.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc=config.name)

@@ -1,0 +1,117 @@
+"""A run directory: config.json, metrics.jsonl, checkpoints/, tokenizer/, tensorboard/."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from crosswrite_jax import config as config_lib
+from crosswrite_jax.config import Config
+from crosswrite_jax.data import sources
+from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer
+from crosswrite_jax.errors import UserError
+
+CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
+
+
+@dataclass
+class Run:
+    """What a command needs from a run directory."""
+
+    workdir: Path
+    config: Config
+    tokenizer: Tokenizer
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.workdir / CHECKPOINTS
+
+    def read_split(self, split: str, max_examples: int = 0) -> list[tuple[str, str]]:
+        d = self.config.data
+        return sources.read_parallel(d.dataset, split, d.source_lang, d.target_lang, max_examples)
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether any step directory exists under workdir/checkpoints."""
+    folder = workdir / CHECKPOINTS
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def prepare(config: Config, workdir: str | Path) -> Run:
+    """Makes the run directory, records the config and provides the tokenizer (reused on resume)."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir '{workdir}' is a file; pass a directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved_path = workdir / CONFIG_FILE
+    if saved_path.exists() and has_checkpoints(workdir):
+        _check_compatible(config_lib.load_json(saved_path), config, saved_path)
+    tokenizer = _tokenizer(config, workdir)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but config key 'model.vocab_size' is "
+                        f"{config.model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
+    if tokenizer.pad_id != PAD_ID:
+        raise UserError(f"the tokenizer's pad id is {tokenizer.pad_id}; models here need pad id {PAD_ID}")
+    if jax.process_index() == 0:
+        config_lib.save_json(config, saved_path)
+    return Run(workdir, config, tokenizer)
+
+
+def _check_compatible(saved: Config, new: Config, path: Path) -> None:
+    """Resuming with another architecture would corrupt the run: refuse it, naming the key."""
+    old_model, new_model = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
+    for key, value in old_model.items():
+        if new_model[key] != value and key not in ("dropout_rate", "dtype"):
+            raise UserError(
+                f"{path}: the checkpoints here were trained with model.{key}={value!r}, not {new_model[key]!r};"
+                f" use a new --workdir or drop the override")
+
+
+def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
+    folder = workdir / TOKENIZER
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.load(folder)
+    d = config.data
+    if d.tokenizer:
+        tokenizer = Tokenizer.load(d.tokenizer)
+    else:
+        pairs = sources.read_parallel(d.dataset, d.train_split, d.source_lang, d.target_lang)
+        texts = [s for s, _ in pairs] + [t for _, t in pairs]
+        tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model)
+    if jax.process_index() == 0:
+        tokenizer.save(folder)
+    return tokenizer
+
+
+def check_tokenizer(metadata: dict[str, Any], tokenizer: Tokenizer, where: Path) -> None:
+    """Fails when a checkpoint was trained with a different tokenizer."""
+    saved = metadata.get("tokenizer_fingerprint")
+    if saved and saved != tokenizer.fingerprint:
+        raise UserError(f"{where}: the checkpoint was trained with tokenizer {saved[:12]}, but the run's tokenizer "
+                        f"is {tokenizer.fingerprint[:12]}; restore the original tokenizer/ directory")
+
+
+def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None) -> Run:
+    """An existing run directory, its saved config (with overrides) and tokenizer, for evaluation."""
+    workdir = Path(workdir)
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"--workdir '{workdir}' has no {CONFIG_FILE}; point it at a directory written by "
+                        f"`crosswrite train`")
+    config = config_lib.load_json(path)
+    if overrides:
+        config = config_lib.override(config, overrides)
+    folder = workdir / TOKENIZER
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"--workdir '{workdir}' has no {TOKENIZER}/tokenizer.json; it is needed to decode")
+    return Run(workdir, config, Tokenizer.load(folder))
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One JSON line."""
+    return json.dumps(record, sort_keys=False)
