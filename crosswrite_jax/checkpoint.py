@@ -16,11 +16,14 @@ PARAMS, OPT_STATE, METADATA = "params", "opt_state", "metadata"
 
 def open_manager(directory: str | Path, *, max_to_keep: int = 2, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager over `directory` holding params, optimizer state and metadata apart."""
+    """A CheckpointManager over `directory` holding params, optimizer state and metadata apart.
+
+    `read_only` managers (for evaluation) neither create the directory nor delete old steps.
+    """
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
+        max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
+        create=not read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, OPT_STATE, METADATA))
 
 

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="list every config key with its value")
     keys.add_argument("--config", default=None, help="a config file (default: the base config)")
     for sub in (train, evaluate, quick, keys):
-        sub.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
 

@@ -45,9 +45,10 @@ class DataConfig:
     target_lang: str = "de"
     train_split: str = "train"
     eval_split: str = "val"  # periodic validation during training
-    max_source_length: int = 64
+    max_source_length: int = 64  # with packing: the packed row length
     max_target_length: int = 64
-    bucket_lengths: tuple[int, ...] = (16, 32, 48, 64)
+    packing: bool = False  # several pairs per row (train.batch_size then counts rows); one compiled shape
+    bucket_lengths: tuple[int, ...] = (16, 32, 48, 64)  # without packing: batches pad to the smallest that fits
     length_grouping_window: int = 16  # batches sorted together by length; 1 disables grouping
     tokenizer: str = ""  # existing tokenizer directory; empty: train one on the training text
     tokenizer_model: str = "bpe"  # bpe | unigram

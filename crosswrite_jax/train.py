@@ -49,15 +49,14 @@ def make_train_step(model: EncoderDecoder, tx: optax.GradientTransformation, sch
         rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
         def loss_fn(params):
-            logits = model.apply({"params": params}, batch["inputs"], batch["targets"], deterministic=False,
-                                 rngs={"dropout": rng})
+            logits = model.apply({"params": params}, **batch, deterministic=False, rngs={"dropout": rng})
             sums = token_losses(logits, batch["targets"], label_smoothing)
             return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(sums, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        metrics = dict(sums, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -67,7 +66,7 @@ def make_eval_step(model: EncoderDecoder, label_smoothing: float) -> Callable[[A
     """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout."""
 
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["targets"], deterministic=True)
+        logits = model.apply({"params": params}, **batch, deterministic=True)
         return token_losses(logits, batch["targets"], label_smoothing)
 
     return eval_step
@@ -99,6 +98,7 @@ class Trainer:
     labels: Any
     layout: StateLayout
     schedule: optax.Schedule
+    init_params: Callable[[jax.Array], Any]
 
     @classmethod
     def build(cls, config: Config, mesh: Mesh) -> "Trainer":
@@ -110,10 +110,8 @@ class Trainer:
             boxed = jax.eval_shape(init, jax.random.key(0))
             tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps)
             layout = state_layout(boxed, tx, mesh, rules)
-        trainer = cls(config, mesh, rules, model, tx, labels, layout,
-                      learning_rate_schedule(config.optimizer, config.train.steps))
-        trainer._init = init
-        return trainer
+        return cls(config, mesh, rules, model, tx, labels, layout,
+                   learning_rate_schedule(config.optimizer, config.train.steps), init)
 
     def context(self):
         """Mesh and logical rules in force while tracing."""
@@ -122,7 +120,7 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Fresh parameters and optimizer state, created in their shards."""
         with self.context():
-            return create_state(self._init, self.tx, self.layout, jax.random.key(self.config.train.seed))
+            return create_state(self.init_params, self.tx, self.layout, jax.random.key(self.config.train.seed))
 
     def jit_train_step(self):
         step = make_train_step(self.model, self.tx, self.schedule, self.config.train.label_smoothing,
@@ -166,8 +164,24 @@ def _validate(trainer: Trainer, eval_step, params, val_dataset, num_batches: int
     return summarize(totals)
 
 
-def train(config: Config, workdir: str | Path) -> dict[str, Any]:
-    """Trains (resuming from the newest checkpoint in `workdir`) and returns the last metrics."""
+def make_dataset(pairs, tokenizer, config: Config, seed: int, shuffle: bool = True):
+    """The grain dataset of training batches (packed or bucketed, as configured) for this process."""
+    d = config.data
+    common = dict(global_batch_size=config.train.batch_size, seed=seed, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    if d.packing:
+        return pipeline.packed_train_dataset(pairs, tokenizer, source_length=d.max_source_length,
+                                             target_length=d.max_target_length, **common)
+    return pipeline.train_dataset(pairs, tokenizer, max_source_length=d.max_source_length,
+                                  max_target_length=d.max_target_length, bucket_lengths=d.bucket_lengths,
+                                  length_grouping_window=d.length_grouping_window if shuffle else 1, **common)
+
+
+def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains (resuming from the newest checkpoint in `workdir`) and returns the last metrics.
+
+    `stop_at` ends this invocation early at that step, with a checkpoint, as a preemption would.
+    """
     run = workdir_lib.prepare(config, workdir)
     config, tokenizer = run.config, run.tokenizer
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -192,20 +206,10 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
         state = trainer.init_state()
     start = int(jax.device_get(state.step))
 
-    d = config.data
-    train_pairs = run.read_split(d.train_split)
-    train_data = pipeline.train_dataset(
-        train_pairs, tokenizer, global_batch_size=config.train.batch_size, max_source_length=d.max_source_length,
-        max_target_length=d.max_target_length, bucket_lengths=d.bucket_lengths, seed=config.train.seed,
-        length_grouping_window=d.length_grouping_window, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    train_data = make_dataset(run.read_split(config.data.train_split), tokenizer, config, config.train.seed)
     val_data = None
     if config.train.eval_every > 0:
-        val_data = pipeline.train_dataset(
-            run.read_split(d.eval_split), tokenizer, global_batch_size=config.train.batch_size,
-            max_source_length=d.max_source_length, max_target_length=d.max_target_length,
-            bucket_lengths=d.bucket_lengths, seed=0, length_grouping_window=1,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        val_data = make_dataset(run.read_split(config.data.eval_split), tokenizer, config, seed=0, shuffle=False)
 
     writer = MetricsWriter(run.workdir, enabled=is_main)
     train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
@@ -214,15 +218,16 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     progress = _progress_bar(start, config, enabled=is_main and config.train.progress_bar)
     window = _Window()
     pending = None  # metrics of the step before, read after the next one is dispatched
+    end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     with trainer.context():
-        for step in range(start, config.train.steps):
+        for step in range(start, end):
             local = train_data[step]
             state, metrics = train_step(state, to_global_batch(local, mesh))
             if pending is not None:
                 window.add(*pending)
             pending = (metrics, _token_counts(local))
             done = step + 1
-            if done % config.train.log_every == 0 or done == config.train.steps:
+            if done % config.train.log_every == 0 or done == end:
                 window.add(*pending)
                 pending = None
                 last = window.flush()
@@ -234,7 +239,7 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
                 val = _validate(trainer, eval_step, state.params, val_data, config.train.eval_batches)
                 writer.write(done, "val", val)
                 last.update({f"val_{k}": v for k, v in val.items()})
-            if done % config.checkpoint.every == 0 or done == config.train.steps:
+            if done % config.checkpoint.every == 0 or done == end:
                 checkpoint.save(manager, state, dict(metadata, data_index=done), force=True)
     progress.close()
     manager.wait_until_finished()

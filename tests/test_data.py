@@ -9,7 +9,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from crosswrite_jax.data.pipeline import eval_batches, padding_fraction, train_dataset
+from crosswrite_jax.data.pipeline import eval_batches, packed_train_dataset, padding_fraction, train_dataset
 from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from crosswrite_jax.errors import UserError
@@ -253,3 +253,50 @@ def test_eval_batches_cover_in_order(small_tokenizer):
     with_targets = eval_batches(pairs, small_tokenizer, batch_size=16, max_source_length=64,
                                 bucket_lengths=BUCKETS, max_target_length=64)
     assert with_targets[0]["targets"].shape[0] == 16
+
+
+# ---------------------------------------------------------------- packing
+
+def _unpack(batch, side):
+    """The examples of a packed batch as tuples of ids, by (row, segment)."""
+    out = []
+    ids, segments, positions = batch[side], batch[f"{side}_segments"], batch[f"{side}_positions"]
+    for r in range(ids.shape[0]):
+        for s in range(1, segments[r].max() + 1):
+            where = segments[r] == s
+            assert (positions[r][where] == np.arange(where.sum())).all()  # positions restart per example
+            assert where.nonzero()[0].tolist() == list(range(where.nonzero()[0][0], where.nonzero()[0][-1] + 1))
+            out.append(tuple(ids[r][where]))
+        assert (ids[r][segments[r] == 0] == PAD_ID).all()
+    return out
+
+
+def test_packing_keeps_every_pair_once_per_epoch_and_cuts_padding(sample_train, sample_tokenizer):
+    pairs = sample_train[:600]
+    ds = packed_train_dataset(pairs, sample_tokenizer, global_batch_size=8, source_length=48, target_length=48,
+                              seed=3)
+    seen, k = [], 0
+    while len(seen) < 560:  # most of an epoch (the last partial batch of rows is dropped)
+        batch = ds[k]
+        assert batch["inputs"].shape == (8, 48) and batch["targets"].shape == (8, 48)
+        sources, targets = _unpack(batch, "inputs"), _unpack(batch, "targets")
+        assert len(sources) == len(targets)
+        seen.extend(zip(sources, targets))
+        k += 1
+    expected = {(tuple(sample_tokenizer.encode_batch([s])[0] + [EOS_ID]),
+                 tuple(sample_tokenizer.encode_batch([t])[0] + [EOS_ID])) for s, t in pairs}
+    assert len(set(seen)) == len(seen) and set(seen) <= expected
+    assert padding_fraction(ds, 10)["targets"] < 0.5 * padding_fraction(
+        _train(pairs, sample_tokenizer, global_batch_size=32, length_grouping_window=1), 10)["targets"]
+    again = packed_train_dataset(pairs, sample_tokenizer, global_batch_size=8, source_length=48, target_length=48,
+                                 seed=3)
+    assert all((again[5][key] == ds[5][key]).all() for key in ds[5])
+
+
+def test_packed_process_shards_concatenate_to_the_global_batch(sample_train, small_tokenizer):
+    kwargs = dict(global_batch_size=8, source_length=32, target_length=32, seed=1)
+    whole = packed_train_dataset(sample_train[:300], small_tokenizer, **kwargs)[4]
+    parts = [packed_train_dataset(sample_train[:300], small_tokenizer, process_index=i, process_count=2,
+                                  **kwargs)[4] for i in range(2)]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

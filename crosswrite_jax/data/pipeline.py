@@ -24,6 +24,7 @@ class _Packed:
     """Token id rows stored flat (ids + offsets), each already truncated and ending with EOS."""
 
     def __init__(self, rows: list[list[int]], max_length: int, eos_id: int) -> None:
+        self.width = max_length  # the longest row, EOS included
         rows = [row[:max_length - 1] + [eos_id] for row in rows]
         self.lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
         self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -145,3 +146,93 @@ def padding_fraction(ds: grain.MapDataset, num_batches: int, pad_id: int = PAD_I
             pads[key] += int((batch[key] == pad_id).sum())
             total[key] += batch[key].size
     return {key: pads[key] / max(total[key], 1) for key in pads}
+
+
+def _pack_rows(order: np.ndarray, source_lengths: np.ndarray, target_lengths: np.ndarray, source_width: int,
+               target_width: int, open_rows: int = 8) -> list[list[int]]:
+    """Groups examples into rows whose summed lengths fit both widths (first fit over a few open rows)."""
+    rows: list[list[int]] = []
+    current: list[list[int]] = []  # open rows, oldest first
+    room: list[list[int]] = []  # [source room, target room] of each open row
+    for i in order:
+        s, t = int(source_lengths[i]), int(target_lengths[i])
+        for row, free in zip(current, room):
+            if s <= free[0] and t <= free[1]:
+                row.append(int(i))
+                free[0] -= s
+                free[1] -= t
+                break
+        else:
+            if len(current) == open_rows:
+                rows.append(current.pop(0))
+                room.pop(0)
+            current.append([int(i)])
+            room.append([source_width - s, target_width - t])
+    return rows + current
+
+
+class _PackedBatches:
+    """Maps a step k to the process-local rows of packed global batch k (epoch plans cached)."""
+
+    def __init__(self, sources: _Packed, targets: _Packed, *, global_rows: int, seed: int, process_index: int,
+                 process_count: int, pad_id: int) -> None:
+        self.sources, self.targets, self.rows, self.seed, self.pad_id = sources, targets, global_rows, seed, pad_id
+        self.local = global_rows // process_count
+        self.start = process_index * self.local
+        self._plans: list[list[list[list[int]]]] = []  # per epoch, per batch, per row: example indices
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
+        while len(self._plans) <= epoch:
+            e = len(self._plans)
+            rng = np.random.default_rng([e, self.seed & (2**64 - 1), 1])
+            rows = _pack_rows(rng.permutation(len(self.sources.lengths)), self.sources.lengths,
+                              self.targets.lengths, self.sources.width, self.targets.width)
+            rows = [rows[j] for j in rng.permutation(len(rows))]
+            usable = len(rows) // self.rows * self.rows
+            self._plans.append([rows[j:j + self.rows] for j in range(0, usable, self.rows)])
+        return self._plans[epoch]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch = 0
+        while step >= len(self._plan(epoch)):
+            step -= len(self._plan(epoch))
+            epoch += 1
+        rows = self._plan(epoch)[step][self.start:self.start + self.local]
+        out = {}
+        for packed, key in ((self.sources, "inputs"), (self.targets, "targets")):
+            ids, segments, positions = (np.zeros((len(rows), packed.width), np.int32) for _ in range(3))
+            ids[:] = self.pad_id
+            for r, row in enumerate(rows):
+                at = 0
+                for segment, i in enumerate(row, start=1):
+                    n = int(packed.lengths[i])
+                    ids[r, at:at + n] = packed.ids[packed.offsets[i]:packed.offsets[i + 1]]
+                    segments[r, at:at + n] = segment
+                    positions[r, at:at + n] = np.arange(n)
+                    at += n
+            out[key], out[f"{key}_segments"], out[f"{key}_positions"] = ids, segments, positions
+        return out
+
+
+def packed_train_dataset(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, global_batch_size: int,
+                         source_length: int, target_length: int, seed: int, process_index: int = 0,
+                         process_count: int = 1) -> grain.MapDataset:
+    """Endless random-access dataset of packed rows: several pairs per row, told apart by segment ids.
+
+    Element k holds this process's rows of global batch k: `inputs`, `targets` [rows, length] and, for each,
+    `*_segments` (1, 2, ... per pair; 0 for padding) and `*_positions` (restarting at 0 in every pair).
+    """
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
+                        f"the process count ({process_count})")
+    source_ids = tokenizer.encode_batch([s for s, _ in pairs])
+    target_ids = tokenizer.encode_batch([t for _, t in pairs])
+    keep = [i for i, (s, t) in enumerate(zip(source_ids, target_ids)) if s and t]
+    sources = _Packed([source_ids[i] for i in keep], source_length, tokenizer.eos_id)
+    targets = _Packed([target_ids[i] for i in keep], target_length, tokenizer.eos_id)
+    batches = _PackedBatches(sources, targets, global_rows=global_batch_size, seed=seed,
+                             process_index=process_index, process_count=process_count, pad_id=tokenizer.pad_id)
+    if not batches._plan(0):
+        raise UserError(f"{len(keep)} pairs pack into fewer rows than one batch of {global_batch_size}; "
+                        f"lower train.batch_size or use a larger split")
+    return grain.MapDataset.range(sys.maxsize).map(batches)

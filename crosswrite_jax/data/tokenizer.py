@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import math
 from collections import Counter
@@ -84,6 +85,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Writes HF format (tokenizer.json + tokenizer_config.json) loadable by AutoTokenizer."""
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" notice
         from transformers import PreTrainedTokenizerFast  # heavy: only needed here
 
         kwargs = {"pad_token": self._tok.id_to_token(self._pad_id), "eos_token": self._tok.id_to_token(self._eos_id)}

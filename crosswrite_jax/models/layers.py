@@ -1,6 +1,6 @@
 """Transformer building blocks shared by every model family, with logical axis names on all parameters.
 
-Logical axes: parameters use vocab, embed, heads, kv, mlp; activations use batch, length, embed.
+Logical axes: parameters use vocab, embed, heads, kv, mlp, norm; activations use batch, length, embed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def constrain(x: Array, *axes: str | None) -> Array:
 
 
 def attention(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, mask_BNTS: Array | None) -> Array:
-    """Scaled dot-product attention; `jax.nn.dot_product_attention` picks fused kernels where they exist."""
+    """Softmax(q k / sqrt(H)) v; `jax.nn.dot_product_attention` picks fused kernels where they exist."""
     return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS)
 
 
@@ -60,11 +60,11 @@ class Embed(nn.Module):
 
 
 def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32, name: str | None = None):
-    """LayerNorm or RMSNorm over the embedding axis, parameters named by logical axis."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    """LayerNorm or RMSNorm over the embedding axis; its small vectors are replicated (logical axis 'norm')."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
     if kind == "rmsnorm":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
-    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
 
 
@@ -108,7 +108,6 @@ class MultiHeadAttention(nn.Module):
                  cache_kind: str = "self") -> Array:
         n, h, d = self.num_heads, self.head_dim, x_q.shape[-1]
         q = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "query")(x_q)
-        q = q * jnp.asarray(h**-0.5, self.dtype)
         if decode and cache_kind == "cross":
             k, v = self._cross_cache(x_kv)
         else:

@@ -23,9 +23,18 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
-def shift_right(targets_BT: Array) -> Array:
-    """Decoder inputs: targets moved one step right behind the start token."""
-    return jnp.pad(targets_BT, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+def segment_mask(query_segments_BT: Array, key_segments_BS: Array) -> Array:
+    """[B, 1, T, S] True where query and key belong to the same packed example (segment 0 is padding)."""
+    same = query_segments_BT[:, None, :, None] == key_segments_BS[:, None, None, :]
+    return same & (key_segments_BS != 0)[:, None, None, :]
+
+
+def shift_right(targets_BT: Array, positions_BT: Array | None = None) -> Array:
+    """Decoder inputs: targets moved one step right behind the start token (at every packed example's start)."""
+    shifted = jnp.pad(targets_BT, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+    if positions_BT is None:
+        return shifted
+    return jnp.where(positions_BT == 0, PAD_ID, shifted)
 
 
 class Stack(nn.Module):
@@ -65,32 +74,47 @@ class EncoderDecoder(nn.Module):
             self.output = Dense((c.vocab_size,), 1, ("embed", "vocab"), self.dtype, name="output")
         self.positions = sinusoidal_positions(c.max_length, c.d_model)
 
-    def _embed(self, ids_BT: Array, offset: Array | int = 0) -> Array:
-        positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(self.positions), offset, ids_BT.shape[1])
-        x = self.embed(ids_BT) + positions[None].astype(self.dtype)
+    def _embed(self, ids_BT: Array, offset: Array | int = 0, positions_BT: Array | None = None) -> Array:
+        table = jnp.asarray(self.positions)
+        if positions_BT is None:
+            positions = jax.lax.dynamic_slice_in_dim(table, offset, ids_BT.shape[1])[None]
+        else:
+            positions = jnp.take(table, positions_BT, axis=0)
+        x = self.embed(ids_BT) + positions.astype(self.dtype)
         return constrain(x, "batch", "length", "embed")
 
-    def encode(self, inputs_BS: Array, deterministic: bool = True) -> Array:
-        """Encoder outputs [B, S, D]."""
-        return self.encoder(self._embed(inputs_BS), padding_mask(inputs_BS), deterministic=deterministic)
+    def encode(self, inputs_BS: Array, deterministic: bool = True, segments_BS: Array | None = None,
+               positions_BS: Array | None = None) -> Array:
+        """Encoder outputs [B, S, D]; with segment ids, packed examples do not see each other."""
+        mask = padding_mask(inputs_BS) if segments_BS is None else segment_mask(segments_BS, segments_BS)
+        return self.encoder(self._embed(inputs_BS, 0, positions_BS), mask, deterministic=deterministic)
 
     def decode(self, encoded: Array, inputs_BS: Array, decoder_inputs_BT: Array, deterministic: bool = True,
-               decode: bool = False, position: Array | int = 0) -> Array:
+               decode: bool = False, position: Array | int = 0, input_segments_BS: Array | None = None,
+               segments_BT: Array | None = None, positions_BT: Array | None = None) -> Array:
         """Logits [B, T, V] for decoder inputs; with `decode`, one cached step at `position`."""
-        length = decoder_inputs_BT.shape[1]
-        self_mask = None if decode else causal_mask(length)
-        x = self._embed(decoder_inputs_BT, position)
-        y = self.decoder(x, self_mask, encoded, padding_mask(inputs_BS), deterministic=deterministic, decode=decode)
+        if segments_BT is None:
+            self_mask = None if decode else causal_mask(decoder_inputs_BT.shape[1])
+            cross_mask = padding_mask(inputs_BS)
+        else:
+            self_mask = causal_mask(decoder_inputs_BT.shape[1]) & segment_mask(segments_BT, segments_BT)
+            cross_mask = segment_mask(segments_BT, input_segments_BS)
+        x = self._embed(decoder_inputs_BT, position, positions_BT)
+        y = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
         if self.config.tie_output_embedding:
             logits = self.embed.attend(y) * jnp.asarray(self.config.d_model**-0.5, self.dtype)
         else:
             logits = self.output(y)
         return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
 
-    def __call__(self, inputs_BS: Array, targets_BT: Array, deterministic: bool = True) -> Array:
-        """Teacher-forced logits [B, T, V] predicting `targets`."""
-        encoded = self.encode(inputs_BS, deterministic)
-        return self.decode(encoded, inputs_BS, shift_right(targets_BT), deterministic)
+    def __call__(self, inputs: Array, targets: Array, deterministic: bool = True,
+                 inputs_segments: Array | None = None, inputs_positions: Array | None = None,
+                 targets_segments: Array | None = None, targets_positions: Array | None = None) -> Array:
+        """Teacher-forced logits [B, T, V] predicting `targets` [B, T]; segment/position arrays for packed rows."""
+        encoded = self.encode(inputs, deterministic, inputs_segments, inputs_positions)
+        return self.decode(encoded, inputs, shift_right(targets, targets_positions), deterministic,
+                           input_segments_BS=inputs_segments, segments_BT=targets_segments,
+                           positions_BT=targets_positions)
 
 
 def build_model(config: ModelConfig) -> EncoderDecoder:

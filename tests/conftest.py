@@ -1,0 +1,56 @@
+"""Test setup: 8 simulated CPU devices, and tiny configs derived from the real recipes."""
+
+import dataclasses
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from crosswrite_jax import config as config_lib  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.py"
+
+TINY_OVERRIDES = {
+    "model.vocab_size": 512, "model.d_model": 32, "model.num_heads": 4, "model.d_ff": 64,
+    "model.num_encoder_layers": 1, "model.num_decoder_layers": 1, "model.max_length": 64,
+    "data.packing": False, "data.bucket_lengths": (16, 32, 48), "data.max_source_length": 32,
+    "data.max_target_length": 32,
+    "train.batch_size": 16, "train.steps": 10, "train.log_every": 1, "train.eval_every": 0,
+    "train.progress_bar": False, "optimizer.warmup_steps": 2, "checkpoint.every": 5,
+    "checkpoint.async_save": False, "eval.batch_size": 16, "eval.max_examples": 24, "eval.max_decode_length": 12,
+}
+
+
+def tiny_config(**overrides) -> config_lib.Config:
+    """The quickstart recipe shrunk to a model that trains in a second."""
+    updates = dict(TINY_OVERRIDES)
+    updates.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return config_lib.override(config_lib.load(QUICKSTART), updates)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
+
+
+def assert_trees_equal(a, b):
+    """Bitwise equality of two pytrees of arrays."""
+    import numpy as np
+
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(jax.device_get(b))
+    assert tree_a == tree_b
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def replace(config, **sections):
+    """dataclasses.replace for nested config sections."""
+    return dataclasses.replace(config, **sections)

@@ -1,0 +1,61 @@
+"""Model behaviour: packed rows equal separate examples; the padding and dtype options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from conftest import tiny_config
+from crosswrite_jax.models.transformer import EncoderDecoder
+
+
+def _model_and_params(**overrides):
+    config = tiny_config(model__dropout_rate=0.0, **overrides).model
+    model = EncoderDecoder(config)
+    dummy = jnp.ones((1, 8), jnp.int32)
+    return model, nn.unbox(model.init(jax.random.key(0), dummy, dummy))["params"], config
+
+
+def test_packed_row_gives_the_logits_of_each_example_alone():
+    model, params, config = _model_and_params()
+    rng = np.random.default_rng(0)
+    a_src, b_src = rng.integers(3, config.vocab_size, 5), rng.integers(3, config.vocab_size, 7)
+    a_tgt, b_tgt = rng.integers(3, config.vocab_size, 4), rng.integers(3, config.vocab_size, 6)
+
+    def row(*parts, width):
+        ids, seg, pos = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(width, np.int32)
+        at = 0
+        for s, part in enumerate(parts, start=1):
+            ids[at:at + len(part)], seg[at:at + len(part)], pos[at:at + len(part)] = part, s, np.arange(len(part))
+            at += len(part)
+        return ids[None], seg[None], pos[None]
+
+    inputs, inputs_segments, inputs_positions = row(a_src, b_src, width=16)
+    targets, targets_segments, targets_positions = row(a_tgt, b_tgt, width=12)
+    packed = model.apply({"params": params}, inputs, targets, inputs_segments=inputs_segments,
+                         inputs_positions=inputs_positions, targets_segments=targets_segments,
+                         targets_positions=targets_positions)[0]
+    alone_a = model.apply({"params": params}, row(a_src, width=8)[0], row(a_tgt, width=8)[0])[0]
+    alone_b = model.apply({"params": params}, row(b_src, width=8)[0], row(b_tgt, width=8)[0])[0]
+    np.testing.assert_allclose(packed[:4], alone_a[:4], atol=1e-5)
+    np.testing.assert_allclose(packed[4:10], alone_b[:6], atol=1e-5)
+    assert not np.allclose(alone_a[:4], alone_b[:4], atol=1e-3)  # the comparison can tell examples apart
+
+
+def test_padding_does_not_change_real_positions():
+    model, params, config = _model_and_params()
+    inputs = np.array([[5, 6, 7, 1]], np.int32)
+    targets = np.array([[8, 9, 1]], np.int32)
+    short = model.apply({"params": params}, inputs, targets)
+    padded = model.apply({"params": params}, np.pad(inputs, ((0, 0), (0, 4))), np.pad(targets, ((0, 0), (0, 5))))
+    np.testing.assert_allclose(short[0], padded[0, :3], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model, params, _ = _model_and_params(model__dtype="bfloat16")
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    x = np.array([[5, 6, 7, 1]], np.int32)
+    out = model.apply({"params": params}, x, x)
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+    reference, reference_params, _ = _model_and_params()
+    np.testing.assert_allclose(out, reference.apply({"params": reference_params}, x, x), atol=0.1)

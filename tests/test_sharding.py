@@ -1,0 +1,84 @@
+"""Mesh construction and the golden PartitionSpec of every parameter under two presets."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_config
+from crosswrite_jax import sharding
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.optim import path_str
+from crosswrite_jax.train import Trainer
+
+# Every parameter of the 1+1-layer tiny model, by the last two path parts (kind of leaf).
+ATTENTION = ("self_attention", "cross_attention")
+GOLDEN = {
+    "fsdp": {
+        "query/kernel": P("fsdp", None, None), "key/kernel": P("fsdp", None, None),
+        "value/kernel": P("fsdp", None, None), "out/kernel": P(None, None, "fsdp"),
+        "wi/kernel": P("fsdp", None), "wo/kernel": P(None, "fsdp"),
+        "norm/scale": P(None), "norm/bias": P(None), "token_embed/embedding": P(None, "fsdp"),
+    },
+    "tensor_parallel": {
+        "query/kernel": P(None, "tensor", None), "key/kernel": P(None, "tensor", None),
+        "value/kernel": P(None, "tensor", None), "out/kernel": P("tensor", None, None),
+        "wi/kernel": P(None, "tensor"), "wo/kernel": P("tensor", None),
+        "norm/scale": P(None), "norm/bias": P(None), "token_embed/embedding": P("tensor", None),
+    },
+}
+EXPECTED_PATHS = sorted(
+    [f"{stack}/layer_0/{block}/{proj}/kernel" for stack in ("encoder", "decoder") for block in ATTENTION
+     for proj in ("query", "key", "value", "out") if not (stack == "encoder" and block == "cross_attention")]
+    + [f"{stack}/layer_0/mlp/{w}/kernel" for stack in ("encoder", "decoder") for w in ("wi", "wo")]
+    + [f"{stack}/{norm}/{p}" for stack in ("encoder", "decoder") for p in ("scale", "bias")
+       for norm in ("layer_0/self_attention_norm", "layer_0/mlp_norm", "final_norm")]
+    + [f"decoder/layer_0/cross_attention_norm/{p}" for p in ("scale", "bias")]
+    + ["token_embed/embedding"])
+
+
+def _golden(preset: str, path: str) -> P:
+    table = GOLDEN[preset]
+    if path.endswith(("/scale", "/bias")):
+        return table["norm/" + path.rsplit("/", 1)[1]]
+    return table["/".join(path.split("/")[-2:])]
+
+
+@pytest.mark.parametrize("preset", sorted(GOLDEN))
+def test_partition_spec_of_every_parameter(preset):
+    trainer = Trainer.build(tiny_config(mesh__rules=preset), sharding.make_mesh((2, 2, 2)))
+    flat = jax.tree_util.tree_flatten_with_path(trainer.layout.shardings.params)[0]
+    specs = {path_str(p): s.spec for p, s in flat}
+    assert sorted(specs) == EXPECTED_PATHS
+    for path, spec in specs.items():
+        assert spec == _golden(preset, path), path
+
+
+def test_optimizer_moments_follow_their_parameters():
+    trainer = Trainer.build(tiny_config(mesh__rules="fsdp"), sharding.make_mesh((2, 2, 2)))
+    specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(trainer.layout.shardings.opt_state)[0]}
+    mu = [spec for path, spec in specs.items() if path.endswith("/mu/token_embed/embedding")]
+    assert mu == [P(None, "fsdp")]
+    counts = [spec for path, spec in specs.items() if path.endswith("count")]
+    assert counts and all(spec == P() for spec in counts)
+
+
+def test_created_state_lives_in_its_shards():
+    trainer = Trainer.build(tiny_config(mesh__rules="fsdp_tp"), sharding.make_mesh((2, 2, 2)))
+    state = trainer.init_state()
+    kernel = state.params["decoder"]["layer_0"]["mlp"]["wi"]["kernel"]  # [embed=32, mlp=64]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 32)}
+
+
+def test_mesh_shape_fills_minus_one_and_rejects_mismatch():
+    assert sharding.resolve_mesh_shape((2, -1, 1), 8) == (2, 4, 1)
+    assert sharding.make_mesh((-1, 1, 1)).shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    with pytest.raises(UserError, match="mesh.shape.*needs 12 devices but 8"):
+        sharding.resolve_mesh_shape((3, 2, 2), 8)
+    with pytest.raises(UserError, match="do not divide"):
+        sharding.resolve_mesh_shape((3, -1, 1), 8)
+
+
+def test_unknown_rules_preset_names_the_key():
+    with pytest.raises(UserError, match="mesh.rules"):
+        sharding.logical_rules("zero3")
