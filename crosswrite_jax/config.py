@@ -158,47 +158,38 @@ def _field_type(obj: Any, name: str) -> Any:
     return typing.get_type_hints(type(obj))[name]
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Checks (and for strings from the command line, parses) a value against a field type."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        if isinstance(value, str):
-            text = value.strip()
-            if text in ("", "()"):
-                value = ()
-            else:
-                try:
-                    value = ast.literal_eval(text if text.startswith(("(", "[")) else f"({text},)")
-                except (ValueError, SyntaxError):
-                    value = tuple(part.strip() for part in text.strip("()[]").split(",") if part.strip())
-        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
-            value = (value,)
+def _parse_text(key: str, text: str, annotation: Any) -> Any:
+    """A command-line string as the field's type."""
+    if typing.get_origin(annotation) is tuple:
+        text = text.strip()
+        if text in ("", "()"):
+            return ()
+        try:
+            value = ast.literal_eval(text if text.startswith(("(", "[")) else f"({text},)")
+        except (ValueError, SyntaxError):  # bare words: 'encoder/.*,token_embed/.*'
+            value = tuple(part.strip() for part in text.strip("()[]").split(",") if part.strip())
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if annotation is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.lower() in ("true", "1", "yes")
+    parse = {int: int, float: float}.get(annotation)
+    if parse is not None:
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _check(key: str, value: Any, annotation: Any) -> Any:
+    """The value if it has the field's type (ints widen to floats, lists to tuples); else a UserError."""
+    if typing.get_origin(annotation) is tuple and isinstance(value, (tuple, list)):
         item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(key, item, item_type) for item in value)
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
+        return tuple(_check(key, item, item_type) for item in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, annotation if typing.get_origin(annotation) is None else tuple) and not (
+            annotation is int and isinstance(value, bool)):
+        return value
     type_name = getattr(annotation, "__name__", str(annotation))
     raise UserError(f"config key '{key}' wants {type_name}, got {value!r}")
 
@@ -220,7 +211,10 @@ def _replace_path(obj: Any, parts: list[str], value: Any, key: str, root: Config
     if len(parts) == 1:
         if dataclasses.is_dataclass(current):
             raise _unknown_key(key, root)
-        return dataclasses.replace(obj, **{name: _coerce(key, value, _field_type(obj, name))})
+        annotation = _field_type(obj, name)
+        if isinstance(value, str) and annotation is not str:
+            value = _parse_text(key, value, annotation)
+        return dataclasses.replace(obj, **{name: _check(key, value, annotation)})
     return dataclasses.replace(obj, **{name: _replace_path(current, parts[1:], value, key, root)})
 
 
@@ -253,15 +247,10 @@ def validate(config: Config) -> None:
 def _check_types(obj: Any, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_types(value, key + ".")
-            continue
-        annotation = _field_type(obj, f.name)
-        coerced = _coerce(key, value, annotation) if not isinstance(value, str) or annotation is str else None
-        if coerced is None or (annotation is int and isinstance(value, float)):
-            type_name = getattr(annotation, "__name__", str(annotation))
-            raise UserError(f"config key '{key}' wants {type_name}, got {value!r}")
+            _check_types(value, f"{prefix}{f.name}.")
+        else:
+            _check(f"{prefix}{f.name}", value, _field_type(obj, f.name))
 
 
 def get(config: Any, key: str) -> Any:

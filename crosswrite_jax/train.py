@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -113,9 +114,11 @@ class Trainer:
         return cls(config, mesh, rules, model, tx, labels, layout,
                    learning_rate_schedule(config.optimizer, config.train.steps), init)
 
+    @contextlib.contextmanager
     def context(self):
         """Mesh and logical rules in force while tracing."""
-        return _MeshContext(self.mesh, self.rules)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     def init_state(self) -> TrainState:
         """Fresh parameters and optimizer state, created in their shards."""
@@ -138,20 +141,6 @@ class Trainer:
         """Trainable / frozen counts and optimizer-state bytes, from shapes alone."""
         counts = count_parameters(self.layout.abstract.params, self.labels)
         return dict(counts, optimizer_state_bytes=tree_bytes(self.layout.abstract.opt_state))
-
-
-class _MeshContext:
-    def __init__(self, mesh, rules):
-        self._mesh_cm = jax.set_mesh(mesh)
-        self._rules_cm = nn.logical_axis_rules(rules)
-
-    def __enter__(self):
-        self._mesh_cm.__enter__()
-        self._rules_cm.__enter__()
-
-    def __exit__(self, *exc):
-        self._rules_cm.__exit__(*exc)
-        return self._mesh_cm.__exit__(*exc)
 
 
 def _validate(trainer: Trainer, eval_step, params, val_dataset, num_batches: int) -> dict[str, float]:
@@ -287,7 +276,10 @@ class _Window:
 
 
 def _progress_bar(start: int, config: Config, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
+    interactive = sys.stderr.isatty()  # in log files, a line every 30 s instead of a redraw every 0.1 s
     return tqdm(total=config.train.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
-                desc=config.name)
+                desc=config.name, mininterval=0.1 if interactive else 30.0)

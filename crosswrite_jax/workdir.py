@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +109,3 @@ def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"--workdir '{workdir}' has no {TOKENIZER}/tokenizer.json; it is needed to decode")
     return Run(workdir, config, Tokenizer.load(folder))
-
-
-def dumps(record: dict[str, Any]) -> str:
-    """One JSON line."""
-    return json.dumps(record, sort_keys=False)
