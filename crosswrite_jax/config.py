@@ -82,6 +82,7 @@ class TrainConfig:
     eval_batches: int = 4  # validation batches per periodic evaluation
     log_every: int = 50
     progress_bar: bool = True
+    max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def validate(config: Config) -> None:
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise UserError("config key 'model.num_heads' must divide 'model.d_model' (or set 'model.head_dim')")
     positive = ["model.vocab_size", "model.d_model", "model.num_heads", "model.d_ff", "train.steps",
-                "train.batch_size", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
+                "train.batch_size", "train.log_every", "train.max_nonfinite_steps", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
                 "checkpoint.max_to_keep", "data.max_source_length", "data.max_target_length"]
     for key in positive:
         if get(config, key) <= 0:
@@ -240,6 +241,10 @@ def validate(config: Config) -> None:
         raise UserError(f"config key 'mesh.shape' needs 3 sizes (data, fsdp, tensor), got {config.mesh.shape}")
     if not config.data.bucket_lengths or list(config.data.bucket_lengths) != sorted(config.data.bucket_lengths):
         raise UserError("config key 'data.bucket_lengths' must be a non-empty increasing tuple")
+    for key in ("data.max_source_length", "data.max_target_length", "eval.max_decode_length"):
+        if get(config, key) > m.max_length:
+            raise UserError(f"config key '{key}' is {get(config, key)} but the model's positions end at "
+                            f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
 

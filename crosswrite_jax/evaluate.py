@@ -14,6 +14,7 @@ from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.data import pipeline
 from crosswrite_jax.decode import make_greedy_decoder
 from crosswrite_jax.metrics import translation_scores
+from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.train import Trainer
 from crosswrite_jax.workdir import Run, check_tokenizer, load_run
@@ -33,6 +34,9 @@ def evaluate(workdir: str | Path, *, step: int | None = None, split: str | None 
     trainer = Trainer.build(run.config, mesh)
     manager = checkpoint.open_manager(run.checkpoint_dir, read_only=True)
     abstract = trainer.layout.abstract_with_shardings().params
+    newest = manager.latest_step()
+    if newest is not None:
+        check_params(run.checkpoint_dir / str(step if step is not None else newest), abstract)
     params, metadata, step = checkpoint.restore_params(manager, abstract, step)
     manager.close()
     check_tokenizer(metadata, run.tokenizer, run.checkpoint_dir)

@@ -26,7 +26,12 @@ def parameter_paths(params: Any) -> list[str]:
 
 def freeze_labels(params: Any, freeze: Sequence[str]) -> Any:
     """A tree of 'train' / 'freeze' labels: a leaf is frozen when a regex fully matches its path."""
-    patterns = [(p, re.compile(p)) for p in freeze]
+    patterns = []
+    for text in freeze:
+        try:
+            patterns.append((text, re.compile(text)))
+        except re.error as error:
+            raise UserError(f"config key 'optimizer.freeze': '{text}' is not a valid regex ({error})") from None
     used = {p: False for p in freeze}
 
     def label(path, _):

@@ -39,9 +39,12 @@ class MetricsWriter:
 
 
 def _plain(value: Any) -> Any:
+    """A JSON-safe scalar: numpy values unwrapped, floats rounded, NaN/inf as null."""
     if hasattr(value, "item"):
         value = value.item()
-    return round(value, 6) if isinstance(value, float) else value
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,10 @@ from jax.sharding import Mesh
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.config import Config
+from crosswrite_jax.errors import UserError
 from crosswrite_jax.data import pipeline
 from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder
+from crosswrite_jax.preflight import check_params
 from crosswrite_jax.optim import count_parameters, learning_rate_schedule, make_optimizer, tree_bytes
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import StateLayout, TrainState, create_state, state_layout, strip_boxes
@@ -44,7 +48,11 @@ def token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float) 
 
 def make_train_step(model: EncoderDecoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     label_smoothing: float, dropout_seed: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact."""
+    """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact.
+
+    A step whose loss or gradients are not finite leaves params and optimizer state unchanged
+    (metrics['nonfinite'] is 1); the step counter still advances past its batch.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
@@ -57,8 +65,14 @@ def make_train_step(model: EncoderDecoder, tx: optax.GradientTransformation, sch
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(sums, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient must not touch the state: keep parameters and moments as they were.
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = dict(sums, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       nonfinite=1.0 - finite.astype(jnp.float32))
+        return TrainState(step=state.step + 1, params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state)), metrics
 
     return train_step
 
@@ -174,6 +188,10 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     run = workdir_lib.prepare(config, workdir)
     config, tokenizer = run.config, run.tokenizer
     mesh = sharding.make_mesh(config.mesh.shape)
+    ways = sharding.data_parallel_size(mesh)
+    if config.train.batch_size % ways:
+        raise UserError(f"config key 'train.batch_size' ({config.train.batch_size}) must be a multiple of the "
+                        f"data-parallel size {ways} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
     trainer = Trainer.build(config, mesh)
     is_main = jax.process_index() == 0
     report = trainer.parameter_report()
@@ -187,6 +205,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
     if manager.latest_step() is not None:
+        check_params(run.checkpoint_dir / str(manager.latest_step()), trainer.layout.abstract.params)
         state, metadata = checkpoint.restore_state(manager, trainer.layout)
         workdir_lib.check_tokenizer(metadata, tokenizer, run.checkpoint_dir)
         if is_main:
@@ -208,33 +227,81 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     window = _Window()
     pending = None  # metrics of the step before, read after the next one is dispatched
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-    with trainer.context():
-        for step in range(start, end):
-            local = train_data[step]
-            state, metrics = train_step(state, to_global_batch(local, mesh))
-            if pending is not None:
-                window.add(*pending)
-            pending = (metrics, _token_counts(local))
-            done = step + 1
-            if done % config.train.log_every == 0 or done == end:
-                window.add(*pending)
-                pending = None
-                last = window.flush()
-                writer.write(done, "train", last)
-                progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}",
-                                     lr=f"{last['learning_rate']:.2e}", refresh=False)
-            progress.update(1)
-            if val_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
-                val = _validate(trainer, eval_step, state.params, val_data, config.train.eval_batches)
-                writer.write(done, "val", val)
-                last.update({f"val_{k}": v for k, v in val.items()})
-            if done % config.checkpoint.every == 0 or done == end:
-                checkpoint.save(manager, state, dict(metadata, data_index=done), force=True)
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    preemption = _Preemption(manager)
+    try:
+        with trainer.context():
+            for step in range(start, end):
+                local = train_data[step]
+                state, metrics = train_step(state, to_global_batch(local, mesh))
+                if pending is not None:
+                    _account(window, *pending, config)
+                pending = (step, metrics, _token_counts(local))
+                done = step + 1
+                if done % config.train.log_every == 0 or done == end:
+                    _account(window, *pending, config)
+                    pending = None
+                    last = window.flush()
+                    writer.write(done, "train", last)
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}",
+                                         lr=f"{last['learning_rate']:.2e}", refresh=False)
+                progress.update(1)
+                if val_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
+                    val = _validate(trainer, eval_step, state.params, val_data, config.train.eval_batches)
+                    writer.write(done, "val", val)
+                    last.update({f"val_{k}": v for k, v in val.items()})
+                if preemption.reached(done):
+                    checkpoint.save(manager, state, dict(metadata, data_index=done), force=True)
+                    log.warning("preempted: saved step %d; run the same command again to resume", done)
+                    last["preempted_at"] = done
+                    break
+                in_nonfinite_streak = window.consecutive_nonfinite > 0  # no save while steps are being skipped
+                if (done % config.checkpoint.every == 0 or done == end) and not in_nonfinite_streak:
+                    checkpoint.save(manager, state, dict(metadata, data_index=done), force=True)
+    finally:
+        preemption.close()
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
     return last
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _account(window: "_Window", step: int, metrics, token_counts, config: Config) -> None:
+    """Adds a finished step to the log window; stops the run after too many non-finite steps in a row."""
+    if not window.add(metrics, token_counts):
+        return
+    log.warning("step %d: loss or gradients not finite; update skipped (%d in a row)", step + 1,
+                window.consecutive_nonfinite)
+    if window.consecutive_nonfinite >= config.train.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"training stopped at step {step + 1}: {window.consecutive_nonfinite} consecutive steps with non-finite "
+            f"loss or gradients (limit train.max_nonfinite_steps); the newest checkpoint is intact; lower "
+            f"optimizer.learning_rate or check the data, then rerun to resume")
+
+
+class _Preemption:
+    """SIGTERM -> save and stop. One process: a signal handler; several: JAX's agreed preemption sync point."""
+
+    def __init__(self, manager):
+        self.manager, self.requested, self.previous = manager, False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _token_counts(local: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -248,26 +315,38 @@ class _Window:
     """Accumulates step metrics between log records."""
 
     def __init__(self):
+        self.consecutive_nonfinite = 0
         self.reset()
 
     def reset(self):
         self.sums: dict[str, float] = {}
         self.steps, self.real_tokens, self.padded_tokens, self.started = 0, 0, 0, time.perf_counter()
+        self.nonfinite_steps = 0
 
-    def add(self, metrics, token_counts: tuple[int, int]):
+    def add(self, metrics, token_counts: tuple[int, int]) -> bool:
+        """Adds one step; returns True when that step was skipped as non-finite."""
         metrics = jax.device_get(metrics)
+        self.steps += 1
+        self.real_tokens += token_counts[0]
+        self.padded_tokens += token_counts[1]
+        if metrics["nonfinite"]:
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            return True
+        self.consecutive_nonfinite = 0
         for k in ("loss_sum", "nll_sum", "correct", "tokens"):
             self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
         self.sums["grad_norm"] = float(metrics["grad_norm"])
         self.sums["learning_rate"] = float(metrics["learning_rate"])
-        self.steps += 1
-        self.real_tokens += token_counts[0]
-        self.padded_tokens += token_counts[1]
+        return False
 
     def flush(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = summarize(self.sums)
-        out.update(grad_norm=self.sums["grad_norm"], learning_rate=self.sums["learning_rate"],
+        sums = {"loss_sum": float("nan"), "nll_sum": float("nan"), "correct": 0.0, "tokens": 0.0,
+                "grad_norm": float("nan"), "learning_rate": float("nan"), **self.sums}
+        out = summarize(sums)
+        out.update(grad_norm=sums["grad_norm"], learning_rate=sums["learning_rate"],
+                   nonfinite_steps=self.nonfinite_steps,
                    tokens_per_second=self.real_tokens / elapsed,
                    padded_tokens_per_second=self.padded_tokens / elapsed,
                    steps_per_second=self.steps / elapsed)

@@ -1,0 +1,152 @@
+"""Bad input, table-driven: exit code 2, one line naming the problem and the fix, no traceback, no lost checkpoint."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICKSTART, TINY_OVERRIDES
+from crosswrite_jax import cli
+
+
+def _flags(extra=None):
+    values = dict(TINY_OVERRIDES, **(extra or {}))
+    return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny run with checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("bad_input") / "run"
+    argv = ["train", "--config", str(QUICKSTART), "--workdir", str(workdir),
+            *_flags({"train.steps": 4, "checkpoint.every": 2})]
+    assert cli.main(argv) == 0
+    return workdir
+
+
+def _data_dir(root: Path, **files: bytes) -> str:
+    folder = root / "data"
+    folder.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (folder / name.replace("_", ".", 1)).write_bytes(content)
+    return str(folder)
+
+
+def _config_file(root: Path, text: str) -> str:
+    path = root / "recipe.py"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD_PAIRS = {"train_en": b"a b c\n" * 40, "train_de": b"x y z\n" * 40}
+
+# (case id, argv builder(tmp, trained) -> argv, fragment the one-line message must contain)
+CASES = [
+    ("typo-key", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                               "--config.optimizer.learnig_rate=1"], "did you mean 'optimizer.learning_rate'"),
+    ("int-type", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                               "--config.train.steps=ten"], "'train.steps' wants int"),
+    ("float-type", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                 "--config.optimizer.learning_rate=fast"], "'optimizer.learning_rate' wants float"),
+    ("bool-type", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                "--config.train.progress_bar=maybe"], "'train.progress_bar' wants bool"),
+    ("choice", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                             "--config.mesh.rules=zero3"], "'mesh.rules' is 'zero3'; choose one of"),
+    ("activation", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                 "--config.model.activation=tanh"], "'model.activation'"),
+    ("negative-steps", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                     "--config.train.steps=-3"], "'train.steps' must be positive"),
+    ("section-as-key", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                     "--config.model=big"], "unknown config key 'model'"),
+    ("no-value", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                               "--config.train.steps"], "has no value"),
+    ("stray-arg", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"), "--steps=3"],
+     "unrecognized argument '--steps=3'"),
+    ("two-minus-one", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                    "--config.mesh.shape=-1,-1,1"], "'mesh.shape'"),
+    ("mesh-rank", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                "--config.mesh.shape=2,4"], "needs 3 sizes"),
+    ("mesh-devices", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                   *_flags({"mesh.shape": "3,2,2"})], "needs 12 devices but 8 are present"),
+    ("batch-divisible", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                      *_flags({"train.batch_size": 12})], "multiple of the data-parallel size 8"),
+    ("too-long", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                               *_flags({"data.max_source_length": 100})], "model.max_length=64"),
+    ("buckets", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                              "--config.data.bucket_lengths=32,16"], "'data.bucket_lengths'"),
+    ("freeze-nothing", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                     *_flags({"optimizer.freeze": "encodr/.*"})], "matches no parameter"),
+    ("freeze-regex", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                   *_flags({"optimizer.freeze": "encoder/(.*"})], "not a valid regex"),
+    ("config-missing", lambda t, w: ["train", "--config", str(t / "nope.py"), "--workdir", str(t / "r")],
+     "nope.py' not found"),
+    ("config-syntax", lambda t, w: ["train", "--config", _config_file(t, "def get_config(:\n"), "--workdir",
+                                    str(t / "r")], "recipe.py: could not be loaded (SyntaxError"),
+    ("config-no-function", lambda t, w: ["train", "--config", _config_file(t, "x = 1\n"), "--workdir",
+                                         str(t / "r")], "defines no get_config()"),
+    ("config-wrong-return", lambda t, w: ["train", "--config", _config_file(t, "def get_config():\n    return {}\n"),
+                                          "--workdir", str(t / "r")], "returned dict, not a Config"),
+    ("config-wrong-type", lambda t, w: ["train", "--config", _config_file(
+        t, "from crosswrite_jax.config import Config, ModelConfig\n"
+           "def get_config():\n    return Config(model=ModelConfig(d_model='wide'))\n"),
+        "--workdir", str(t / "r")], "'model.d_model' wants int"),
+    ("workdir-is-file", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(QUICKSTART),
+                                      *_flags()], "is a file; pass a directory"),
+    ("data-dir-missing", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                       *_flags({"data.dataset": str(t / "nowhere")})], "is not a directory"),
+    ("data-file-missing", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                        *_flags({"data.dataset": _data_dir(t, train_en=b"a\n")})],
+     "train.de, train.de.gz"),
+    ("data-empty", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                 *_flags({"data.dataset": _data_dir(t, train_en=b"", train_de=b"")})], "empty"),
+    ("data-not-utf8", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                    *_flags({"data.dataset": _data_dir(t, train_en=b"caf\xe9\n", train_de=b"x\n")})],
+     "not UTF-8"),
+    ("data-misaligned", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                      *_flags({"data.dataset": _data_dir(t, train_en=b"a\nb\n", train_de=b"x\n")})],
+     "train.de"),
+    ("tokenizer-missing", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                        *_flags({"data.tokenizer": str(t)})], "holds no tokenizer.json"),
+    ("vocab-too-small", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r2"),
+                                      *_flags({"data.tokenizer": str(w / "tokenizer"), "model.vocab_size": 64})],
+     "raise model.vocab_size to at least"),
+    ("resume-other-model", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(w),
+                                         *_flags({"model.d_model": 64})], "trained with model.d_model=32"),
+    ("eval-no-run", lambda t, w: ["eval", "--workdir", str(t / "none")], "has no config.json"),
+    ("eval-no-step", lambda t, w: ["eval", "--workdir", str(w), "--step", "99"], "no checkpoint at step 99"),
+    ("eval-bad-split", lambda t, w: ["eval", "--workdir", str(w), "--split", "dev2099"], "split 'dev2099'"),
+    ("eval-other-shapes", lambda t, w: ["eval", "--workdir", str(w), "--config.model.d_ff=128"],
+     "parameters do not fit the model"),
+    ("eval-typo", lambda t, w: ["eval", "--workdir", str(w), "--config.eval.beam=4"], "unknown config key"),
+]
+
+
+def _steps(workdir: Path) -> list[str]:
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, tmp_path, trained, capsys):
+    _, build, fragment = case
+    before = _steps(trained)
+    code = cli.main(build(tmp_path, trained))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("crosswrite: error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+    assert _steps(trained) == before  # nothing deleted or overwritten
+
+
+def test_tokenizer_that_differs_from_the_checkpoint(tmp_path, trained, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    other = tmp_path / "other"
+    assert cli.main(["train", "--config", str(QUICKSTART), "--workdir", str(other),
+                     *_flags({"train.steps": 1, "model.vocab_size": 300})]) == 0
+    shutil.rmtree(copy / "tokenizer")
+    shutil.copytree(other / "tokenizer", copy / "tokenizer")
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with tokenizer" in err and "Traceback" not in err
