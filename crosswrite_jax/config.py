@@ -18,21 +18,38 @@ from crosswrite_jax.errors import UserError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the Transformer; the only config a model sees."""
+    """Architecture of the Transformer; the only config a model sees.
 
+    The defaults are the quickstart's encoder-decoder; BERT-, T5- and Llama-style models are other
+    settings of the same switches (see crosswrite_jax/models/presets.py).
+    """
+
+    family: str = "encoder_decoder"  # encoder_decoder | encoder (BERT-style) | decoder (Llama-style)
     vocab_size: int = 8000
     d_model: int = 256
     num_heads: int = 4
+    num_kv_heads: int = 0  # 0: num_heads; fewer: grouped-query attention
     head_dim: int = 0  # 0: d_model // num_heads
     d_ff: int = 1024
     num_encoder_layers: int = 3
     num_decoder_layers: int = 3
-    activation: str = "relu"  # relu | gelu
+    activation: str = "relu"  # relu | gelu (erf) | gelu_tanh | silu
+    gated_mlp: bool = False  # GLU feed-forward: act(wi_0 x) * wi_1 x (T5 v1.1, Llama)
+    use_bias: bool = False  # biases on every projection (BERT)
     norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post (BERT)
     norm_epsilon: float = 1e-6
-    max_length: int = 256  # longest sequence the sinusoidal position table covers
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT)
+    position: str = "sinusoidal"  # sinusoidal | learned | relative (T5 buckets) | rope
+    max_length: int = 256  # longest sequence the position table covers
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    rope_theta: float = 10000.0
+    scale_attention: bool = True  # softmax(q k / sqrt(head_dim)); T5 folds the scale into its weights
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings (BERT)
     dropout_rate: float = 0.1
     tie_output_embedding: bool = True
+    scale_tied_output: bool = True  # multiply by d_model**-0.5 before a tied output projection (T5)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
 
 
@@ -127,8 +144,11 @@ class Config:
 
 
 _CHOICES = {
-    "model.activation": ("relu", "gelu"),
+    "model.family": ("encoder_decoder", "encoder", "decoder"),
+    "model.activation": ("relu", "gelu", "gelu_tanh", "silu"),
     "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.position": ("sinusoidal", "learned", "relative", "rope"),
     "model.dtype": ("float32", "bfloat16"),
     "data.tokenizer_model": ("bpe", "unigram"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
@@ -167,7 +187,7 @@ def _parse_text(key: str, text: str, annotation: Any) -> Any:
             return ()
         try:
             value = ast.literal_eval(text if text.startswith(("(", "[")) else f"({text},)")
-        except (ValueError, SyntaxError):  # bare words: 'encoder/.*,token_embed/.*'
+        except (ValueError, SyntaxError):  # bare words: 'encoder/.*,embed/.*'
             value = tuple(part.strip() for part in text.strip("()[]").split(",") if part.strip())
         return tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if annotation is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
@@ -229,6 +249,9 @@ def validate(config: Config) -> None:
     m = config.model
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise UserError("config key 'model.num_heads' must divide 'model.d_model' (or set 'model.head_dim')")
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise UserError(f"config key 'model.num_kv_heads' ({m.num_kv_heads}) must divide model.num_heads "
+                        f"({m.num_heads})")
     positive = ["model.vocab_size", "model.d_model", "model.num_heads", "model.d_ff", "train.steps",
                 "train.batch_size", "train.log_every", "train.max_nonfinite_steps", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
                 "checkpoint.max_to_keep", "data.max_source_length", "data.max_target_length"]

@@ -25,7 +25,7 @@ def greedy_decode(model: EncoderDecoder, params: Any, inputs_BS: jax.Array, max_
         last = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
         logits, updated = model.apply(
             {"params": params, "cache": cache}, encoded, inputs_BS, last,
-            decode=True, position=i, mutable=["cache"], method=model.decode)
+            decode=True, position=i, cache_length=max_length, mutable=["cache"], method=model.decode)
         next_token = jnp.where(done, PAD_ID, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
         return i + 1, tokens, updated["cache"], done | (next_token == eos_id)

@@ -15,13 +15,16 @@ from crosswrite_jax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis names used by the models:
-#   batch, length (activations); vocab, embed, heads, kv, mlp (parameters).
+#   batch, length (activations); vocab, embed, heads, kv_heads, kv, mlp (parameters, sharded by presets);
+#   norm, relative_buckets, length_table, types (small parameters, always replicated).
 _BATCH = ("batch", ("data", "fsdp"))
 RULES_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
     "data_parallel": (_BATCH,),
     "fsdp": (_BATCH, ("embed", "fsdp")),
-    "tensor_parallel": (_BATCH, ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor")),
-    "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor")),
+    "tensor_parallel": (_BATCH, ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+                        ("mlp", "tensor")),
+    "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+                ("mlp", "tensor")),
 }
 
 

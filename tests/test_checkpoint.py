@@ -30,13 +30,13 @@ def test_checkpoint_from_222_mesh_restores_on_8_and_on_one_device(tmp_path):
     onto_8 = Trainer.build(config, sharding.make_mesh((8, 1, 1)))
     restored = _restore_params_on(onto_8, tmp_path)
     assert_trees_equal(restored, expected)
-    leaf = restored["token_embed"]["embedding"]
+    leaf = restored["embed"]["token_embed"]["embedding"]
     assert leaf.sharding.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
 
     onto_1 = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     restored = _restore_params_on(onto_1, tmp_path)
     assert_trees_equal(restored, expected)
-    assert restored["token_embed"]["embedding"].sharding.device_set == {jax.devices()[0]}
+    assert restored["embed"]["token_embed"]["embedding"].sharding.device_set == {jax.devices()[0]}
 
 
 def test_full_state_restore_includes_optimizer_and_step(tmp_path):

@@ -45,7 +45,7 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(monkeypatch)
         assert_trees_equal(jax.device_get((state.params, state.opt_state)), before)
         state, metrics = step(state, to_global_batch(clean, trainer.mesh))
         assert float(metrics["nonfinite"]) == 0.0
-        changed = jax.device_get(state.params)["token_embed"]["embedding"] != before[0]["token_embed"]["embedding"]
+        changed = jax.device_get(state.params)["embed"]["token_embed"]["embedding"] != before[0]["embed"]["token_embed"]["embedding"]
         assert changed.any()
 
 

@@ -33,7 +33,7 @@ EXPECTED_PATHS = sorted(
     + [f"{stack}/{norm}/{p}" for stack in ("encoder", "decoder") for p in ("scale", "bias")
        for norm in ("layer_0/self_attention_norm", "layer_0/mlp_norm", "final_norm")]
     + [f"decoder/layer_0/cross_attention_norm/{p}" for p in ("scale", "bias")]
-    + ["token_embed/embedding"])
+    + ["embed/token_embed/embedding"])
 
 
 def _golden(preset: str, path: str) -> P:
@@ -56,7 +56,7 @@ def test_partition_spec_of_every_parameter(preset):
 def test_optimizer_moments_follow_their_parameters():
     trainer = Trainer.build(tiny_config(mesh__rules="fsdp"), sharding.make_mesh((2, 2, 2)))
     specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(trainer.layout.shardings.opt_state)[0]}
-    mu = [spec for path, spec in specs.items() if path.endswith("/mu/token_embed/embedding")]
+    mu = [spec for path, spec in specs.items() if path.endswith("/mu/embed/token_embed/embedding")]
     assert mu == [P(None, "fsdp")]
     counts = [spec for path, spec in specs.items() if path.endswith("count")]
     assert counts and all(spec == P() for spec in counts)

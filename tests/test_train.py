@@ -47,18 +47,18 @@ def test_sharded_step_matches_one_device(preset):
 
 
 def test_frozen_subtree_is_bit_identical_and_has_no_moments():
-    config = tiny_config(optimizer__freeze=("encoder/.*", "token_embed/.*"), optimizer__weight_decay=0.1)
+    config = tiny_config(optimizer__freeze=("encoder/.*", "embed/.*"), optimizer__weight_decay=0.1)
     trainer = Trainer.build(config, sharding.make_mesh((2, 2, 2)))
     initial = jax.device_get(trainer.init_state().params)
     final, _ = _run(trainer, _batches(config.model.vocab_size, 5))
     final = jax.device_get(final.params)
     assert_trees_equal(final["encoder"], initial["encoder"])
-    assert_trees_equal(final["token_embed"], initial["token_embed"])
+    assert_trees_equal(final["embed"], initial["embed"])
     changed = final["decoder"]["layer_0"]["mlp"]["wi"]["kernel"] != initial["decoder"]["layer_0"]["mlp"]["wi"]["kernel"]
     assert changed.all()
 
     unfrozen = Trainer.build(tiny_config(optimizer__weight_decay=0.1), sharding.make_mesh((2, 2, 2)))
-    frozen_bytes = tree_bytes(initial["encoder"]) + tree_bytes(initial["token_embed"])
+    frozen_bytes = tree_bytes(initial["encoder"]) + tree_bytes(initial["embed"])
     # Adam keeps two moments (mu, nu) per trainable parameter; frozen ones keep none.
     assert tree_bytes(unfrozen.layout.abstract.opt_state) - tree_bytes(trainer.layout.abstract.opt_state) \
         == 2 * frozen_bytes

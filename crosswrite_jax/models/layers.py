@@ -1,10 +1,14 @@
 """Transformer building blocks shared by every model family, with logical axis names on all parameters.
 
-Logical axes: parameters use vocab, embed, heads, kv, mlp, norm; activations use batch, length, embed.
+Logical axes: parameters use vocab, embed, heads, kv_heads, kv, mlp, norm, relative_buckets;
+activations use batch, length, embed, heads, kv, mlp, vocab.
+Every block reads its switches from one ModelConfig, so BERT-, T5- and Llama-style models are
+configurations of the same layers, not copies.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -12,19 +16,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from crosswrite_jax.config import ModelConfig
+
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"relu": nn.relu, "gelu": nn.gelu}
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's erf GELU
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1's "gelu_new"
+    "silu": nn.silu,  # Llama's SwiGLU gate
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def constrain(x: Array, *axes: str | None) -> Array:
     """Pins an activation's sharding by logical axis names (a no-op outside a mesh)."""
     return nn.with_logical_constraint(x, axes)
 
 
-def attention(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, mask_BNTS: Array | None) -> Array:
-    """Softmax(q k / sqrt(H)) v; `jax.nn.dot_product_attention` picks fused kernels where they exist."""
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS)
+def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BNTS: Array | None, bias_BNTS: Array | None = None,
+              scale: float | None = None) -> Array:
+    """Softmax(scale * q k + bias) v with K <= N key/value heads; `jax.nn.dot_product_attention` picks fused
+    kernels where they exist."""
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale)
 
 
 def sinusoidal_positions(max_length: int, features: int) -> np.ndarray:
@@ -37,20 +51,49 @@ def sinusoidal_positions(max_length: int, features: int) -> np.ndarray:
     return table
 
 
+def rotary(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+    """Rotary position embedding (Su et al., 2021) in the half-split layout Llama checkpoints use."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1]))
+    angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    first, second = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BTNH.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of key-minus-query distances: exact for small ones, logarithmic up to max_distance."""
+    bucket = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, distance, large)
+
+
 class Embed(nn.Module):
-    """Token embedding table; `attend` reuses it as the output projection."""
+    """An embedding table; `attend` reuses it as an output projection."""
 
     num_embeddings: int
     features: int
     dtype: jnp.dtype = jnp.float32
+    axes: tuple[str, str] = ("vocab", "embed")
+    stddev: float = 1.0
 
     def setup(self):
         self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-            (self.num_embeddings, self.features),
-            jnp.float32,
-        )
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.stddev), self.axes),
+            (self.num_embeddings, self.features), jnp.float32)
 
     def __call__(self, ids_BT: Array) -> Array:
         return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
@@ -65,11 +108,12 @@ def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.
     if kind == "rmsnorm":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, bias_init=bias_init,
+                        use_fast_variance=False, name=name)
 
 
 class Dense(nn.Module):
-    """A linear map contracting the last `len(in_axes)` axes into `features`; no bias.
+    """A linear map contracting the last `num_in_axes` axes into `features`, with an optional bias.
 
     The kernel is created at its full rank so logical axis names apply to each of its axes.
     """
@@ -78,6 +122,7 @@ class Dense(nn.Module):
     num_in_axes: int
     kernel_axes: tuple[str, ...]
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -87,37 +132,51 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                             x.shape[-n_in:] + tuple(self.features), jnp.float32)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:]),
+                              tuple(self.features), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
-def _dense(features, axis, kernel_axes, dtype, name):
+def _dense(features, axis, kernel_axes, dtype, name, use_bias=False):
     features = features if isinstance(features, tuple) else (features,)
     num_in_axes = len(axis) if isinstance(axis, tuple) else 1
-    return Dense(features, num_in_axes, kernel_axes, dtype, name=name)
+    return Dense(features, num_in_axes, kernel_axes, dtype, use_bias, name=name)
+
+
+def head_dim(config: ModelConfig) -> int:
+    return config.head_dim or config.d_model // config.num_heads
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with an optional key/value cache for incremental decoding."""
+    """Multi-head (or grouped-query) attention with rotary positions and a key/value cache for decoding."""
 
-    num_heads: int
-    head_dim: int
-    dtype: jnp.dtype = jnp.float32
+    config: ModelConfig
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, decode: bool = False,
-                 cache_kind: str = "self") -> Array:
-        n, h, d = self.num_heads, self.head_dim, x_q.shape[-1]
-        q = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "query")(x_q)
-        if decode and cache_kind == "cross":
-            k, v = self._cross_cache(x_kv)
+    def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, bias: Array | None = None,
+                 positions: Array | None = None, decode: bool = False) -> Array:
+        c = self.config
+        dtype, n, h = DTYPES[c.dtype], c.num_heads, head_dim(c)
+        kv_heads = c.num_kv_heads or n
+        project = lambda heads, axes, name: _dense(  # noqa: E731
+            (heads, h), -1, ("embed", axes, "kv"), dtype, name, c.use_bias)
+        q = project(n, "heads", "query")(x_q)
+        if decode and self.cross:
+            k, v = self._cross_cache(x_kv, project, kv_heads)
         else:
-            k = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "key")(x_kv)
-            v = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "value")(x_kv)
+            k = project(kv_heads, "kv_heads", "key")(x_kv)
+            v = project(kv_heads, "kv_heads", "value")(x_kv)
+            if c.position == "rope" and not self.cross:
+                q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
             if decode:
                 k, v, mask = self._self_cache(k, v, mask)
         q = constrain(q, "batch", "length", "heads", "kv")
-        out = attention(q, k, v, mask)
-        return _dense(d, (-2, -1), ("heads", "kv", "embed"), self.dtype, "out")(out)
+        out = attention(q, k, v, mask, bias, scale=None if c.scale_attention else 1.0)
+        return _dense(x_q.shape[-1], (-2, -1), ("heads", "kv", "embed"), dtype, "out", c.use_bias)(out)
 
     def _self_cache(self, k, v, mask):
         """Writes this step's key/value at the cache index; masks positions not yet written."""
@@ -125,71 +184,86 @@ class MultiHeadAttention(nn.Module):
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if not initialized:  # allocation call: shapes are [B, max_length, N, H]
+        if not initialized:  # allocation call: shapes are [B, max_length, K, H]
             return k, v, mask
         i = index.value
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + k.shape[1]
         written = (jnp.arange(cached_k.value.shape[1]) < index.value)[None, None, None, :]
-        return cached_k.value, cached_v.value, written
+        return cached_k.value, cached_v.value, written if mask is None else written & mask
 
-    def _cross_cache(self, x_kv):
+    def _cross_cache(self, x_kv, project, kv_heads):
         """Projects encoder outputs to keys/values once, on the allocation call, and reuses them."""
-        n, h = self.num_heads, self.head_dim
         if self.has_variable("cache", "cross_key"):
             return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-        k = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "key")(x_kv)
-        v = _dense((n, h), -1, ("embed", "heads", "kv"), self.dtype, "value")(x_kv)
+        k = project(kv_heads, "kv_heads", "key")(x_kv)
+        v = project(kv_heads, "kv_heads", "value")(x_kv)
         self.put_variable("cache", "cross_key", k)
         self.put_variable("cache", "cross_value", v)
         return k, v
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward block."""
+    """Position-wise feed-forward block; gated (GLU: act(wi_0 x) * wi_1 x) when the config says so."""
 
-    d_ff: int
-    activation: str = "relu"
-    dropout_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        hidden = _dense(self.d_ff, -1, ("embed", "mlp"), self.dtype, "wi")(x)
-        hidden = ACTIVATIONS[self.activation](hidden)
+        c = self.config
+        dtype, act = DTYPES[c.dtype], ACTIVATIONS[c.activation]
+        if c.gated_mlp:
+            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_0", c.use_bias)(x))
+            hidden = hidden * _dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_1", c.use_bias)(x)
+        else:
+            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi", c.use_bias)(x))
         hidden = constrain(hidden, "batch", "length", "mlp")
-        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-        return _dense(x.shape[-1], -1, ("mlp", "embed"), self.dtype, "wo")(hidden)
+        hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
+        return _dense(x.shape[-1], -1, ("mlp", "embed"), dtype, "wo", c.use_bias)(hidden)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, optional cross-attention, MLP; each with a residual."""
+    """Self-attention, optional cross-attention and MLP, each with a residual; pre- or post-norm."""
 
-    num_heads: int
-    head_dim: int
-    d_ff: int
-    activation: str
-    norm: str
-    norm_epsilon: float
-    dropout_rate: float
+    config: ModelConfig
     cross_attention: bool = False
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, self_mask: Array | None, encoded: Array | None = None,
-                 cross_mask: Array | None = None, deterministic: bool = True, decode: bool = False) -> Array:
-        norm = lambda name: Norm(self.norm, self.norm_epsilon, self.dtype, name=name)  # noqa: E731
-        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
-        h = norm("self_attention_norm")(x)
-        h = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, name="self_attention")(
-            h, h, self_mask, decode=decode, cache_kind="self")
-        x = constrain(x + drop(h), "batch", "length", "embed")
+                 cross_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
+                 self_bias: Array | None = None, positions: Array | None = None) -> Array:
+        c = self.config
+        dtype = DTYPES[c.dtype]
+        norm = lambda name: Norm(c.norm, c.norm_epsilon, dtype, name=name)  # noqa: E731
+        drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
+        post = c.norm_position == "post"
+
+        def sublayer(x, name, run):
+            if post:
+                return constrain(norm(f"{name}_norm")(x + drop(run(x))), "batch", "length", "embed")
+            return constrain(x + drop(run(norm(f"{name}_norm")(x))), "batch", "length", "embed")
+
+        x = sublayer(x, "self_attention", lambda h: MultiHeadAttention(c, name="self_attention")(
+            h, h, self_mask, self_bias, positions, decode))
         if self.cross_attention:
-            h = norm("cross_attention_norm")(x)
-            h = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, name="cross_attention")(
-                h, encoded, cross_mask, decode=decode, cache_kind="cross")
-            x = constrain(x + drop(h), "batch", "length", "embed")
-        h = norm("mlp_norm")(x)
-        h = Mlp(self.d_ff, self.activation, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
-        return constrain(x + drop(h), "batch", "length", "embed")
+            x = sublayer(x, "cross_attention", lambda h: MultiHeadAttention(c, cross=True, name="cross_attention")(
+                h, encoded, cross_mask, None, None, decode))
+        return sublayer(x, "mlp", lambda h: Mlp(c, name="mlp")(h, deterministic))
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned per-head bias over bucketed relative distances, [B, N, T, S]."""
+
+    config: ModelConfig
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions_BT: Array, key_positions_BS: Array) -> Array:
+        c = self.config
+        table = self.param("embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("relative_buckets", "heads")), (c.relative_buckets, c.num_heads),
+            jnp.float32)
+        relative = key_positions_BS[:, None, :] - query_positions_BT[:, :, None]  # [B, T, S]
+        buckets = relative_position_bucket(relative, self.bidirectional, c.relative_buckets, c.relative_max_distance)
+        return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2).astype(DTYPES[c.dtype])

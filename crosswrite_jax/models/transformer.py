@@ -1,4 +1,4 @@
-"""Encoder, decoder and the encoder-decoder Transformer, built from the shared layers."""
+"""Encoder-only, decoder-only and encoder-decoder Transformers, all built from the shared layers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from crosswrite_jax.config import ModelConfig
-from crosswrite_jax.models.layers import DTYPES, Dense, Embed, Norm, TransformerBlock, constrain, sinusoidal_positions
+from crosswrite_jax.models.layers import (DTYPES, Dense, Embed, Norm, RelativePositionBias, TransformerBlock,
+                                          constrain, sinusoidal_positions)
 
 Array = jax.Array
 PAD_ID = 0  # also the decoder's start token
@@ -37,61 +38,115 @@ def shift_right(targets_BT: Array, positions_BT: Array | None = None) -> Array:
     return jnp.where(positions_BT == 0, PAD_ID, shifted)
 
 
+def default_positions(ids_BT: Array, offset: Array | int = 0) -> Array:
+    """[B, T] positions offset, offset + 1, ... for unpacked rows."""
+    return jnp.broadcast_to(jnp.arange(ids_BT.shape[1]) + offset, ids_BT.shape)
+
+
 class Stack(nn.Module):
-    """Embedded tokens through N blocks and a final norm; encoder or decoder by `cross_attention`."""
+    """N blocks over embedded tokens (and a final norm for pre-norm models): an encoder or a decoder."""
 
     config: ModelConfig
     num_layers: int
-    cross_attention: bool
+    causal: bool
+    cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, self_mask, encoded=None, cross_mask=None, deterministic=True, decode=False):
+    def __call__(self, x: Array, self_mask: Array | None, positions_BT: Array, encoded: Array | None = None,
+                 cross_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
+                 cache_length: int = 0) -> Array:
         c = self.config
-        dtype = DTYPES[c.dtype]
-        head_dim = c.head_dim or c.d_model // c.num_heads
-        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        bias = None
+        if c.position == "relative":
+            keys = positions_BT
+            if decode:  # one query against every cache slot
+                keys = jnp.broadcast_to(jnp.arange(cache_length), (positions_BT.shape[0], cache_length))
+            bias = RelativePositionBias(c, bidirectional=not self.causal, name="relative_attention_bias")(
+                positions_BT, keys)
         for i in range(self.num_layers):
-            x = TransformerBlock(
-                c.num_heads, head_dim, c.d_ff, c.activation, c.norm, c.norm_epsilon, c.dropout_rate,
-                cross_attention=self.cross_attention, dtype=dtype, name=f"layer_{i}",
-            )(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
-        x = Norm(c.norm, c.norm_epsilon, dtype, name="final_norm")(x)
+            x = TransformerBlock(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
+                x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode, self_bias=bias,
+                positions=positions_BT)
+        if c.norm_position == "pre":
+            x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
 
-class EncoderDecoder(nn.Module):
-    """Sequence-to-sequence Transformer with shared token embeddings (Vaswani et al., pre-norm)."""
+class Embedder(nn.Module):
+    """Token embeddings plus absolute positions and token types where the config has them."""
 
     config: ModelConfig
 
     def setup(self):
         c = self.config
         self.dtype = DTYPES[c.dtype]
-        self.embed = Embed(c.vocab_size, c.d_model, self.dtype, name="token_embed")
-        self.encoder = Stack(c, c.num_encoder_layers, cross_attention=False, name="encoder")
-        self.decoder = Stack(c, c.num_decoder_layers, cross_attention=True, name="decoder")
-        if not c.tie_output_embedding:
-            self.output = Dense((c.vocab_size,), 1, ("embed", "vocab"), self.dtype, name="output")
-        self.positions = sinusoidal_positions(c.max_length, c.d_model)
+        self.tokens = Embed(c.vocab_size, c.d_model, self.dtype, name="token_embed")
+        if c.position == "learned":
+            self.learned = Embed(c.max_length, c.d_model, self.dtype, ("length_table", "embed"), 0.02,
+                                 name="position_embed")
+        if c.position == "sinusoidal":
+            self.table = sinusoidal_positions(c.max_length, c.d_model)
+        if c.type_vocab_size:
+            self.types = Embed(c.type_vocab_size, c.d_model, self.dtype, ("types", "embed"), 0.02,
+                               name="type_embed")
+        if c.embedding_norm:
+            self.norm = Norm(c.norm, c.norm_epsilon, self.dtype, name="embed_norm")
 
-    def _embed(self, ids_BT: Array, offset: Array | int = 0, positions_BT: Array | None = None) -> Array:
-        table = jnp.asarray(self.positions)
-        if positions_BT is None:
-            positions = jax.lax.dynamic_slice_in_dim(table, offset, ids_BT.shape[1])[None]
-        else:
-            positions = jnp.take(table, positions_BT, axis=0)
-        x = self.embed(ids_BT) + positions.astype(self.dtype)
+    def __call__(self, ids_BT: Array, positions_BT: Array, token_types_BT: Array | None = None) -> Array:
+        c = self.config
+        x = self.tokens(ids_BT)
+        if c.position == "learned":
+            x = x + self.learned(positions_BT)
+        elif c.position == "sinusoidal":
+            x = x + jnp.take(jnp.asarray(self.table), positions_BT, axis=0).astype(self.dtype)
+        if c.type_vocab_size:
+            x = x + self.types(jnp.zeros_like(ids_BT) if token_types_BT is None else token_types_BT)
+        if c.embedding_norm:
+            x = self.norm(x)
         return constrain(x, "batch", "length", "embed")
+
+    def attend(self, y_BTD: Array) -> Array:
+        """Logits through the tied token table."""
+        if self.config.scale_tied_output:
+            y_BTD = y_BTD * jnp.asarray(self.config.d_model**-0.5, self.dtype)
+        return self.tokens.attend(y_BTD)
+
+
+def _output_logits(config: ModelConfig, embedder: Embedder, output: nn.Module | None, y: Array) -> Array:
+    logits = embedder.attend(y) if config.tie_output_embedding else output(y)
+    return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+
+
+def _untied_output(config: ModelConfig) -> Dense | None:
+    if config.tie_output_embedding:
+        return None
+    return Dense((config.vocab_size,), 1, ("embed", "vocab"), DTYPES[config.dtype], name="output")
+
+
+class EncoderDecoder(nn.Module):
+    """Sequence-to-sequence Transformer with shared token embeddings (Vaswani et al.; T5 by configuration)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedder = Embedder(c, name="embed")
+        self.encoder = Stack(c, c.num_encoder_layers, causal=False, name="encoder")
+        self.decoder = Stack(c, c.num_decoder_layers, causal=True, cross_attention=True, name="decoder")
+        self.output = _untied_output(c)
+        self.dropout = nn.Dropout(c.dropout_rate)
 
     def encode(self, inputs_BS: Array, deterministic: bool = True, segments_BS: Array | None = None,
                positions_BS: Array | None = None) -> Array:
         """Encoder outputs [B, S, D]; with segment ids, packed examples do not see each other."""
+        positions = default_positions(inputs_BS) if positions_BS is None else positions_BS
         mask = padding_mask(inputs_BS) if segments_BS is None else segment_mask(segments_BS, segments_BS)
-        return self.encoder(self._embed(inputs_BS, 0, positions_BS), mask, deterministic=deterministic)
+        x = self.dropout(self.embedder(inputs_BS, positions), deterministic=deterministic)
+        return self.encoder(x, mask, positions, deterministic=deterministic)
 
     def decode(self, encoded: Array, inputs_BS: Array, decoder_inputs_BT: Array, deterministic: bool = True,
                decode: bool = False, position: Array | int = 0, input_segments_BS: Array | None = None,
-               segments_BT: Array | None = None, positions_BT: Array | None = None) -> Array:
+               segments_BT: Array | None = None, positions_BT: Array | None = None, cache_length: int = 0) -> Array:
         """Logits [B, T, V] for decoder inputs; with `decode`, one cached step at `position`."""
         if segments_BT is None:
             self_mask = None if decode else causal_mask(decoder_inputs_BT.shape[1])
@@ -99,13 +154,11 @@ class EncoderDecoder(nn.Module):
         else:
             self_mask = causal_mask(decoder_inputs_BT.shape[1]) & segment_mask(segments_BT, segments_BT)
             cross_mask = segment_mask(segments_BT, input_segments_BS)
-        x = self._embed(decoder_inputs_BT, position, positions_BT)
-        y = self.decoder(x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode)
-        if self.config.tie_output_embedding:
-            logits = self.embed.attend(y) * jnp.asarray(self.config.d_model**-0.5, self.dtype)
-        else:
-            logits = self.output(y)
-        return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+        positions = default_positions(decoder_inputs_BT, position) if positions_BT is None else positions_BT
+        x = self.dropout(self.embedder(decoder_inputs_BT, positions), deterministic=deterministic)
+        y = self.decoder(x, self_mask, positions, encoded, cross_mask, deterministic=deterministic, decode=decode,
+                         cache_length=cache_length or decoder_inputs_BT.shape[1])
+        return _output_logits(self.config, self.embedder, self.output, y)
 
     def __call__(self, inputs: Array, targets: Array, deterministic: bool = True,
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None,
@@ -117,6 +170,59 @@ class EncoderDecoder(nn.Module):
                            positions_BT=targets_positions)
 
 
-def build_model(config: ModelConfig) -> EncoderDecoder:
+class Encoder(nn.Module):
+    """Encoder-only Transformer (BERT by configuration): hidden states [B, S, D] and a pooled [B, D] vector."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedder = Embedder(c, name="embed")
+        self.encoder = Stack(c, c.num_encoder_layers, causal=False, name="encoder")
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def __call__(self, inputs: Array, deterministic: bool = True, token_types: Array | None = None,
+                 inputs_segments: Array | None = None, inputs_positions: Array | None = None) -> Array:
+        positions = default_positions(inputs) if inputs_positions is None else inputs_positions
+        mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
+        x = self.dropout(self.embedder(inputs, positions, token_types), deterministic=deterministic)
+        return self.encoder(x, mask, positions, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """Decoder-only causal language model (Llama by configuration): logits [B, T, V]."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedder = Embedder(c, name="embed")
+        self.decoder = Stack(c, c.num_decoder_layers, causal=True, name="decoder")
+        self.output = _untied_output(c)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
+                 inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
+                 cache_length: int = 0, padding: Array | None = None) -> Array:
+        """Next-token logits; `padding` [B, T] (True at real tokens) masks left or right padding in the keys."""
+        positions = default_positions(inputs, position) if inputs_positions is None else inputs_positions
+        if decode:
+            mask = None
+        elif inputs_segments is not None:
+            mask = causal_mask(inputs.shape[1]) & segment_mask(inputs_segments, inputs_segments)
+        else:
+            mask = causal_mask(inputs.shape[1])
+            if padding is not None:
+                mask = mask & padding[:, None, None, :]
+        x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
+        y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
+                         cache_length=cache_length or inputs.shape[1])
+        return _output_logits(self.config, self.embedder, self.output, y)
+
+
+FAMILIES = {"encoder_decoder": EncoderDecoder, "encoder": Encoder, "decoder": Decoder}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes."""
-    return EncoderDecoder(config)
+    return FAMILIES[config.family](config)
