@@ -226,3 +226,18 @@ FAMILIES = {"encoder_decoder": EncoderDecoder, "encoder": Encoder, "decoder": De
 def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes."""
     return FAMILIES[config.family](config)
+
+
+def example_inputs(config: ModelConfig, batch: int = 1, length: int = 8) -> tuple[Array, ...]:
+    """Positional arguments that initialize a model of this family."""
+    ids = jnp.ones((batch, length), jnp.int32)
+    return (ids, ids) if config.family == "encoder_decoder" else (ids,)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Slash-joined path -> shape of every parameter, without allocating any."""
+    model = build_model(config)
+    boxed = jax.eval_shape(lambda key: model.init(key, *example_inputs(config))["params"], jax.random.key(0))
+    leaves = jax.tree_util.tree_flatten_with_path(boxed,
+                                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    return {"/".join(str(k.key) for k in path): tuple(getattr(leaf, "value", leaf).shape) for path, leaf in leaves}

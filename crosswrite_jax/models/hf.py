@@ -1,0 +1,332 @@
+"""Hugging Face checkpoints to and from this project's parameters: BERT, T5 (v1.0 / v1.1) and Llama.
+
+Reads and writes `config.json` + safetensors (sharded index too) with numpy only; PyTorch is not needed.
+Every tensor is accounted for: an unknown or missing tensor, or a shape that disagrees with the config,
+is an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from crosswrite_jax.config import ModelConfig
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.models.layers import head_dim
+
+SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
+    """The architecture kind ('bert', 't5', 'llama') and the ModelConfig of a HF config.json dict."""
+    kind = hf.get("model_type")
+    if kind == "bert":
+        return kind, ModelConfig(
+            family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+            num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+            num_encoder_layers=hf["num_hidden_layers"], num_decoder_layers=0,
+            activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")],
+            use_bias=True, norm="layernorm", norm_position="post", norm_epsilon=hf.get("layer_norm_eps", 1e-12),
+            embedding_norm=True, position="learned", max_length=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
+            tie_output_embedding=True, scale_tied_output=False)
+    if kind == "t5":
+        projection = hf.get("feed_forward_proj", "relu")
+        gated = projection.startswith("gated-")
+        act = projection.removeprefix("gated-")
+        return kind, ModelConfig(
+            family="encoder_decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"],
+            head_dim=hf["d_kv"], d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+            num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+            activation={"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}[act], gated_mlp=gated,
+            norm="rmsnorm", norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), position="relative", max_length=512,
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128), scale_attention=False,
+            dropout_rate=hf.get("dropout_rate", 0.1), tie_output_embedding=hf.get("tie_word_embeddings", True),
+            # T5 v1.0 scales decoder outputs by d_model**-0.5; v1.1 does not (transformers 5 records this as
+            # scale_decoder_outputs, older configs as tie_word_embeddings=false with a separate lm_head).
+            scale_tied_output=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
+    if kind == "llama":
+        rope = hf.get("rope_parameters") or {}
+        return kind, ModelConfig(
+            family="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+            num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or 0,
+            head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], num_encoder_layers=0,
+            num_decoder_layers=hf["num_hidden_layers"], activation="silu", gated_mlp=True,
+            use_bias=bool(hf.get("attention_bias", False)), norm="rmsnorm", norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            position="rope", max_length=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), dropout_rate=0.0,
+            tie_output_embedding=hf.get("tie_word_embeddings", False), scale_tied_output=False)
+    raise UserError(f"config.json has model_type {kind!r}; import-hf supports bert, t5 and llama")
+
+
+def config_to_hf(kind: str, c: ModelConfig) -> dict[str, Any]:
+    """A transformers config dict for a model of this project."""
+    from transformers import BertConfig, LlamaConfig, T5Config
+
+    if kind == "bert":
+        return BertConfig(
+            vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.num_encoder_layers,
+            num_attention_heads=c.num_heads, intermediate_size=c.d_ff,
+            hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[c.activation],
+            max_position_embeddings=c.max_length, type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_epsilon,
+            hidden_dropout_prob=c.dropout_rate, architectures=["BertModel"]).to_dict()
+    if kind == "t5":
+        if not c.tie_output_embedding:
+            raise UserError("transformers 5 always ties T5's output layer to its embeddings; export a model "
+                            "trained with model.tie_output_embedding=true")
+        act = {"relu": "relu", "gelu_tanh": "gelu_new"}[c.activation]
+        hf = T5Config(
+            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=head_dim(c), d_ff=c.d_ff,
+            num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+            relative_attention_num_buckets=c.relative_buckets, relative_attention_max_distance=c.relative_max_distance,
+            layer_norm_epsilon=c.norm_epsilon, dropout_rate=c.dropout_rate,
+            feed_forward_proj=f"gated-{act}" if c.gated_mlp else act, tie_word_embeddings=c.scale_tied_output,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            architectures=["T5ForConditionalGeneration"]).to_dict()
+        hf["scale_decoder_outputs"] = c.scale_tied_output
+        return hf
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+            num_hidden_layers=c.num_decoder_layers, num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads or c.num_heads, head_dim=head_dim(c), rms_norm_eps=c.norm_epsilon,
+            max_position_embeddings=c.max_length, tie_word_embeddings=c.tie_output_embedding,
+            attention_bias=c.use_bias, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            architectures=["LlamaForCausalLM"]).to_dict()
+    raise UserError(f"no Hugging Face export for {kind!r}")
+
+
+def kind_of(c: ModelConfig) -> str:
+    """Which Hugging Face architecture a ModelConfig corresponds to."""
+    if c.family == "encoder" and c.position == "learned" and c.norm_position == "post":
+        return "bert"
+    if c.family == "encoder_decoder" and c.position == "relative" and c.norm == "rmsnorm":
+        return "t5"
+    if c.family == "decoder" and c.position == "rope" and c.gated_mlp:
+        return "llama"
+    raise UserError(f"a {c.family} model with {c.position} positions has no Hugging Face counterpart here; "
+                    f"export-hf supports BERT-, T5- and Llama-style configs")
+
+
+# ------------------------------------------------------------------------------------ tensor layouts
+# Each rule: our parameter path -> (HF tensor name, layout). Layouts convert HF (torch Linear: [out, in]) to
+# this project's kernels ([in..., out...]) and back.
+
+
+def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
+    n, h, d = c.num_heads, head_dim(c), c.d_model
+    k = c.num_kv_heads or n
+    return {
+        "same": (lambda w: w, lambda w: w),
+        "linear": (lambda w: w.T, lambda w: w.T),
+        "q": (lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T),
+        "kv": (lambda w: w.T.reshape(d, k, h), lambda w: w.reshape(d, k * h).T),
+        "q_bias": (lambda b: b.reshape(n, h), lambda b: b.reshape(n * h)),
+        "kv_bias": (lambda b: b.reshape(k, h), lambda b: b.reshape(k * h)),
+        "out": (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T),
+    }
+
+
+def _bert_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
+    rules = {
+        "embed/token_embed/embedding": ("embeddings.word_embeddings.weight", "same"),
+        "embed/position_embed/embedding": ("embeddings.position_embeddings.weight", "same"),
+        "embed/type_embed/embedding": ("embeddings.token_type_embeddings.weight", "same"),
+        "embed/embed_norm/scale": ("embeddings.LayerNorm.weight", "same"),
+        "embed/embed_norm/bias": ("embeddings.LayerNorm.bias", "same"),
+    }
+    for i in range(c.num_encoder_layers):
+        ours, hf = f"encoder/layer_{i}", f"encoder.layer.{i}"
+        for proj in ("query", "key", "value"):
+            layout = "q" if proj == "query" else "kv"
+            rules[f"{ours}/self_attention/{proj}/kernel"] = (f"{hf}.attention.self.{proj}.weight", layout)
+            rules[f"{ours}/self_attention/{proj}/bias"] = (f"{hf}.attention.self.{proj}.bias", f"{layout}_bias")
+        rules.update({
+            f"{ours}/self_attention/out/kernel": (f"{hf}.attention.output.dense.weight", "out"),
+            f"{ours}/self_attention/out/bias": (f"{hf}.attention.output.dense.bias", "same"),
+            f"{ours}/self_attention_norm/scale": (f"{hf}.attention.output.LayerNorm.weight", "same"),
+            f"{ours}/self_attention_norm/bias": (f"{hf}.attention.output.LayerNorm.bias", "same"),
+            f"{ours}/mlp/wi/kernel": (f"{hf}.intermediate.dense.weight", "linear"),
+            f"{ours}/mlp/wi/bias": (f"{hf}.intermediate.dense.bias", "same"),
+            f"{ours}/mlp/wo/kernel": (f"{hf}.output.dense.weight", "linear"),
+            f"{ours}/mlp/wo/bias": (f"{hf}.output.dense.bias", "same"),
+            f"{ours}/mlp_norm/scale": (f"{hf}.output.LayerNorm.weight", "same"),
+            f"{ours}/mlp_norm/bias": (f"{hf}.output.LayerNorm.bias", "same"),
+        })
+    return rules
+
+
+def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
+    rules = {"embed/token_embed/embedding": ("shared.weight", "same"),
+             "encoder/relative_attention_bias/embedding": (
+                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
+             "decoder/relative_attention_bias/embedding": (
+                 "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
+             "encoder/final_norm/scale": ("encoder.final_layer_norm.weight", "same"),
+             "decoder/final_norm/scale": ("decoder.final_layer_norm.weight", "same")}
+    if not c.tie_output_embedding:
+        rules["output/kernel"] = ("lm_head.weight", "linear")
+    mlp = ("wi_0", "wi_1", "wo") if c.gated_mlp else ("wi", "wo")
+    for stack, layers in (("encoder", c.num_encoder_layers), ("decoder", c.num_decoder_layers)):
+        for i in range(layers):
+            ours, hf = f"{stack}/layer_{i}", f"{stack}.block.{i}.layer"
+            attention = [("self_attention", f"{hf}.0.SelfAttention", f"{hf}.0.layer_norm")]
+            if stack == "decoder":
+                attention.append(("cross_attention", f"{hf}.1.EncDecAttention", f"{hf}.1.layer_norm"))
+            for name, module, norm in attention:
+                rules.update({f"{ours}/{name}/query/kernel": (f"{module}.q.weight", "q"),
+                              f"{ours}/{name}/key/kernel": (f"{module}.k.weight", "kv"),
+                              f"{ours}/{name}/value/kernel": (f"{module}.v.weight", "kv"),
+                              f"{ours}/{name}/out/kernel": (f"{module}.o.weight", "out"),
+                              f"{ours}/{name}_norm/scale": (f"{norm}.weight", "same")})
+            ff = 2 if stack == "decoder" else 1
+            for proj in mlp:
+                rules[f"{ours}/mlp/{proj}/kernel"] = (f"{hf}.{ff}.DenseReluDense.{proj}.weight", "linear")
+            rules[f"{ours}/mlp_norm/scale"] = (f"{hf}.{ff}.layer_norm.weight", "same")
+    return rules
+
+
+def _llama_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
+    rules = {"embed/token_embed/embedding": ("model.embed_tokens.weight", "same"),
+             "decoder/final_norm/scale": ("model.norm.weight", "same")}
+    if not c.tie_output_embedding:
+        rules["output/kernel"] = ("lm_head.weight", "linear")
+    for i in range(c.num_decoder_layers):
+        ours, hf = f"decoder/layer_{i}", f"model.layers.{i}"
+        rules.update({
+            f"{ours}/self_attention/query/kernel": (f"{hf}.self_attn.q_proj.weight", "q"),
+            f"{ours}/self_attention/key/kernel": (f"{hf}.self_attn.k_proj.weight", "kv"),
+            f"{ours}/self_attention/value/kernel": (f"{hf}.self_attn.v_proj.weight", "kv"),
+            f"{ours}/self_attention/out/kernel": (f"{hf}.self_attn.o_proj.weight", "out"),
+            f"{ours}/self_attention_norm/scale": (f"{hf}.input_layernorm.weight", "same"),
+            f"{ours}/mlp_norm/scale": (f"{hf}.post_attention_layernorm.weight", "same"),
+            f"{ours}/mlp/wi_0/kernel": (f"{hf}.mlp.gate_proj.weight", "linear"),
+            f"{ours}/mlp/wi_1/kernel": (f"{hf}.mlp.up_proj.weight", "linear"),
+            f"{ours}/mlp/wo/kernel": (f"{hf}.mlp.down_proj.weight", "linear"),
+        })
+        if c.use_bias:
+            for proj, layout in (("query", "q_bias"), ("key", "kv_bias"), ("value", "kv_bias")):
+                short = {"query": "q", "key": "k", "value": "v"}[proj]
+                rules[f"{ours}/self_attention/{proj}/bias"] = (f"{hf}.self_attn.{short}_proj.bias", layout)
+            rules[f"{ours}/self_attention/out/bias"] = (f"{hf}.self_attn.o_proj.bias", "same")
+    return rules
+
+
+RULES = {"bert": _bert_rules, "t5": _t5_rules, "llama": _llama_rules}
+# Tensors a HF checkpoint may carry that hold nothing new: tied copies and the BERT pooler, which the
+# encoder family does not use (sentence embeddings pool hidden states; tasks bring their own heads).
+_REDUNDANT = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "embeddings.position_ids",
+              "pooler.dense.weight", "pooler.dense.bias")
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def params_from_hf(kind: str, config: ModelConfig, tensors: dict[str, np.ndarray],
+                   expected_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Our parameter tree from HF tensors; every tensor used, every parameter found, every shape checked."""
+    if kind == "bert" and tensors and all(name.startswith("bert.") for name in tensors if "embeddings" in name):
+        tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
+    rules, layouts = RULES[kind](config), _layouts(config)
+    missing_ours = sorted(set(expected_shapes) - set(rules))
+    if missing_ours:
+        raise UserError(f"no Hugging Face tensor maps to parameter '{missing_ours[0]}'; this config is not a "
+                        f"{kind} layout")
+    params: dict = {}
+    used = set()
+    for path, (name, layout) in rules.items():
+        if name not in tensors:
+            raise UserError(f"tensor '{name}' is missing from the checkpoint (needed for {path})")
+        value = layouts[layout][0](np.asarray(tensors[name], np.float32))
+        if tuple(value.shape) != tuple(expected_shapes[path]):
+            raise UserError(f"tensor '{name}' has shape {list(tensors[name].shape)}, which does not fit "
+                            f"{path} {list(expected_shapes[path])} under the checkpoint's config.json")
+        _set(params, path, value)
+        used.add(name)
+    tied_head = "lm_head.weight"
+    if config.tie_output_embedding and tied_head in tensors and tied_head not in used:
+        embedding = tensors[rules["embed/token_embed/embedding"][0]]
+        if not np.array_equal(np.asarray(tensors[tied_head]), np.asarray(embedding)):
+            raise UserError(f"tensor '{tied_head}' differs from the token embeddings, but config.json ties them")
+        used.add(tied_head)
+    unknown = sorted(set(tensors) - used - set(_REDUNDANT))
+    if unknown:
+        raise UserError(f"tensor '{unknown[0]}' in the checkpoint has no place in a {kind} model "
+                        f"({len(unknown)} unknown tensors); only BertModel, T5ForConditionalGeneration and "
+                        f"LlamaForCausalLM weights are converted")
+    return params
+
+
+def params_to_hf(kind: str, config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """HF tensors (float32, contiguous) from our parameter tree."""
+    rules, layouts = RULES[kind](config), _layouts(config)
+    flat = _flatten(params)
+    out = {name: np.ascontiguousarray(layouts[layout][1](np.asarray(flat[path], np.float32)))
+           for path, (name, layout) in rules.items()}
+    if kind == "llama" and config.tie_output_embedding:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and every tensor of a HF model directory (safetensors only, sharded index too)."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"'{directory}' has no config.json; pass a Hugging Face model directory")
+    hf_config = json.loads(config_path.read_text())
+    if (directory / INDEX).is_file():
+        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+    elif (directory / SAFETENSORS).is_file():
+        files = [SAFETENSORS]
+    else:
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        why = f"it holds {pickled[0]}, a pickle, which is refused: convert it to safetensors first" if pickled else \
+            "no model.safetensors or model.safetensors.index.json"
+        raise UserError(f"'{directory}': {why}")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(load_file(str(directory / name)))
+    return hf_config, tensors
+
+
+def write_checkpoint(directory: str | Path, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """config.json + model.safetensors that transformers' from_pretrained loads."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shared: dict[int, str] = {}
+    unique = {}
+    for name, value in tensors.items():  # safetensors refuses aliased buffers: copy ties
+        unique[name] = value.copy() if id(value) in shared else value
+        shared[id(value)] = name
+    save_file(unique, str(directory / SAFETENSORS), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

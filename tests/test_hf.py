@@ -1,0 +1,131 @@
+"""Hugging Face interop: parity with transformers' PyTorch models, round trips, safetensors only."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
+
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.models import hf
+from crosswrite_jax.models.transformer import build_model, param_shapes
+
+torch.manual_seed(0)
+SMALL = dict(vocab_size=99)
+HF_MODELS = {
+    "bert": lambda: BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=37, max_position_embeddings=64, **SMALL)),
+    "t5-v1.0": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                                           relative_attention_num_buckets=8,
+                                                           relative_attention_max_distance=20, **SMALL)),
+    "t5-v1.1": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                           num_decoder_layers=3, num_heads=4,
+                                                           feed_forward_proj="gated-gelu",
+                                                           tie_word_embeddings=False, **SMALL)),
+    "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=64, **SMALL)),
+    "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                                       num_attention_heads=4, tie_word_embeddings=True,
+                                                       rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 500.0}, **SMALL)),
+}
+
+
+def _randomize(model):
+    """Non-trivial values everywhere (HF initializes norms to ones and biases to zeros)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _import(directory):
+    hf_config, tensors = hf.read_checkpoint(directory)
+    kind, config = hf.config_from_hf(hf_config)
+    config = config.__class__(**{**config.__dict__, "dropout_rate": 0.0})
+    params = hf.params_from_hf(kind, config, tensors, param_shapes(config))
+    return kind, config, params
+
+
+BATCH = np.array([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 0, 0, 0, 0]], np.int64)
+MASK = (BATCH != 0).astype(np.int64)
+
+
+def _ours(config, params, decoder_ids=None):
+    model = build_model(config)
+    ids = BATCH.astype(np.int32)
+    if config.family == "encoder":
+        return np.asarray(model.apply({"params": params}, ids))
+    if config.family == "decoder":
+        return np.asarray(model.apply({"params": params}, ids, padding=MASK.astype(bool)))
+    targets = np.asarray(decoder_ids, np.int32)  # logits predict these; the model shifts them right itself
+    return np.asarray(model.apply({"params": params}, ids, targets))
+
+
+def _theirs(kind, model):
+    with torch.no_grad():
+        ids, mask = torch.tensor(BATCH), torch.tensor(MASK)
+        if kind == "bert":
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy(), None
+        if kind == "t5":
+            targets = torch.tensor([[21, 22, 23, 24, 25, 1], [26, 27, 1, 0, 0, 0]])
+            decoder_input = torch.nn.functional.pad(targets, (1, 0))[:, :-1]  # start token 0
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input)
+            return out.logits.numpy(), targets.numpy()
+        return model(input_ids=ids, attention_mask=mask).logits.numpy(), None
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_logits_match_transformers_and_round_trip(name, tmp_path):
+    model = _randomize(HF_MODELS[name]())
+    model.save_pretrained(tmp_path / "hf")
+    kind, config, params = _import(tmp_path / "hf")
+    expected, decoder_ids = _theirs(kind, model)
+    ours = _ours(config, params, decoder_ids)
+    real = MASK.astype(bool) if kind != "t5" else decoder_ids != 0
+    if kind == "t5":
+        real = np.ones(ours.shape[:2], bool)  # decoder positions are all computed; padding only in the encoder
+    np.testing.assert_allclose(ours[real], expected[real], atol=1e-4, rtol=0)
+
+    hf.write_checkpoint(tmp_path / "out", hf.config_to_hf(kind, config), hf.params_to_hf(kind, config, params))
+    _, _, again = _import(tmp_path / "out")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    reloaded = type(model).from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(_theirs(kind, reloaded)[0][real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_unknown_missing_and_misshapen_tensors_are_named(tmp_path):
+    model = _randomize(HF_MODELS["llama-gqa"]())
+    model.save_pretrained(tmp_path / "hf")
+    hf_config, tensors = hf.read_checkpoint(tmp_path / "hf")
+    kind, config = hf.config_from_hf(hf_config)
+    shapes = param_shapes(config)
+    with pytest.raises(UserError, match="tensor 'model.extra.weight'.*no place"):
+        hf.params_from_hf(kind, config, {**tensors, "model.extra.weight": np.zeros(3)}, shapes)
+    with pytest.raises(UserError, match="tensor 'model.norm.weight' is missing"):
+        hf.params_from_hf(kind, config, {k: v for k, v in tensors.items() if k != "model.norm.weight"}, shapes)
+    bad = dict(tensors, **{"model.layers.0.mlp.up_proj.weight": np.zeros((36, 32), np.float32)})
+    with pytest.raises(UserError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' has shape \[36, 32\]"):
+        hf.params_from_hf(kind, config, bad, shapes)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(UserError, match="pytorch_model.bin, a pickle, which is refused"):
+        hf.read_checkpoint(tmp_path)
+
+
+def test_sharded_safetensors_index_is_read(tmp_path):
+    model = _randomize(HF_MODELS["bert"]())
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / hf.INDEX).is_file()
+    _, config, params = _import(tmp_path / "hf")
+    expected, _ = _theirs("bert", model)
+    np.testing.assert_allclose(_ours(config, params)[MASK.astype(bool)], expected[MASK.astype(bool)], atol=1e-4)
