@@ -36,7 +36,15 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="list every config key with its value")
     keys.add_argument("--config", default=None, help="a config file (default: the base config)")
-    for sub in (train, evaluate, quick, keys):
+
+    import_hf = commands.add_parser("import-hf", help="a Hugging Face BERT / T5 / Llama directory -> a run directory")
+    import_hf.add_argument("source", help="directory with config.json and model.safetensors (or an index)")
+    import_hf.add_argument("out", help="new run directory: config.json, tokenizer/, checkpoints/0")
+
+    export_hf = commands.add_parser("export-hf", help="a run's checkpoint -> config.json + model.safetensors")
+    export_hf.add_argument("source", help="a run directory (newest step) or one of its checkpoints/STEP")
+    export_hf.add_argument("out", help="output directory that transformers' from_pretrained loads")
+    for sub in (train, evaluate, quick, keys, import_hf, export_hf):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -102,6 +110,25 @@ def run_keys(args, overrides) -> dict:
     return {}
 
 
+def run_import_hf(args, overrides) -> dict:
+    from crosswrite_jax.interop import import_hf
+
+    _no_overrides(overrides, "import-hf")
+    return import_hf(args.source, args.out)
+
+
+def run_export_hf(args, overrides) -> dict:
+    from crosswrite_jax.interop import export_hf
+
+    _no_overrides(overrides, "export-hf")
+    return export_hf(args.source, args.out)
+
+
+def _no_overrides(overrides: dict, command: str) -> None:
+    if overrides:
+        raise UserError(f"{command} takes no --config overrides (got {next(iter(overrides))})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -114,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         from crosswrite_jax.config import parse_overrides
 
         overrides = parse_overrides(rest)
-        handler = {"train": run_train, "eval": run_eval, "quickstart": run_quickstart, "keys": run_keys}
+        handler = {"train": run_train, "eval": run_eval, "quickstart": run_quickstart, "keys": run_keys,
+                   "import-hf": run_import_hf, "export-hf": run_export_hf}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:

@@ -100,6 +100,7 @@ class TrainConfig:
     log_every: int = 50
     progress_bar: bool = True
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
+    init_from: str = ""  # a run directory (or checkpoint) whose params start a new run, e.g. from import-hf
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.data import pipeline
-from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder
+from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder, build_model, example_inputs
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.optim import count_parameters, learning_rate_schedule, make_optimizer, tree_bytes
 from crosswrite_jax.reporting import MetricsWriter
@@ -108,7 +108,7 @@ class Trainer:
     config: Config
     mesh: Mesh
     rules: Any
-    model: EncoderDecoder
+    model: nn.Module
     tx: optax.GradientTransformation
     labels: Any
     layout: StateLayout
@@ -118,9 +118,9 @@ class Trainer:
     @classmethod
     def build(cls, config: Config, mesh: Mesh) -> "Trainer":
         rules = sharding.logical_rules(config.mesh.rules)
-        model = EncoderDecoder(config.model)
-        dummy = jnp.ones((1, 8), jnp.int32)
-        init = lambda key: model.init({"params": key}, dummy, dummy)["params"]  # noqa: E731
+        model = build_model(config.model)
+        dummy = example_inputs(config.model)
+        init = lambda key: model.init({"params": key}, *dummy)["params"]  # noqa: E731
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             boxed = jax.eval_shape(init, jax.random.key(0))
             tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps)
@@ -139,6 +139,16 @@ class Trainer:
         with self.context():
             return create_state(self.init_params, self.tx, self.layout, jax.random.key(self.config.train.seed))
 
+    def state_from_params(self, params: Any) -> TrainState:
+        """A step-0 state around given (sharded) parameters, with fresh optimizer moments."""
+
+        def fresh(p):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))
+
+        with self.context():
+            return jax.jit(fresh, in_shardings=(self.layout.shardings.params,), out_shardings=self.layout.shardings)(
+                params)
+
     def jit_train_step(self):
         step = make_train_step(self.model, self.tx, self.schedule, self.config.train.label_smoothing,
                                self.config.train.seed + 1)
@@ -155,6 +165,20 @@ class Trainer:
         """Trainable / frozen counts and optimizer-state bytes, from shapes alone."""
         counts = count_parameters(self.layout.abstract.params, self.labels)
         return dict(counts, optimizer_state_bytes=tree_bytes(self.layout.abstract.opt_state))
+
+
+def _params_from(path: str, trainer: Trainer) -> Any:
+    """Parameters of another run's checkpoint, checked against this model and placed in its shards."""
+    _, checkpoint_dir, step = workdir_lib.locate_checkpoint(path)
+    manager = checkpoint.open_manager(checkpoint_dir, read_only=True)
+    try:
+        newest = step if step is not None else manager.latest_step()
+        if newest is not None:
+            check_params(checkpoint_dir / str(newest), trainer.layout.abstract.params)
+        params, _, _ = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params, step)
+    finally:
+        manager.close()
+    return params
 
 
 def _validate(trainer: Trainer, eval_step, params, val_dataset, num_batches: int) -> dict[str, float]:
@@ -210,6 +234,10 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
         workdir_lib.check_tokenizer(metadata, tokenizer, run.checkpoint_dir)
         if is_main:
             log.info("resumed from step %d", int(state.step))
+    elif config.train.init_from:
+        state = trainer.state_from_params(_params_from(config.train.init_from, trainer))
+        if is_main:
+            log.info("started from the parameters of %s", config.train.init_from)
     else:
         state = trainer.init_state()
     start = int(jax.device_get(state.step))

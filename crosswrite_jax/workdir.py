@@ -109,3 +109,15 @@ def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"--workdir '{workdir}' has no {TOKENIZER}/tokenizer.json; it is needed to decode")
     return Run(workdir, config, Tokenizer.load(folder))
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, Path, int | None]:
+    """(run directory, checkpoints directory, step or None for newest) for a run dir, its checkpoints/ or a step."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path, path / CHECKPOINTS, None
+    if path.name == CHECKPOINTS and (path.parent / CONFIG_FILE).is_file():
+        return path.parent, path, None
+    if path.name.isdigit() and (path.parent.parent / CONFIG_FILE).is_file():
+        return path.parent.parent, path.parent, int(path.name)
+    raise UserError(f"'{path}' is neither a run directory (with {CONFIG_FILE}) nor one of its checkpoints")
