@@ -47,6 +47,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     scale_attention: bool = True  # softmax(q k / sqrt(head_dim)); T5 folds the scale into its weights
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings (BERT)
+    pooler: bool = False  # encoder: dense + tanh over the first token (BERT's pooler)
+    head: str = "none"  # encoder: none (hidden states) | mlm | classification | token_classification
+    num_labels: int = 2  # classes of the classification heads
     dropout_rate: float = 0.1
     tie_output_embedding: bool = True
     scale_tied_output: bool = True  # multiply by d_model**-0.5 before a tied output projection (T5)
@@ -150,6 +153,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("sinusoidal", "learned", "relative", "rope"),
+    "model.head": ("none", "mlm", "classification", "token_classification"),
     "model.dtype": ("float32", "bfloat16"),
     "data.tokenizer_model": ("bpe", "unigram"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),

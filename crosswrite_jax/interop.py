@@ -38,7 +38,7 @@ def import_hf(source: str | Path, out: str | Path) -> dict[str, Any]:
     if (out / CHECKPOINTS).exists():
         raise UserError(f"'{out}' already holds checkpoints; import into a new directory")
     hf_config, tensors = hf.read_checkpoint(source)
-    kind, model_config = hf.config_from_hf(hf_config)
+    kind, model_config = hf.config_from_hf(hf_config, tensors)
     params = hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config))
     config = Config(name=f"imported-{kind}", model=model_config)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification,
+                          BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf
@@ -16,9 +16,13 @@ from crosswrite_jax.models.transformer import build_model, param_shapes
 
 torch.manual_seed(0)
 SMALL = dict(vocab_size=99)
+BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64, **SMALL)
 HF_MODELS = {
-    "bert": lambda: BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=37, max_position_embeddings=64, **SMALL)),
+    "bert": lambda: BertModel(BertConfig(**BERT)),
+    "bert-mlm": lambda: BertForMaskedLM(BertConfig(**BERT)),
+    "bert-classification": lambda: BertForSequenceClassification(BertConfig(num_labels=3, **BERT)),
+    "bert-tagging": lambda: BertForTokenClassification(BertConfig(num_labels=5, **BERT)),
     "t5-v1.0": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                                            relative_attention_num_buckets=8,
                                                            relative_attention_max_distance=20, **SMALL)),
@@ -46,7 +50,7 @@ def _randomize(model):
 
 def _import(directory):
     hf_config, tensors = hf.read_checkpoint(directory)
-    kind, config = hf.config_from_hf(hf_config)
+    kind, config = hf.config_from_hf(hf_config, tensors)
     config = config.__class__(**{**config.__dict__, "dropout_rate": 0.0})
     params = hf.params_from_hf(kind, config, tensors, param_shapes(config))
     return kind, config, params
@@ -71,7 +75,8 @@ def _theirs(kind, model):
     with torch.no_grad():
         ids, mask = torch.tensor(BATCH), torch.tensor(MASK)
         if kind == "bert":
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy(), None
+            out = model(input_ids=ids, attention_mask=mask)
+            return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy(), None
         if kind == "t5":
             targets = torch.tensor([[21, 22, 23, 24, 25, 1], [26, 27, 1, 0, 0, 0]])
             decoder_input = torch.nn.functional.pad(targets, (1, 0))[:, :-1]  # start token 0
@@ -88,8 +93,8 @@ def test_logits_match_transformers_and_round_trip(name, tmp_path):
     expected, decoder_ids = _theirs(kind, model)
     ours = _ours(config, params, decoder_ids)
     real = MASK.astype(bool) if kind != "t5" else decoder_ids != 0
-    if kind == "t5":
-        real = np.ones(ours.shape[:2], bool)  # decoder positions are all computed; padding only in the encoder
+    if kind == "t5" or ours.ndim == 2:
+        real = np.ones(ours.shape[:2], bool)  # every decoder position / every sequence-level output
     np.testing.assert_allclose(ours[real], expected[real], atol=1e-4, rtol=0)
 
     hf.write_checkpoint(tmp_path / "out", hf.config_to_hf(kind, config), hf.params_to_hf(kind, config, params))

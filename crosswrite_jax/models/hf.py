@@ -22,11 +22,21 @@ SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # --------------------------------------------------------------------------------------------- configs
 
 
-def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
+BERT_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForSequenceClassification": "classification",
+              "BertForTokenClassification": "token_classification"}
+
+
+def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, ModelConfig]:
     """The architecture kind ('bert', 't5', 'llama') and the ModelConfig of a HF config.json dict."""
     kind = hf.get("model_type")
     if kind == "bert":
+        architecture = (hf.get("architectures") or ["BertModel"])[0]
+        if architecture not in BERT_HEADS:
+            raise UserError(f"config.json names {architecture}; import-hf supports {', '.join(BERT_HEADS)}")
+        head = BERT_HEADS[architecture]
+        has_pooler = any(name.removeprefix("bert.") == "pooler.dense.weight" for name in tensor_names)
         return kind, ModelConfig(
+            head=head, pooler=has_pooler or head == "classification", num_labels=len(hf.get("id2label") or {0: 0, 1: 1}),
             family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
             num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
             num_encoder_layers=hf["num_hidden_layers"], num_decoder_layers=0,
@@ -70,12 +80,14 @@ def config_to_hf(kind: str, c: ModelConfig) -> dict[str, Any]:
     from transformers import BertConfig, LlamaConfig, T5Config
 
     if kind == "bert":
+        architecture = {head: name for name, head in BERT_HEADS.items()}[c.head]
         return BertConfig(
             vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.num_encoder_layers,
             num_attention_heads=c.num_heads, intermediate_size=c.d_ff,
             hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[c.activation],
             max_position_embeddings=c.max_length, type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_epsilon,
-            hidden_dropout_prob=c.dropout_rate, architectures=["BertModel"]).to_dict()
+            hidden_dropout_prob=c.dropout_rate, architectures=[architecture],
+            id2label={i: f"LABEL_{i}" for i in range(c.num_labels)}).to_dict()
     if kind == "t5":
         if not c.tie_output_embedding:
             raise UserError("transformers 5 always ties T5's output layer to its embeddings; export a model "
@@ -159,6 +171,17 @@ def _bert_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
             f"{ours}/mlp_norm/scale": (f"{hf}.output.LayerNorm.weight", "same"),
             f"{ours}/mlp_norm/bias": (f"{hf}.output.LayerNorm.bias", "same"),
         })
+    if c.pooler or c.head == "classification":
+        rules.update({"pooler/kernel": ("pooler.dense.weight", "linear"), "pooler/bias": ("pooler.dense.bias", "same")})
+    if c.head == "mlm":
+        rules.update({"mlm_transform/kernel": ("cls.predictions.transform.dense.weight", "linear"),
+                      "mlm_transform/bias": ("cls.predictions.transform.dense.bias", "same"),
+                      "mlm_norm/scale": ("cls.predictions.transform.LayerNorm.weight", "same"),
+                      "mlm_norm/bias": ("cls.predictions.transform.LayerNorm.bias", "same"),
+                      "mlm_bias": ("cls.predictions.bias", "same")})
+    if c.head in ("classification", "token_classification"):
+        rules.update({"classifier/kernel": ("classifier.weight", "linear"),
+                      "classifier/bias": ("classifier.bias", "same")})
     return rules
 
 
@@ -219,10 +242,9 @@ def _llama_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
 
 
 RULES = {"bert": _bert_rules, "t5": _t5_rules, "llama": _llama_rules}
-# Tensors a HF checkpoint may carry that hold nothing new: tied copies and the BERT pooler, which the
-# encoder family does not use (sentence embeddings pool hidden states; tasks bring their own heads).
+# Tensors a HF checkpoint may carry that hold nothing new: tied copies and buffers.
 _REDUNDANT = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "embeddings.position_ids",
-              "pooler.dense.weight", "pooler.dense.bias")
+              "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 # ------------------------------------------------------------------------------------ conversion
 
@@ -247,7 +269,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def params_from_hf(kind: str, config: ModelConfig, tensors: dict[str, np.ndarray],
                    expected_shapes: dict[str, tuple[int, ...]]) -> dict:
     """Our parameter tree from HF tensors; every tensor used, every parameter found, every shape checked."""
-    if kind == "bert" and tensors and all(name.startswith("bert.") for name in tensors if "embeddings" in name):
+    if kind == "bert":  # BertFor* checkpoints keep the encoder under "bert."
         tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
     rules, layouts = RULES[kind](config), _layouts(config)
     missing_ours = sorted(set(expected_shapes) - set(rules))
@@ -287,6 +309,9 @@ def params_to_hf(kind: str, config: ModelConfig, params: dict) -> dict[str, np.n
            for path, (name, layout) in rules.items()}
     if kind == "llama" and config.tie_output_embedding:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    if kind == "bert" and config.head != "none":  # BertFor* keep the encoder under "bert."
+        heads = ("cls.", "classifier.")
+        out = {(name if name.startswith(heads) else f"bert.{name}"): value for name, value in out.items()}
     return out
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from crosswrite_jax.config import ModelConfig
-from crosswrite_jax.models.layers import (DTYPES, Dense, Embed, Norm, RelativePositionBias, TransformerBlock,
+from crosswrite_jax.models.layers import (ACTIVATIONS, DTYPES, Dense, Embed, Norm, RelativePositionBias, TransformerBlock,
                                           constrain, sinusoidal_positions)
 
 Array = jax.Array
@@ -171,22 +171,53 @@ class EncoderDecoder(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Encoder-only Transformer (BERT by configuration): hidden states [B, S, D] and a pooled [B, D] vector."""
+    """Encoder-only Transformer (BERT by configuration).
+
+    Returns hidden states [B, S, D], or with `config.head`: masked-LM logits [B, S, V], sequence-class
+    logits [B, L] (from the pooled first token) or token-class logits [B, S, L].
+    """
 
     config: ModelConfig
 
     def setup(self):
         c = self.config
+        dtype = DTYPES[c.dtype]
         self.embedder = Embedder(c, name="embed")
         self.encoder = Stack(c, c.num_encoder_layers, causal=False, name="encoder")
         self.dropout = nn.Dropout(c.dropout_rate)
+        if c.pooler or c.head == "classification":
+            self.pooler = Dense((c.d_model,), 1, ("embed", "mlp"), dtype, use_bias=True, name="pooler")
+        if c.head == "mlm":
+            self.mlm_transform = Dense((c.d_model,), 1, ("embed", "mlp"), dtype, use_bias=True, name="mlm_transform")
+            self.mlm_norm = Norm(c.norm, c.norm_epsilon, dtype, name="mlm_norm")
+            self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                       (c.vocab_size,), jnp.float32)
+        if c.head in ("classification", "token_classification"):
+            self.classifier = Dense((c.num_labels,), 1, ("embed", "labels"), dtype, use_bias=True, name="classifier")
+
+    def pooled(self, hidden_BSD: Array) -> Array:
+        """BERT's pooled vector: tanh(dense(first token))."""
+        return jnp.tanh(self.pooler(hidden_BSD[:, 0]))
 
     def __call__(self, inputs: Array, deterministic: bool = True, token_types: Array | None = None,
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None) -> Array:
+        c = self.config
         positions = default_positions(inputs) if inputs_positions is None else inputs_positions
         mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
         x = self.dropout(self.embedder(inputs, positions, token_types), deterministic=deterministic)
-        return self.encoder(x, mask, positions, deterministic=deterministic)
+        hidden = self.encoder(x, mask, positions, deterministic=deterministic)
+        if c.head == "mlm":
+            h = self.mlm_norm(ACTIVATIONS[c.activation](self.mlm_transform(hidden)))
+            logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)
+            return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+        if c.head == "classification":
+            pooled = self.dropout(self.pooled(hidden), deterministic=deterministic)
+            return self.classifier(pooled).astype(jnp.float32)
+        if c.head == "token_classification":
+            return self.classifier(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
+        if c.pooler:  # keep the pooler's parameters in the tree (and in step with a BertModel checkpoint)
+            _ = self.pooled(hidden)
+        return hidden
 
 
 class Decoder(nn.Module):
