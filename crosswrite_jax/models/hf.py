@@ -15,6 +15,7 @@ import numpy as np
 
 from crosswrite_jax.config import ModelConfig
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.models import presets
 from crosswrite_jax.models.layers import head_dim
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -35,43 +36,38 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
             raise UserError(f"config.json names {architecture}; import-hf supports {', '.join(BERT_HEADS)}")
         head = BERT_HEADS[architecture]
         has_pooler = any(name.removeprefix("bert.") == "pooler.dense.weight" for name in tensor_names)
-        return kind, ModelConfig(
-            head=head, pooler=has_pooler or head == "classification", num_labels=len(hf.get("id2label") or {0: 0, 1: 1}),
-            family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-            num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-            num_encoder_layers=hf["num_hidden_layers"], num_decoder_layers=0,
+        return kind, presets.bert(
+            head=head, pooler=has_pooler or head == "classification", num_labels=len(hf.get("id2label") or "01"),
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+            d_ff=hf["intermediate_size"], num_encoder_layers=hf["num_hidden_layers"],
             activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")],
-            use_bias=True, norm="layernorm", norm_position="post", norm_epsilon=hf.get("layer_norm_eps", 1e-12),
-            embedding_norm=True, position="learned", max_length=hf["max_position_embeddings"],
-            type_vocab_size=hf.get("type_vocab_size", 2), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
-            tie_output_embedding=True, scale_tied_output=False)
+            norm_epsilon=hf.get("layer_norm_eps", 1e-12), max_length=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2), dropout_rate=hf.get("hidden_dropout_prob", 0.1))
     if kind == "t5":
         projection = hf.get("feed_forward_proj", "relu")
         gated = projection.startswith("gated-")
         act = projection.removeprefix("gated-")
-        return kind, ModelConfig(
-            family="encoder_decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"],
+        return kind, presets.t5(
+            "1.1" if gated else "1.0", vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"],
             head_dim=hf["d_kv"], d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
             num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-            activation={"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}[act], gated_mlp=gated,
-            norm="rmsnorm", norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), position="relative", max_length=512,
-            relative_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_max_distance=hf.get("relative_attention_max_distance", 128), scale_attention=False,
+            activation={"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}[act],
+            norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
             dropout_rate=hf.get("dropout_rate", 0.1), tie_output_embedding=hf.get("tie_word_embeddings", True),
             # T5 v1.0 scales decoder outputs by d_model**-0.5; v1.1 does not (transformers 5 records this as
             # scale_decoder_outputs, older configs as tie_word_embeddings=false with a separate lm_head).
             scale_tied_output=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
     if kind == "llama":
         rope = hf.get("rope_parameters") or {}
-        return kind, ModelConfig(
-            family="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-            num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or 0,
-            head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], num_encoder_layers=0,
-            num_decoder_layers=hf["num_hidden_layers"], activation="silu", gated_mlp=True,
-            use_bias=bool(hf.get("attention_bias", False)), norm="rmsnorm", norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-            position="rope", max_length=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), dropout_rate=0.0,
-            tie_output_embedding=hf.get("tie_word_embeddings", False), scale_tied_output=False)
+        return kind, presets.llama(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
+            d_ff=hf["intermediate_size"], num_decoder_layers=hf["num_hidden_layers"],
+            use_bias=bool(hf.get("attention_bias", False)), norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            max_length=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            tie_output_embedding=hf.get("tie_word_embeddings", False))
     raise UserError(f"config.json has model_type {kind!r}; import-hf supports bert, t5 and llama")
 
 
