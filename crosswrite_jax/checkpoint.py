@@ -1,35 +1,109 @@
-"""Orbax checkpoints: async saves, resume, params-only restore onto any mesh."""
+"""Orbax checkpoints: async saves, resume, params-only restore onto any mesh, checksummed steps.
+
+Every committed step gets a checksum manifest (see `integrity`), written once its async save has finished:
+by the next `save`, and by `finalize` after the last one. Restores without an explicit step take the newest
+step that verifies and restores, falling back to older ones; on resume, newer corrupt steps are moved aside
+to `<step>.corrupt-<unix time>` so that training can save those steps again.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from crosswrite_jax import integrity
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.state import StateLayout, TrainState
 
 PARAMS, OPT_STATE, METADATA = "params", "opt_state", "metadata"
+
+log = logging.getLogger("crosswrite")
+_writable: weakref.WeakSet = weakref.WeakSet()  # managers opened for training (may move corrupt steps aside)
 
 
 def open_manager(directory: str | Path, *, max_to_keep: int = 2, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` holding params, optimizer state and metadata apart.
 
-    `read_only` managers (for evaluation) neither create the directory nor delete old steps.
+    `read_only` managers (for evaluation) neither create the directory nor delete old steps. Others first
+    remove the temporary directories of saves that never committed (Orbax leaves them by default).
     """
     directory = Path(directory).absolute()
+    if not read_only:
+        remove_unfinished_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
         create=not read_only)
-    return ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, OPT_STATE, METADATA))
+    manager = ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, OPT_STATE, METADATA))
+    if not read_only:
+        _writable.add(manager)
+    return manager
+
+
+def remove_unfinished_saves(directory: str | Path) -> list[str]:
+    """Deletes `<step>.orbax-checkpoint-tmp*` directories (saves interrupted before their commit) on process 0.
+
+    Only names matching that pattern are touched, never a committed step. Returns the names removed.
+    """
+    if jax.process_index() != 0:
+        return []
+    removed = []
+    for path in integrity.leftover_tmp_dirs(directory):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    if removed:
+        log.info("removed unfinished checkpoint save(s) in %s: %s", directory, ", ".join(removed))
+    return removed
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
+    """The directory of a step."""
+    return Path(str(manager.directory)) / str(step)
+
+
+def finalize(manager: ocp.CheckpointManager) -> list[int]:
+    """Waits for the save in flight, then writes the manifest of every committed step lacking one.
+
+    Called by `save` before it starts the next save, and to be called once more after training's last
+    save (before `manager.close()`). Only process 0 writes, and only for managers opened for training
+    (`open_manager(..., read_only=False)`). Returns the steps given a manifest.
+    """
+    manager.wait_until_finished()
+    if jax.process_index() != 0 or manager not in _writable:
+        return []
+    written = []
+    for step in sorted(manager.all_steps()):
+        path = step_dir(manager, step)
+        if not path.is_dir() or integrity.has_manifest(path):
+            continue
+        try:
+            integrity.write_manifest(path)
+        except FileNotFoundError:  # the step went away meanwhile
+            continue
+        written.append(step)
+    return written
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, metadata: dict[str, Any], *, force: bool = False) -> bool:
-    """Starts an (async) save of the state at its step; returns whether one was started."""
+    """Starts an (async) save of the state at its step; returns whether one was started.
+
+    The previous save is finished first and its step gets its manifest (Orbax would wait for it anyway:
+    one async save runs at a time).
+    """
     step = int(jax.device_get(state.step))
+    if force or manager.should_save(step):
+        finalize(manager)
     return manager.save(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(state.params),
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
@@ -39,26 +113,33 @@ def save(manager: ocp.CheckpointManager, state: TrainState, metadata: dict[str, 
 
 def restore_state(manager: ocp.CheckpointManager, layout: StateLayout, step: int | None = None
                   ) -> tuple[TrainState, dict[str, Any]]:
-    """The full training state at `step` (newest if None), laid out as `layout` says."""
-    step = _pick_step(manager, step)
+    """The full training state at `step` (newest intact one if None), laid out as `layout` says.
+
+    With step=None, a step that fails its checksums or its restore is skipped with a warning for the one
+    before; on a manager opened for training, skipped steps newer than the one restored are then moved aside
+    (`<step>.corrupt-<time>`), so the run can save them again. A corrupt explicit `step` is a UserError.
+    """
     target = layout.abstract_with_shardings()
-    restored = manager.restore(step, args=ocp.args.Composite(**{
+    step, restored = _restore_intact(manager, step, lambda s: manager.restore(s, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(target.params),
         OPT_STATE: ocp.args.StandardRestore(target.opt_state),
         METADATA: ocp.args.JsonRestore(),
-    }))
+    })))
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), layout.shardings.step)
     return TrainState(step=step_array, params=restored[PARAMS], opt_state=restored[OPT_STATE]), restored[METADATA]
 
 
 def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None
                    ) -> tuple[Any, dict[str, Any], int]:
-    """Parameters alone (no optimizer state is read), placed by the shardings in `abstract_params`."""
-    step = _pick_step(manager, step)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
+    """Parameters alone (no optimizer state is read), placed by the shardings in `abstract_params`.
+
+    Returns (params, metadata, step). With step=None, the newest step that verifies and restores, as in
+    `restore_state`.
+    """
+    step, restored = _restore_intact(manager, step, lambda s: manager.restore(s, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(abstract_params),
         METADATA: ocp.args.JsonRestore(),
-    }))
+    })))
     return restored[PARAMS], restored[METADATA], step
 
 
@@ -77,3 +158,74 @@ def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     if step not in steps:
         raise UserError(f"no checkpoint at step {step} in '{manager.directory}'; saved steps: {sorted(steps)}")
     return step
+
+
+def _restore_intact(manager: ocp.CheckpointManager, step: int | None, read: Callable[[int], Any]) -> tuple[int, Any]:
+    """(step, read(step)) for the requested step, or for the newest step that verifies and reads."""
+    _pick_step(manager, step)  # a UserError when there is no such step
+    directory = Path(str(manager.directory))
+    if step is not None:
+        problems = _verify(step_dir(manager, step))
+        if problems:
+            raise UserError(f"checkpoint step {step} in '{directory}' is corrupt: {'; '.join(problems)}; "
+                            f"restore another step (saved: {sorted(manager.all_steps())})")
+        return step, read(step)
+    rejected: list[tuple[int, str]] = []
+    last_error: Exception | None = None
+    candidates = sorted(manager.all_steps(), reverse=True)
+    for i, candidate in enumerate(candidates):
+        problems = _verify(step_dir(manager, candidate))
+        if problems:
+            reason = f"is corrupt: {'; '.join(problems)}"
+        else:
+            try:
+                restored = read(candidate)
+            except Exception as error:  # Orbax/TensorStore errors on damaged files have no common type
+                last_error = error
+                reason = f"could not be restored: {_one_line(error)}"
+            else:
+                if rejected:
+                    log.warning("using checkpoint step %d; newer step(s) %s skipped", candidate,
+                                ", ".join(str(s) for s, _ in rejected))
+                    _set_aside(manager, [s for s, _ in rejected])
+                return candidate, restored
+        log.warning("checkpoint step %d in %s %s; %s", candidate, directory, reason,
+                    "falling back to the step before" if i + 1 < len(candidates) else "no older step left")
+        rejected.append((candidate, reason))
+    raise UserError(f"no intact checkpoint in '{directory}': "
+                    + "; ".join(f"step {s} {reason}" for s, reason in rejected)
+                    + "; restore the damaged files from a copy, or start over in a new --workdir") from last_error
+
+
+def _verify(path: Path) -> list[str]:
+    """integrity.verify_step, read once: on several processes, process 0 checks and all agree."""
+    if jax.process_count() == 1:
+        return integrity.verify_step(path)
+    from jax.experimental import multihost_utils
+
+    problems = integrity.verify_step(path) if jax.process_index() == 0 else []
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problems)))) and not problems:
+        problems = ["failed verification on process 0 (see its log)"]
+    return problems
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """On a training manager, renames skipped steps to `<step>.corrupt-<time>` (kept for inspection)."""
+    directory = Path(str(manager.directory))
+    if manager not in _writable:
+        log.warning("kept corrupt step(s) %s in %s (read-only)", sorted(steps), directory)
+        return
+    if jax.process_index() == 0:
+        stamp = int(time.time())
+        for step in steps:
+            source = step_dir(manager, step)
+            target = directory / integrity.set_aside_name(step, stamp)
+            source.rename(target)
+            log.warning("moved corrupt checkpoint step %d aside to %s", step, target)
+    ocp.multihost.sync_global_processes("crosswrite:checkpoint:set_aside")
+    manager.reload()
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

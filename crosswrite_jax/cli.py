@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     export_hf = commands.add_parser("export-hf", help="a run's checkpoint -> config.json + model.safetensors")
     export_hf.add_argument("source", help="a run directory (newest step) or one of its checkpoints/STEP")
     export_hf.add_argument("out", help="output directory that transformers' from_pretrained loads")
-    for sub in (train, evaluate, quick, keys, import_hf, export_hf):
+    ckpt = commands.add_parser("checkpoint", help="inspect checkpoints offline")
+    ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    verify = ckpt_commands.add_parser("verify", help="check every step against its checksum manifest")
+    verify.add_argument("path", help="a run directory, its checkpoints/ or one checkpoints/STEP")
+    for sub in (train, evaluate, quick, keys, import_hf, export_hf, ckpt, verify):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -124,6 +128,15 @@ def run_export_hf(args, overrides) -> dict:
     return export_hf(args.source, args.out)
 
 
+def run_checkpoint(args, overrides) -> dict:
+    from crosswrite_jax.integrity import verify_report
+
+    _no_overrides(overrides, "checkpoint verify")
+    ok, report = verify_report(args.path)
+    print(report)
+    return {"command": "checkpoint verify", "ok": ok}
+
+
 def _no_overrides(overrides: dict, command: str) -> None:
     if overrides:
         raise UserError(f"{command} takes no --config overrides (got {next(iter(overrides))})")
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = parse_overrides(rest)
         handler = {"train": run_train, "eval": run_eval, "quickstart": run_quickstart, "keys": run_keys,
-                   "import-hf": run_import_hf, "export-hf": run_export_hf}
+                   "import-hf": run_import_hf, "export-hf": run_export_hf, "checkpoint": run_checkpoint}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result:
         _print_json(result)
-    return 0
+    return 1 if result.get("ok") is False else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def saved_param_shapes(params_dir: Path) -> dict[str, tuple[tuple[int, ...], str
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns about a missing per-item metadata file it does not need
     try:
-        metadata = ocp.StandardCheckpointer().metadata(params_dir)
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir)
     finally:
         absl_logger.setLevel(level)
     tree = getattr(metadata, "item_metadata", metadata)

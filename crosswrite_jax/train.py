@@ -288,7 +288,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     finally:
         preemption.close()
         progress.close()
-        manager.wait_until_finished()
+        checkpoint.finalize(manager)  # waits for the last async save, then writes its checksum manifest
         manager.close()
         writer.close()
     return last
