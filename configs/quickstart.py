@@ -20,7 +20,7 @@ def get_config() -> Config:
         # Packed rows of 64 tokens (about 3 pairs each): little padding and a single compiled shape.
         data=DataConfig(dataset="multi30k_sample", packing=True, max_source_length=64, max_target_length=64),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=100, schedule="cosine"),
-        train=TrainConfig(steps=1100, batch_size=16, eval_every=500, eval_batches=8, log_every=50),
+        train=TrainConfig(steps=1000, batch_size=16, eval_every=500, eval_batches=8, log_every=50),
         checkpoint=CheckpointConfig(every=500, max_to_keep=2),
         eval=EvalConfig(split="test", batch_size=200, max_decode_length=64),
     )

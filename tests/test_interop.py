@@ -90,3 +90,33 @@ def test_a_run_can_start_from_another_runs_params(tmp_path):
                       optimizer__freeze=(".*",)), second)
     _, started = _restore(second)
     assert_trees_equal(started, trained)
+
+
+def test_an_imported_t5_fine_tunes_and_evaluates(tmp_path, capsys):
+    import dataclasses
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from crosswrite_jax.evaluate import evaluate
+
+    source = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                        feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+                               ).save_pretrained(source)
+    imported = tmp_path / "imported"
+    assert cli.main(["import-hf", str(source), str(imported)]) == 0
+    base = config_lib.load_json(imported / "config.json")
+    tiny = tiny_config(train__steps=3, checkpoint__every=3, train__init_from=str(imported),
+                       model__vocab_size=600)
+    config = dataclasses.replace(tiny, model=dataclasses.replace(base.model, dropout_rate=0.0))
+    run = tmp_path / "fine-tuned"
+    train(config, run)
+    _, imported_params = _restore(imported)
+    _, tuned = _restore(run)
+    kernel = ("decoder", "layer_0", "mlp", "wi_0", "kernel")
+    a, b = imported_params, tuned
+    for key in kernel:
+        a, b = a[key], b[key]
+    assert a.shape == b.shape and not np.array_equal(np.asarray(a), np.asarray(b))  # trained from the import
+    scores = evaluate(run, split="test", overrides={"eval.max_examples": 8})
+    assert scores["examples"] == 8 and 0.0 <= scores["bleu"] <= 100.0
