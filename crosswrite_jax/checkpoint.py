@@ -143,12 +143,6 @@ def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, step: i
     return restored[PARAMS], restored[METADATA], step
 
 
-def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
-    """The JSON metadata saved with a step."""
-    step = _pick_step(manager, step)
-    return manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
-
-
 def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     steps = manager.all_steps()
     if not steps:

@@ -59,11 +59,6 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
-    """Maps a tree of logical PartitionSpecs to NamedShardings on the mesh."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch split over data and fsdp."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

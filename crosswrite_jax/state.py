@@ -62,11 +62,6 @@ def strip_boxes(boxed: Any) -> Any:
                         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def abstract_params(init_params: Callable[[jax.Array], Any]) -> Any:
-    """Shapes of the (logically boxed) parameters, computed without allocating them."""
-    return jax.eval_shape(init_params, jax.random.key(0))
-
-
 def state_layout(boxed: Any, tx: optax.GradientTransformation, mesh: Mesh, rules) -> StateLayout:
     """Works out every leaf's shape and sharding from abstract parameters alone."""
     logical_specs = nn.get_partition_spec(boxed)
