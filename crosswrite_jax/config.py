@@ -71,7 +71,14 @@ class DataConfig:
     bucket_lengths: tuple[int, ...] = (16, 32, 48, 64)  # without packing: batches pad to the smallest that fits
     length_grouping_window: int = 16  # batches sorted together by length; 1 disables grouping
     tokenizer: str = ""  # existing tokenizer directory; empty: train one on the training text
-    tokenizer_model: str = "bpe"  # bpe | unigram
+    tokenizer_model: str = "bpe"  # bpe | unigram | wordpiece
+    # Pretraining text (tasks mlm, span_corruption, causal_lm, prefix_lm); see crosswrite_jax/data/sources.py:
+    # "text:GLOB", "text:GLOB?document=file", "tsv:GLOB?column=0", "csv:GLOB?column=text", "jsonl:GLOB?field=text",
+    # "conll:GLOB?column=0", "tfds:NAME?split=train&field=text&data_dir=gs://BUCKET/tfds".
+    sources: tuple[str, ...] = ()
+    mixture_weights: tuple[float, ...] = ()  # sampling weight of each source; empty: equal
+    eval_sources: tuple[str, ...] = ()  # held-out text for validation loss / perplexity
+    data_dir: str = ""  # root for relative source paths; empty: $CROSSWRITE_DATA, else the working directory
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,33 @@ class TrainConfig:
     progress_bar: bool = True
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
     init_from: str = ""  # a run directory (or checkpoint) whose params start a new run, e.g. from import-hf
+    init_exclude: tuple[str, ...] = ()  # path regexes of params not taken from init_from (new heads): fresh init
+    eval_at_start: bool = False  # validate before the first step of a fresh run (held-out loss before training)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Self-supervised corruption settings of the pretraining tasks."""
+
+    mlm_probability: float = 0.15  # share of tokens the MLM task predicts
+    mask_token_rate: float = 0.8  # of those: replaced by the mask token
+    random_token_rate: float = 0.1  # of those: replaced by a random token (the rest stay as they are)
+    noise_density: float = 0.15  # span corruption: share of tokens inside noise spans
+    mean_noise_span_length: float = 3.0
+    prefix_fraction: float = 0.5  # prefix LM: the prefix is a uniform share in [0, 2 * this] of each example, capped
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How eval and predict generate: greedy (beam_size 1), beam search, or sampling."""
+
+    beam_size: int = 1
+    length_penalty: float = 1.0  # beam scores are log-probs / length ** length_penalty
+    sample: bool = False  # sample instead of search
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +172,7 @@ class Config:
     """A whole run."""
 
     name: str = "run"
+    task: str = "translation"  # translation | mlm | span_corruption | causal_lm | prefix_lm
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -145,6 +180,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 _CHOICES = {
@@ -155,7 +192,8 @@ _CHOICES = {
     "model.position": ("sinusoidal", "learned", "relative", "rope"),
     "model.head": ("none", "mlm", "classification", "token_classification"),
     "model.dtype": ("float32", "bfloat16"),
-    "data.tokenizer_model": ("bpe", "unigram"),
+    "task": ("translation", "mlm", "span_corruption", "causal_lm", "prefix_lm"),
+    "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
 }
@@ -275,6 +313,26 @@ def validate(config: Config) -> None:
                             f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
+    o = config.objective
+    for key in ("objective.mlm_probability", "objective.noise_density", "objective.prefix_fraction"):
+        if not 0.0 < get(config, key) < 1.0:
+            raise UserError(f"config key '{key}' must be in (0, 1), got {get(config, key)}")
+    if o.mask_token_rate < 0 or o.random_token_rate < 0 or o.mask_token_rate + o.random_token_rate > 1.0:
+        raise UserError("config keys 'objective.mask_token_rate' and 'objective.random_token_rate' must be >= 0 "
+                        f"and sum to at most 1, got {o.mask_token_rate} and {o.random_token_rate}")
+    if o.mean_noise_span_length < 1.0:
+        raise UserError(f"config key 'objective.mean_noise_span_length' must be >= 1, got {o.mean_noise_span_length}")
+    if config.data.mixture_weights and (len(config.data.mixture_weights) != len(config.data.sources)
+                                        or min(config.data.mixture_weights) <= 0):
+        raise UserError(f"config key 'data.mixture_weights' needs one positive weight per data.sources entry "
+                        f"({len(config.data.sources)}), got {config.data.mixture_weights}")
+    dc = config.decode
+    if dc.beam_size < 1 or dc.temperature <= 0 or dc.top_k < 0 or not 0.0 < dc.top_p <= 1.0:
+        raise UserError(f"config keys 'decode.*': beam_size >= 1, temperature > 0, top_k >= 0 and top_p in (0, 1] "
+                        f"are needed, got beam_size={dc.beam_size}, temperature={dc.temperature}, "
+                        f"top_k={dc.top_k}, top_p={dc.top_p}")
+    if dc.sample and dc.beam_size > 1:
+        raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
 
 
 def _check_types(obj: Any, prefix: str) -> None:
