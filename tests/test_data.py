@@ -118,7 +118,7 @@ def test_tokenizer_deterministic_and_unigram(sample_train):
     plain = [t for t in texts if unicodedata.normalize("NFKC", t) == t]
     assert first.decode_batch(first.encode_batch(plain)) == plain
     with pytest.raises(UserError, match="tokenizer_model"):
-        Tokenizer.train(texts, 600, "wordpiece")
+        Tokenizer.train(texts, 600, "sentencepiece")
 
 
 def test_tokenizer_save_load_and_auto_tokenizer(small_tokenizer, tmp_path):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import glob
+import gzip
 import hashlib
-import os
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -22,6 +27,9 @@ EOS_ID = 1
 UNK_ID = 2
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)
+MASK = "<mask>"
+SENTINEL = "<extra_id_{}>"  # T5's span-corruption sentinels: <extra_id_0>, <extra_id_1>, ...
+MODELS = ("bpe", "unigram", "wordpiece")
 _RUNTIME_KEYS = ("truncation", "padding")  # encode-time settings, not part of what a tokenizer is
 
 
@@ -29,35 +37,58 @@ class Tokenizer:
     """Joint source/target subword vocabulary with pad/eos/unk ids."""
 
     def __init__(self, tokenizer: _HFTokenizer, pad_id: int = PAD_ID, eos_id: int = EOS_ID,
-                 unk_id: int | None = UNK_ID) -> None:
+                 unk_id: int | None = UNK_ID, mask_id: int | None = None,
+                 sentinel_ids: Iterable[int] = ()) -> None:
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
         self._pad_id, self._eos_id, self._unk_id = pad_id, eos_id, unk_id
+        self._mask_id, self._sentinel_ids = mask_id, tuple(sentinel_ids)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, model: str = "bpe") -> Tokenizer:
-        """Trains a BPE or Unigram vocabulary (Metaspace, NFKC) on the texts, deterministically."""
+    def train(cls, texts: Iterable[str], vocab_size: int, model: str = "bpe", *, mask: bool = False,
+              sentinels: int = 0) -> Tokenizer:
+        """Trains a BPE, Unigram or WordPiece vocabulary (NFKC) on the texts, deterministically.
+
+        Special tokens come first: <pad> 0, </s> 1, <unk> 2, then <mask> (if `mask`), then <extra_id_0> ..
+        <extra_id_{sentinels-1}>. They are atomic added tokens: encoding never splits them and text without them
+        never yields them, but a literal special string in the text (e.g. "<mask>", "<extra_id_0>") encodes to
+        its id, as in HF tokenizers (AutoTokenizer does the same), so "a <extra_id_0> b" is T5-style input.
+        Mask and sentinels are matched after NFKC (so "＜mask＞" counts as "<mask>"); pad/eos/unk on the raw
+        text, as before (a Unigram model can still map an NFKC form such as "＜/s＞" to eos).
+        BPE/Unigram use a Metaspace pre-tokenizer and decode back to the (NFKC-normalized) text; WordPiece splits
+        on whitespace and punctuation (BERT style) and decodes with spaces around most punctuation ("( again )").
+        With mask=False, sentinels=0 the result is the same as before these options existed (same fingerprint).
+        """
         texts = list(texts)
-        if model == "bpe":
-            tok = _HFTokenizer(models.BPE(unk_token=UNK))
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                          show_progress=False)
-        elif model == "unigram":
-            tok = _HFTokenizer(models.Unigram())
-            trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                              unk_token=UNK, show_progress=False)
+        specials = special_tokens(mask, sentinels)
+        # Mask and sentinels match on NFKC-normalized text: every occurrence is cut out before the model runs,
+        # so no model (e.g. Unigram's Viterbi on a full-width "＜mask＞") can produce them from other text.
+        added = [*SPECIAL_TOKENS,
+                 *(AddedToken(t, special=True, normalized=True) for t in specials[len(SPECIAL_TOKENS):])]
+        if model not in MODELS:
+            raise UserError(f"config key 'data.tokenizer_model' is {model!r}; choose one of {', '.join(MODELS)}")
+        _check_vocab_size(vocab_size, mask, sentinels)
+        if model == "wordpiece":
+            tok = _train_wordpiece(texts, vocab_size, added)
         else:
-            raise UserError(f"config key 'data.tokenizer_model' is {model!r}; choose one of bpe, unigram")
-        tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        tok.train_from_iterator(texts, trainer=trainer)
-        if model == "unigram":
-            tok.model = _rescore_unigram(tok, texts)
-        ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-        assert ids == [PAD_ID, EOS_ID, UNK_ID], ids
-        return cls(tok)
+            if model == "bpe":
+                tok = _HFTokenizer(models.BPE(unk_token=UNK))
+                trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=added, show_progress=False)
+            else:
+                tok = _HFTokenizer(models.Unigram())
+                trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=added,
+                                                  unk_token=UNK, show_progress=False)
+            tok.normalizer = normalizers.NFKC()
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+            tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+            tok.train_from_iterator(texts, trainer=trainer)
+            if model == "unigram":
+                tok.model = _rescore_unigram(tok, texts, specials)
+        ids = [tok.token_to_id(t) for t in specials]
+        assert ids == list(range(len(specials))), ids
+        return cls(tok, mask_id=ids[len(SPECIAL_TOKENS)] if mask else None,
+                   sentinel_ids=ids[len(specials) - sentinels:])
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -81,7 +112,9 @@ class Tokenizer:
                 raise UserError(f"tokenizer '{directory}' has no {role} token (looked in tokenizer_config.json, "
                                 f"special_tokens_map.json and for '{dict(pad=PAD, eos=EOS)[role]}'); "
                                 f"use a tokenizer with pad and eos tokens, or leave data.tokenizer empty")
-        return cls(tok, ids["pad"], ids["eos"], ids["unk"])
+        mask = names.get("mask", MASK)
+        mask_id = tok.token_to_id(mask) if mask is not None else None
+        return cls(tok, ids["pad"], ids["eos"], ids["unk"], mask_id, _sentinel_ids(tok))
 
     def save(self, directory: str | Path) -> None:
         """Writes HF format (tokenizer.json + tokenizer_config.json) loadable by AutoTokenizer."""
@@ -91,6 +124,10 @@ class Tokenizer:
         kwargs = {"pad_token": self._tok.id_to_token(self._pad_id), "eos_token": self._tok.id_to_token(self._eos_id)}
         if self._unk_id is not None:
             kwargs["unk_token"] = self._tok.id_to_token(self._unk_id)
+        if self._mask_id is not None:
+            kwargs["mask_token"] = self._tok.id_to_token(self._mask_id)
+        if self._sentinel_ids:  # transformers 5 stores these as extra_special_tokens
+            kwargs["additional_special_tokens"] = [self._tok.id_to_token(i) for i in self._sentinel_ids]
         Path(directory).mkdir(parents=True, exist_ok=True)
         PreTrainedTokenizerFast(tokenizer_object=self._tok, **kwargs).save_pretrained(str(directory))
         # The canonical file is ours: the HF writer may add runtime settings; keep the fingerprint stable.
@@ -117,6 +154,16 @@ class Tokenizer:
         return self._unk_id
 
     @property
+    def mask_id(self) -> int | None:
+        """Mask id (<mask>, or the mask_token a loaded HF directory declares, e.g. BERT's [MASK]); None if none."""
+        return self._mask_id
+
+    @property
+    def sentinel_ids(self) -> tuple[int, ...]:
+        """Ids of <extra_id_0>, <extra_id_1>, ... in that order (T5 puts them at the end, extra_id_0 highest)."""
+        return self._sentinel_ids
+
+    @property
     def fingerprint(self) -> str:
         """sha256 hex of the canonical tokenizer.json: equal for equal tokenizers, across save/load."""
         data: dict[str, Any] = json.loads(self._tok.to_str())
@@ -133,16 +180,136 @@ class Tokenizer:
     def decode_batch(self, ids: list[list[int]] | np.ndarray) -> list[str]:
         """Text of each row, cut at the first EOS, padding and special tokens dropped."""
         rows = ids.tolist() if isinstance(ids, np.ndarray) else [list(map(int, row)) for row in ids]
+        dropped = {self._pad_id, self._mask_id, *self._sentinel_ids}
         cut = []
         for row in rows:
             if self._eos_id in row:
                 row = row[:row.index(self._eos_id)]
-            cut.append([i for i in row if i != self._pad_id])
+            cut.append([i for i in row if i not in dropped])
         return self._tok.decode_batch(cut, skip_special_tokens=True)
 
 
+def train_from_files(patterns: Iterable[str], vocab_size: int, model: str = "bpe", mask: bool = True,
+                     sentinels: int = 100, max_lines: int | None = None) -> Tokenizer:
+    """Trains a tokenizer on UTF-8 text files (one text per line, .gz allowed) matched by the glob patterns.
+
+    Relative patterns are taken from the current directory; blank lines are skipped; at most `max_lines`
+    texts are read (in sorted file order). Bad input raises UserError naming the pattern or file.
+    """
+    if model not in MODELS:
+        raise UserError(f"tokenizer model {model!r} is unknown; choose one of {', '.join(MODELS)}")
+    _check_vocab_size(vocab_size, mask, sentinels)  # before reading: fail fast
+    return Tokenizer.train(read_lines(patterns, max_lines), vocab_size, model, mask=mask, sentinels=sentinels)
+
+
+def _check_vocab_size(vocab_size: int, mask: bool, sentinels: int) -> None:
+    specials = special_tokens(mask, sentinels)
+    if vocab_size <= len(specials):
+        raise UserError(f"vocab size {vocab_size} is too small for the {len(specials)} special tokens "
+                        f"(pad, eos, unk{', mask' if mask else ''}, {sentinels} sentinels); use a vocab size "
+                        f"well above {len(specials)} or fewer sentinels")
+
+
+def check_output(directory: str | Path, force: bool = False) -> Path:
+    """The output directory, if a tokenizer may be saved there (UserError if it holds one and not `force`)."""
+    out = Path(directory).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' is a file; pass a directory for the tokenizer")
+    if (out / "tokenizer.json").exists() and not force:
+        raise UserError(f"output '{out}' already holds a tokenizer.json; choose another directory or pass --force "
+                        f"to replace it")
+    return out
+
+
+def save_new(tokenizer: Tokenizer, directory: str | Path, force: bool = False) -> Path:
+    """Saves into `directory`, refusing (UserError) if it already holds a tokenizer.json unless `force`.
+
+    With `force` the old tokenizer files are replaced together: the files are written to a temporary
+    folder inside it, stale HF tokenizer files `save` does not write are removed, then tokenizer.json last.
+    """
+    out = check_output(directory, force)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out))
+    try:
+        tokenizer.save(staging)
+        for stale in ("special_tokens_map.json", "added_tokens.json"):  # would override the new specials
+            if not (staging / stale).exists():
+                (out / stale).unlink(missing_ok=True)
+        written = sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json")
+        for file in written:
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_lines(patterns: Iterable[str], max_lines: int | None = None) -> list[str]:
+    """The non-blank lines of the files the glob patterns match, each pattern's files in sorted order."""
+    patterns = list(patterns)
+    if not patterns:
+        raise UserError("no input files given; pass --input GLOB (e.g. --input 'data/*.txt')")
+    if max_lines is not None and max_lines < 1:
+        raise UserError(f"max lines is {max_lines}; use a positive number or leave it out")
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+                         if os.path.isfile(f))
+        if not matched:
+            raise UserError(f"input '{pattern}' matches no files (looked from {Path.cwd()}); check the path "
+                            f"or quote the glob")
+        files.extend(f for f in matched if f not in files)
+    lines: list[str] = []
+    for path in files:
+        if max_lines is not None and len(lines) >= max_lines:
+            break
+        lines.extend(_read_text_file(path, None if max_lines is None else max_lines - len(lines)))
+    if not lines:
+        raise UserError(f"input {', '.join(repr(p) for p in patterns)} holds no text ({len(files)} file(s), "
+                        f"all blank); pass files with one text per line")
+    return lines
+
+
+def _read_text_file(path: Path, limit: int | None) -> list[str]:
+    """Non-blank lines of one UTF-8 (optionally gzipped) file, at most `limit` of them."""
+    out: list[str] = []
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise UserError(f"{path}: line {number} is not UTF-8 (byte {error.start}: {error.reason}); "
+                                    f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    out.append(line)
+                    if limit is not None and len(out) >= limit:
+                        break
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise UserError(f"{path}: unreadable after line {number} ({error}); pass a text or .gz text file") from None
+    return out
+
+
+def special_tokens(mask: bool = False, sentinels: int = 0) -> list[str]:
+    """The special tokens of a trained tokenizer, in id order."""
+    if sentinels < 0:
+        raise UserError(f"the number of sentinels is {sentinels}; use 0 or more")
+    return [*SPECIAL_TOKENS, *([MASK] if mask else []), *(SENTINEL.format(k) for k in range(sentinels))]
+
+
+def _sentinel_ids(tok: _HFTokenizer) -> tuple[int, ...]:
+    """Ids of <extra_id_0>, <extra_id_1>, ... up to the first one missing."""
+    ids = []
+    while (i := tok.token_to_id(SENTINEL.format(len(ids)))) is not None:
+        ids.append(i)
+    return tuple(ids)
+
+
 def _special_token_names(directory: Path) -> dict[str, str | None]:
-    """pad/eos/unk token strings declared by a HF tokenizer directory (roles it declares only)."""
+    """pad/eos/unk/mask token strings declared by a HF tokenizer directory (roles it declares only)."""
     names: dict[str, str | None] = {}
     for filename in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / filename
@@ -152,7 +319,7 @@ def _special_token_names(directory: Path) -> dict[str, str | None]:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: unreadable ({error})") from None
-        for role in ("pad", "eos", "unk"):
+        for role in ("pad", "eos", "unk", "mask"):
             if role in names or f"{role}_token" not in config:
                 continue
             value = config[f"{role}_token"]
@@ -161,7 +328,44 @@ def _special_token_names(directory: Path) -> dict[str, str | None]:
 
 
 
-def _rescore_unigram(tok: _HFTokenizer, texts: list[str], iterations: int = 3) -> models.Unigram:
+def _train_wordpiece(texts: list[str], vocab_size: int, added: list) -> _HFTokenizer:
+    """A WordPiece tokenizer (NFKC, BERT pre-tokenizer, "##" continuations), trained deterministically.
+
+    HF's WordPieceTrainer numbers the "##" pieces in hash-map order, so ties between merges (and with them the
+    vocabulary) vary run to run. Instead a BPE is trained on the same words with a word-start marker (its
+    alphabet is sorted, so it is deterministic), then converted: "<marker>abc" -> "abc", "abc" -> "##abc".
+    Every character is kept both word-initially and as "##c"; learned pieces follow in merge order up to
+    `vocab_size`.
+    """
+    marker = "\ue000"  # private use: absent from real text
+    bpe = _HFTokenizer(models.BPE(unk_token=UNK))
+    bpe.normalizer = normalizers.NFKC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Metaspace(replacement=marker, prepend_scheme="always")])
+    bpe.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=added,
+                                                               show_progress=False))
+    learned = sorted(bpe.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+    specials = [str(t) if isinstance(t, str) else t.content for t in added]
+    alphabet = sorted({c for piece, _ in learned if piece not in specials for c in piece if c != marker})
+    vocab: dict[str, int] = {}
+    for piece in [*specials, *alphabet, *(f"##{c}" for c in alphabet)]:
+        vocab.setdefault(piece, len(vocab))
+    for piece, _ in learned:
+        if len(vocab) >= vocab_size:
+            break
+        if piece in specials or piece == marker:
+            continue
+        vocab.setdefault(piece[1:] if piece.startswith(marker) else f"##{piece}", len(vocab))
+    tok = _HFTokenizer(models.WordPiece(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(added)
+    return tok
+
+
+def _rescore_unigram(tok: _HFTokenizer, texts: list[str], specials: list[str],
+                     iterations: int = 3) -> models.Unigram:
     """Deterministic Unigram scores for the trained piece set (the HF trainer's EM varies run to run).
 
     Seeds each piece with log(substring frequency * length), then runs hard (Viterbi) EM over the word
@@ -170,7 +374,7 @@ def _rescore_unigram(tok: _HFTokenizer, texts: list[str], iterations: int = 3) -
     words: Counter[str] = Counter()
     for text in texts:
         words.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
-    pieces = sorted(p for p, _ in json.loads(tok.to_str())["model"]["vocab"] if p not in SPECIAL_TOKENS)
+    pieces = sorted(p for p, _ in json.loads(tok.to_str())["model"]["vocab"] if p not in specials)
     piece_set, longest = set(pieces), max(map(len, pieces))
     counts: Counter[str] = Counter()
     for word, n in words.items():
@@ -183,7 +387,7 @@ def _rescore_unigram(tok: _HFTokenizer, texts: list[str], iterations: int = 3) -
         total = sum(counts.values()) + len(pieces)
         scores = {p: round(math.log((counts[p] + 0.5) / total), 6) for p in pieces}
         ordered = sorted(pieces, key=lambda p: (-scores[p], p))
-        unigram = models.Unigram([(t, 0.0) for t in SPECIAL_TOKENS] + [(p, scores[p]) for p in ordered], UNK_ID)
+        unigram = models.Unigram([(t, 0.0) for t in specials] + [(p, scores[p]) for p in ordered], UNK_ID)
         if step == iterations:
             return unigram
         counts = Counter()
