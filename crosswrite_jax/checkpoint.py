@@ -8,6 +8,7 @@ to `<step>.corrupt-<unix time>` so that training can save those steps again.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -15,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,7 +25,7 @@ from crosswrite_jax import integrity
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.state import StateLayout, TrainState
 
-PARAMS, OPT_STATE, METADATA = "params", "opt_state", "metadata"
+PARAMS, OPT_STATE, METADATA, DATA = "params", "opt_state", "metadata", "data"
 
 log = logging.getLogger("crosswrite")
 _writable: weakref.WeakSet = weakref.WeakSet()  # managers opened for training (may move corrupt steps aside)
@@ -42,7 +44,9 @@ def open_manager(directory: str | Path, *, max_to_keep: int = 2, async_save: boo
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
         create=not read_only)
-    manager = ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, OPT_STATE, METADATA))
+    handlers = {PARAMS: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
+                METADATA: ocp.JsonCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()}
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     if not read_only:
         _writable.add(manager)
     return manager
@@ -95,51 +99,85 @@ def finalize(manager: ocp.CheckpointManager) -> list[int]:
     return written
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, metadata: dict[str, Any], *, force: bool = False) -> bool:
+def save(manager: ocp.CheckpointManager, state: TrainState, metadata: dict[str, Any], *, force: bool = False,
+         data_iterator: grain.DatasetIterator | None = None) -> bool:
     """Starts an (async) save of the state at its step; returns whether one was started.
 
     The previous save is finished first and its step gets its manifest (Orbax would wait for it anyway:
-    one async save runs at a time).
+    one async save runs at a time). A data iterator's position is saved too (each process its own).
     """
     step = int(jax.device_get(state.step))
     if force or manager.should_save(step):
         finalize(manager)
-    return manager.save(step, args=ocp.args.Composite(**{
+    items = {
         PARAMS: ocp.args.StandardSave(state.params),
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
         METADATA: ocp.args.JsonSave(dict(metadata, step=step)),
-    }), force=force)
+    }
+    if data_iterator is not None:  # its position now, not when the async write gets to it
+        items[DATA] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_iterator.get_state()))
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_state(manager: ocp.CheckpointManager, layout: StateLayout, step: int | None = None
-                  ) -> tuple[TrainState, dict[str, Any]]:
+class _IteratorPosition:
+    """A data iterator's state, frozen at save time, in the form grain's checkpoint handler writes."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._json = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
+
+
+def restore_state(manager: ocp.CheckpointManager, layout: StateLayout, step: int | None = None,
+                  data_iterator: grain.DatasetIterator | None = None,
+                  preflight: Callable[[Path], None] | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The full training state at `step` (newest intact one if None), laid out as `layout` says.
+
+    Given a data iterator, its saved position is restored into it (metadata['data_restored'] tells whether
+    the step had one). `preflight(step_dir)` runs on the step about to be read; its UserError stops the restore.
 
     With step=None, a step that fails its checksums or its restore is skipped with a warning for the one
     before; on a manager opened for training, skipped steps newer than the one restored are then moved aside
     (`<step>.corrupt-<time>`), so the run can save them again. A corrupt explicit `step` is a UserError.
     """
     target = layout.abstract_with_shardings()
-    step, restored = _restore_intact(manager, step, lambda s: manager.restore(s, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardRestore(target.params),
-        OPT_STATE: ocp.args.StandardRestore(target.opt_state),
-        METADATA: ocp.args.JsonRestore(),
-    })))
+
+    def read(s: int):
+        if preflight is not None:
+            preflight(step_dir(manager, s))
+        items = {PARAMS: ocp.args.StandardRestore(target.params),
+                 OPT_STATE: ocp.args.StandardRestore(target.opt_state), METADATA: ocp.args.JsonRestore()}
+        if data_iterator is not None and (step_dir(manager, s) / DATA).is_dir():
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = manager.restore(s, args=ocp.args.Composite(**items))
+        restored[METADATA]["data_restored"] = DATA in items
+        return restored
+
+    step, restored = _restore_intact(manager, step, read)
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), layout.shardings.step)
     return TrainState(step=step_array, params=restored[PARAMS], opt_state=restored[OPT_STATE]), restored[METADATA]
 
 
-def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None
-                   ) -> tuple[Any, dict[str, Any], int]:
+def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None, *,
+                   strict: bool = True) -> tuple[Any, dict[str, Any], int]:
     """Parameters alone (no optimizer state is read), placed by the shardings in `abstract_params`.
 
     Returns (params, metadata, step). With step=None, the newest step that verifies and restores, as in
-    `restore_state`.
+    `restore_state`. `strict=False` reads a subset: the arrays named in `abstract_params`.
     """
-    step, restored = _restore_intact(manager, step, lambda s: manager.restore(s, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardRestore(abstract_params),
-        METADATA: ocp.args.JsonRestore(),
-    })))
+    def read(s: int) -> dict[str, Any]:
+        if strict:
+            return manager.restore(s, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardRestore(abstract_params), METADATA: ocp.args.JsonRestore()}))
+        restored = manager.restore(s, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            params = checkpointer.restore(step_dir(manager, s) / PARAMS, args=ocp.args.PyTreeRestore(
+                item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+                partial_restore=True))
+        return {PARAMS: params, METADATA: restored[METADATA]}
+
+    step, restored = _restore_intact(manager, step, read)
     return restored[PARAMS], restored[METADATA], step
 
 
@@ -174,6 +212,8 @@ def _restore_intact(manager: ocp.CheckpointManager, step: int | None, read: Call
         else:
             try:
                 restored = read(candidate)
+            except UserError:  # the step is fine but does not fit (preflight): falling back would hide that
+                raise
             except Exception as error:  # Orbax/TensorStore errors on damaged files have no common type
                 last_error = error
                 reason = f"could not be restored: {_one_line(error)}"

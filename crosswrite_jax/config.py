@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +156,17 @@ class MeshConfig:
 
     shape: tuple[int, ...] = (-1, 1, 1)  # one entry may be -1: the remaining devices
     rules: str = "fsdp"  # data_parallel | fsdp | tensor_parallel | fsdp_tp
+    dcn_shape: tuple[int, ...] = (1, 1, 1)  # multi-slice: slices along (data, fsdp, tensor); shape is per slice
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The JAX multi-controller runtime: one process per host, all running the same command."""
+
+    coordinator_address: str = ""  # host:port of process 0; empty: auto-detect (Cloud TPU, SLURM) or one process
+    num_processes: int = 0  # 0: auto-detect
+    process_id: int = -1  # -1: auto-detect
+    initialization_timeout: int = 300  # seconds to wait for every process to join
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 _CHOICES = {
@@ -197,6 +210,11 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
 }
+
+
+# The model each task trains: (model.family, model.head or None for any).
+TASK_MODELS = {"translation": ("encoder_decoder", None), "span_corruption": ("encoder_decoder", None),
+               "mlm": ("encoder", "mlm"), "causal_lm": ("decoder", None), "prefix_lm": ("decoder", None)}
 
 
 def all_keys(config: Any = None, prefix: str = "") -> list[str]:
@@ -313,6 +331,13 @@ def validate(config: Config) -> None:
                             f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
+    family, head = TASK_MODELS[config.task]
+    if m.family != family:
+        raise UserError(f"task '{config.task}' trains a model.family='{family}' model, but the config has "
+                        f"'{m.family}'; set --config.model.family={family} (or pick another task)")
+    if head is not None and m.head != head:
+        raise UserError(f"task '{config.task}' needs model.head='{head}', but the config has '{m.head}'; "
+                        f"set --config.model.head={head}")
     o = config.objective
     for key in ("objective.mlm_probability", "objective.noise_density", "objective.prefix_fraction"):
         if not 0.0 < get(config, key) < 1.0:
@@ -383,12 +408,15 @@ def load(path: str | Path) -> Config:
     spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
     module = types.ModuleType(spec.name)
     module.__file__ = str(path)
+    sys.path.insert(0, str(path.parent.resolve()))  # a recipe may import shared pieces from its folder
     try:
         spec.loader.exec_module(module)
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     except Exception as error:  # a broken config file is bad input, not a crash
         raise UserError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from None
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"{path}: defines no get_config(); it must return a crosswrite_jax.config.Config")
     config = module.get_config()

@@ -11,11 +11,13 @@ import jax
 
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
-from crosswrite_jax.data import sources
+from crosswrite_jax.data import sources, text_sources
 from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer
 from crosswrite_jax.errors import UserError
 
 CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
+PRETRAINING_TASKS = ("mlm", "span_corruption", "causal_lm", "prefix_lm")
+NUM_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as T5
 
 
 @dataclass
@@ -33,6 +35,10 @@ class Run:
     def read_split(self, split: str, max_examples: int = 0) -> list[tuple[str, str]]:
         d = self.config.data
         return sources.read_parallel(d.dataset, split, d.source_lang, d.target_lang, max_examples)
+
+    def documents(self, spec: str):
+        """The documents of one raw-text source spec (data.sources / data.eval_sources)."""
+        return text_sources.read_documents(spec, self.config.data.data_dir or None)
 
 
 def has_checkpoints(workdir: Path) -> bool:
@@ -78,6 +84,15 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
     d = config.data
     if d.tokenizer:
         tokenizer = Tokenizer.load(d.tokenizer)
+    elif config.train.init_from:  # fine-tuning keeps the tokenizer its starting point was trained with
+        tokenizer = Tokenizer.load(locate_checkpoint(config.train.init_from)[0] / TOKENIZER)
+    elif config.task in PRETRAINING_TASKS:
+        if not d.sources:
+            raise UserError(f"task '{config.task}' reads raw text, but config key 'data.sources' is empty; name "
+                            f"files there, e.g. --config.data.sources='text:corpus/*.txt'")
+        texts = _tokenizer_sample([text_sources.read_documents(s, d.data_dir or None) for s in d.sources])
+        tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model, mask=True,
+                                    sentinels=NUM_SENTINELS)
     else:
         pairs = sources.read_parallel(d.dataset, d.train_split, d.source_lang, d.target_lang)
         texts = [s for s, _ in pairs] + [t for _, t in pairs]
@@ -85,6 +100,19 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
     if jax.process_index() == 0:
         tokenizer.save(folder)
     return tokenizer
+
+
+def _tokenizer_sample(sources_: list, max_characters: int = 50_000_000) -> list[str]:
+    """Documents from every source in turn (round robin), up to a character budget, to train a tokenizer on."""
+    texts, total = [], 0
+    for i in range(max(len(s) for s in sources_)):
+        for documents in sources_:
+            if i < len(documents):
+                texts.append(documents[i])
+                total += len(texts[-1])
+        if total >= max_characters:
+            break
+    return texts
 
 
 def check_tokenizer(metadata: dict[str, Any], tokenizer: Tokenizer, where: Path) -> None:

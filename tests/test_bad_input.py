@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICKSTART, TINY_OVERRIDES
+from conftest import QUICKSTART, ROOT, TINY_OVERRIDES
 from crosswrite_jax import cli
 
 
@@ -36,6 +36,23 @@ def _config_file(root: Path, text: str) -> str:
     path = root / "recipe.py"
     path.write_text(text)
     return str(path)
+
+
+PRETRAIN = str(ROOT / "configs" / "pretrain_causal_lm.py")
+
+
+def _pretrain(t: Path, source: str | None, name: str = "", content: bytes = b"", **extra) -> list[str]:
+    """A tiny causal-LM pretraining run reading one raw-text source (a file written into t/text/)."""
+    folder = t / "text"
+    folder.mkdir(exist_ok=True)
+    if name:
+        (folder / name).write_bytes(content)
+    flags = {"model.vocab_size": 512, "model.d_model": 32, "model.num_decoder_layers": 1, "model.d_ff": 64,
+             "data.data_dir": str(folder), "data.mixture_weights": "()", "train.steps": 2, "train.eval_every": 0, "train.progress_bar": False,
+             **extra}
+    sources = f"('{source}',)" if source else "()"
+    return ["train", "--config", PRETRAIN, "--workdir", str(t / "r"), f"--config.data.sources={sources}",
+            *[f"--config.{k}={v}" for k, v in flags.items()]]
 
 
 GOOD_PAIRS = {"train_en": b"a b c\n" * 40, "train_de": b"x y z\n" * 40}
@@ -118,6 +135,22 @@ CASES = [
     ("eval-other-shapes", lambda t, w: ["eval", "--workdir", str(w), "--config.model.d_ff=128"],
      "parameters do not fit the model"),
     ("eval-typo", lambda t, w: ["eval", "--workdir", str(w), "--config.eval.beam=4"], "unknown config key"),
+    ("tsv-short-line", lambda t, w: _pretrain(t, "tsv:x.tsv?column=1", "x.tsv", b"a\t0\nb\t1\nc\n"),
+     "x.tsv:3"),
+    ("jsonl-bad-line", lambda t, w: _pretrain(t, "jsonl:x.jsonl?field=text", "x.jsonl",
+                                              b'{"text": "a"}\n{"text": "b"\n'), "x.jsonl:2"),
+    ("jsonl-no-field", lambda t, w: _pretrain(t, "jsonl:x.jsonl?field=body", "x.jsonl", b'{"text": "a"}\n'),
+     "x.jsonl:1"),
+    ("conll-short-line", lambda t, w: _pretrain(t, "conll:x.conll?column=1", "x.conll",
+                                                b"EU B-ORG\nrejects O\n\nGerman\n"), "x.conll:4"),
+    ("text-not-utf8", lambda t, w: _pretrain(t, "text:x.txt", "x.txt", b"fine\ncaf\xe9\n"), "x.txt:2"),
+    ("source-glob-empty", lambda t, w: _pretrain(t, "text:nothing/*.txt"), "nothing/*.txt"),
+    ("source-format", lambda t, w: _pretrain(t, "parquet:x.parquet"), "parquet"),
+    ("sources-empty", lambda t, w: _pretrain(t, None), "'data.sources' is empty"),
+    ("mixture-weights", lambda t, w: _pretrain(t, "text:x.txt", "x.txt", b"a b\n",
+                                               **{"data.mixture_weights": "1,2"}), "'data.mixture_weights'"),
+    ("task-family", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
+                                  *_flags({"task": "mlm"})], "set --config.model.family=encoder"),
 ]
 
 

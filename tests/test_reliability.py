@@ -19,8 +19,8 @@ POISON = 3  # a target id that makes the patched loss NaN
 
 
 def _poisoned_losses(original):
-    def token_losses(logits, targets, label_smoothing):
-        sums = original(logits, targets, label_smoothing)
+    def token_losses(logits, targets, weights, label_smoothing):
+        sums = original(logits, targets, weights, label_smoothing)
         poisoned = (targets == POISON).any()
         return dict(sums, loss_sum=jax.numpy.where(poisoned, jax.numpy.nan, sums["loss_sum"]))
     return token_losses
@@ -65,7 +65,7 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path,
     params_before, step_before = saved_params()
     original = train_lib.token_losses
     monkeypatch.setattr(train_lib, "token_losses",
-                        lambda logits, targets, ls: dict(original(logits, targets, ls), loss_sum=jax.numpy.nan))
+                        lambda logits, targets, w, ls: dict(original(logits, targets, w, ls), loss_sum=jax.numpy.nan))
     with pytest.raises(NonFiniteError, match="3 consecutive steps with non-finite"):
         train(config, workdir)
     assert "loss or gradients not finite; update skipped" in caplog.text

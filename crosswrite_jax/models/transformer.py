@@ -234,16 +234,22 @@ class Decoder(nn.Module):
 
     def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
                  inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
-                 cache_length: int = 0, padding: Array | None = None) -> Array:
-        """Next-token logits; `padding` [B, T] (True at real tokens) masks left or right padding in the keys."""
+                 cache_length: int = 0, padding: Array | None = None, inputs_prefix: Array | None = None) -> Array:
+        """Next-token logits; `padding` [B, T] (True at real tokens) masks left or right padding in the keys.
+
+        `inputs_prefix` [B, T] (non-zero on each example's prefix) makes attention to prefix keys
+        bidirectional: a prefix LM.
+        """
         positions = default_positions(inputs, position) if inputs_positions is None else inputs_positions
         if decode:
             mask = None
-        elif inputs_segments is not None:
-            mask = causal_mask(inputs.shape[1]) & segment_mask(inputs_segments, inputs_segments)
         else:
             mask = causal_mask(inputs.shape[1])
-            if padding is not None:
+            if inputs_prefix is not None:
+                mask = mask | (inputs_prefix != 0)[:, None, None, :]
+            if inputs_segments is not None:
+                mask = mask & segment_mask(inputs_segments, inputs_segments)
+            elif padding is not None:
                 mask = mask & padding[:, None, None, :]
         x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
         y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
