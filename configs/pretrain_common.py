@@ -25,7 +25,7 @@ def optimizer() -> OptimizerConfig:
     return OptimizerConfig(learning_rate=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.01)
 
 
-def train(steps: int = 600) -> TrainConfig:
+def train(steps: int = 400) -> TrainConfig:
     """A CPU-sized run: 16 rows a step, held-out loss before, every 200 steps and at the end."""
     return TrainConfig(steps=steps, batch_size=16, label_smoothing=0.0, eval_every=200, eval_batches=40,
                        eval_at_start=True, log_every=50)

@@ -310,3 +310,14 @@ def test_init_exclude_errors_name_the_fix(corpus, tmp_path):
                                                      "train.init_exclude": ("output/.*",)}))
     with pytest.raises(UserError, match="add patterns for them to train.init_exclude"):
         train(other, tmp_path / "b")
+
+
+def test_pretraining_reads_a_tfds_dataset_through_the_same_pipeline(corpus, tmp_path):
+    from test_text_sources import build_tiny_tfds
+
+    build_tiny_tfds(tmp_path / "tfds", [corpus / "news.txt"])
+    spec = f"tfds:crosswrite_tiny_text?split=train&field=text&data_dir={tmp_path / 'tfds'}"
+    config = pretrain_config("causal_lm", corpus, train__eval_every=0, train__steps=2,
+                            data__sources=(spec,), data__mixture_weights=())
+    last = train(config, tmp_path / "run")
+    assert np.isfinite(last["loss"]) and last["tokens"] > 0
