@@ -40,7 +40,8 @@ def import_hf(source: str | Path, out: str | Path) -> dict[str, Any]:
     hf_config, tensors = hf.read_checkpoint(source)
     kind, model_config = hf.config_from_hf(hf_config, tensors)
     params = hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config))
-    config = Config(name=f"imported-{kind}", model=model_config)
+    task = {"encoder_decoder": "span_corruption", "encoder": "mlm", "decoder": "causal_lm"}[model_config.family]
+    config = Config(name=f"imported-{kind}", task=task, model=model_config)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save_json(config, out / CONFIG_FILE)
     copied = _copy_tokenizer(source, out / TOKENIZER)

@@ -84,8 +84,8 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
     d = config.data
     if d.tokenizer:
         tokenizer = Tokenizer.load(d.tokenizer)
-    elif config.train.init_from:  # fine-tuning keeps the tokenizer its starting point was trained with
-        tokenizer = Tokenizer.load(locate_checkpoint(config.train.init_from)[0] / TOKENIZER)
+    elif config.train.init_from and (_init_tokenizer(config) / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(_init_tokenizer(config))  # keep the tokenizer the starting point learned
     elif config.task in PRETRAINING_TASKS:
         if not d.sources:
             raise UserError(f"task '{config.task}' reads raw text, but config key 'data.sources' is empty; name "
@@ -100,6 +100,11 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
     if jax.process_index() == 0:
         tokenizer.save(folder)
     return tokenizer
+
+
+def _init_tokenizer(config: Config) -> Path:
+    """The tokenizer folder of the run that train.init_from names."""
+    return locate_checkpoint(config.train.init_from)[0] / TOKENIZER
 
 
 def _tokenizer_sample(sources_: list, max_characters: int = 50_000_000) -> list[str]:

@@ -248,6 +248,8 @@ def test_each_recipe_pretrains_and_reports_held_out_loss(recipe, corpus, tmp_pat
     last = train(config, tmp_path / recipe)
     assert np.isfinite(last["loss"]) and np.isfinite(last["val_perplexity"])
     assert last["val_loss"] < last["initial_val_loss"]  # it learned something about held-out text
+    # A fresh model is about uniform over the vocabulary, not confidently wrong (initialisation scale).
+    assert last["initial_val_loss"] < 1.3 * np.log(config.model.vocab_size)
     tokenizer = Tokenizer.load(tmp_path / recipe / "tokenizer")
     assert tokenizer.mask_id is not None and len(tokenizer.sentinel_ids) == 100
     assert (tmp_path / recipe / "checkpoints" / "6" / "data").is_dir()

@@ -80,7 +80,10 @@ class Embedder(nn.Module):
     def setup(self):
         c = self.config
         self.dtype = DTYPES[c.dtype]
-        self.tokens = Embed(c.vocab_size, c.d_model, self.dtype, name="token_embed")
+        # A tied, unscaled output projection (BERT, T5 v1.1) needs small embeddings for unit-scale logits.
+        unscaled_tied = c.tie_output_embedding and not c.scale_tied_output
+        self.tokens = Embed(c.vocab_size, c.d_model, self.dtype, stddev=c.d_model ** -0.5 if unscaled_tied else 1.0,
+                            name="token_embed")
         if c.position == "learned":
             self.learned = Embed(c.max_length, c.d_model, self.dtype, ("length_table", "embed"), 0.02,
                                  name="position_embed")
