@@ -1,4 +1,14 @@
-"""Greedy decoding with a key/value cache: the encoder runs once, each step feeds one token."""
+"""Decoding with a key/value cache: greedy, sampling and beam search, for encoder-decoder and decoder-only models.
+
+The searches are model-agnostic: they drive a *step function* `(tokens [N], position, cache) -> (logits [N, V],
+cache)` over a token buffer that starts with each row's prompt (the start token for an encoder-decoder, the
+prompt moved to the left for a decoder-only LM). Prompt tokens are fed one position per step and forced; after
+a row's prompt the search chooses. Every loop is a `jax.lax.while_loop` over fixed shapes: it compiles once
+and stops early when every row is done.
+
+Beam scores are `sum of log-probs / length ** length_penalty`, where length counts the generated tokens,
+EOS included (HF's convention; T5X uses ((5 + length) / 6) ** alpha instead).
+"""
 
 from __future__ import annotations
 
@@ -6,38 +16,327 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder
+from crosswrite_jax.config import DecodeConfig
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.models.transformer import PAD_ID, Decoder, EncoderDecoder
+
+Array = jax.Array
+StepFn = Callable[[Array, Array, Any], tuple[Array, Any]]  # (tokens [N], position, cache) -> (logits [N, V], cache)
+ChooseFn = Callable[[Array, Array], Array]  # (logits [N, V], position) -> tokens [N]
+NEG_INF = -jnp.inf
+
+# ------------------------------------------------------------------------------------------- token choice
 
 
-def greedy_decode(model: EncoderDecoder, params: Any, inputs_BS: jax.Array, max_length: int,
-                  eos_id: int) -> jax.Array:
-    """Token ids [B, max_length] chosen by argmax at every step; PAD after each row's EOS."""
-    batch = inputs_BS.shape[0]
-    variables = {"params": params}
-    encoded = model.apply(variables, inputs_BS, method=model.encode)
-    _, allocated = model.apply(
-        variables, encoded, inputs_BS, jnp.full((batch, max_length), PAD_ID, jnp.int32),
-        decode=True, mutable=["cache"], method=model.decode)
+def argmax_choice(logits_NV: Array, position: Array) -> Array:
+    """The most likely token of each row."""
+    del position
+    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
 
-    def step(carry):
+
+def filter_logits(logits_NV: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Logits divided by the temperature, -inf outside the top-k tokens and outside the nucleus of mass top_p."""
+    logits = logits_NV.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token always stays
+        threshold = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    return logits
+
+
+def sampling_choice(rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> ChooseFn:
+    """A choice that samples each row from its filtered distribution, with a key folded per position."""
+
+    def choose(logits_NV: Array, position: Array) -> Array:
+        filtered = filter_logits(logits_NV, temperature, top_k, top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, position), filtered, axis=-1).astype(jnp.int32)
+
+    return choose
+
+
+# ------------------------------------------------------------------------------------------- cache rows
+
+
+def _is_rows(leaf: Array, rows: int) -> bool:
+    return leaf.ndim > 0 and leaf.shape[0] == rows
+
+
+def _name(path: tuple) -> str:
+    return str(getattr(path[-1], "key", path[-1])) if path else ""
+
+
+def gather_rows(cache: Any, index_N: Array) -> Any:
+    """Cache rows picked by index along axis 0 (for beams: each new beam takes its origin's rows).
+
+    Scalar entries (cache_index) stay as they are, and so do `cross_*` entries: every beam of a row holds the
+    same encoder keys/values, and beams never move between rows.
+    """
+    rows = index_N.shape[0]
+
+    def pick(path: tuple, x: Array) -> Array:
+        if not _is_rows(x, rows) or _name(path).startswith("cross_"):
+            return x
+        return jnp.take(x, index_N, axis=0)
+
+    return jax.tree_util.tree_map_with_path(pick, cache)
+
+
+def repeat_rows(cache: Any, rows: int, times: int) -> Any:
+    """Every batch row repeated `times` times in a row (for beams); scalar entries stay as they are."""
+    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0) if _is_rows(x, rows) else x, cache)
+
+
+# ------------------------------------------------------------------------------------------- searches
+
+
+def search(step: StepFn, cache: Any, prompt_NP: Array, lengths_N: Array, max_new: int, eos_id: int,
+           choose: ChooseFn = argmax_choice) -> Array:
+    """Greedy or sampled continuations [N, max_new] of left-aligned prompts; PAD after each row's EOS."""
+    rows, width = prompt_NP.shape
+    total = width + max_new
+    tokens = jnp.full((rows, total), PAD_ID, jnp.int32).at[:, :width].set(prompt_NP.astype(jnp.int32))
+
+    def body(carry):
         i, tokens, cache, done = carry
-        last = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
-        logits, updated = model.apply(
-            {"params": params, "cache": cache}, encoded, inputs_BS, last,
-            decode=True, position=i, cache_length=max_length, mutable=["cache"], method=model.decode)
-        next_token = jnp.where(done, PAD_ID, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
-        return i + 1, tokens, updated["cache"], done | (next_token == eos_id)
+        logits, cache = step(jax.lax.dynamic_index_in_dim(tokens, i, axis=1, keepdims=False), i, cache)
+        chosen = choose(logits, i)
+        forced = i + 1 < lengths_N
+        given = jax.lax.dynamic_index_in_dim(tokens, i + 1, axis=1, keepdims=False)
+        token = jnp.where(forced, given, jnp.where(done, PAD_ID, chosen))
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i + 1, axis=1)
+        finished = ~forced & ((chosen == eos_id) | (i + 2 - lengths_N >= max_new))
+        return i + 1, tokens, cache, done | finished
 
     def keep_going(carry):
         i, _, _, done = carry
-        return (i < max_length) & ~jnp.all(done)
+        return (i < total - 1) & ~jnp.all(done)
 
-    tokens = jnp.full((batch, max_length + 1), PAD_ID, jnp.int32)
-    init = (jnp.zeros((), jnp.int32), tokens, allocated["cache"], jnp.zeros((batch,), bool))
-    _, tokens, _, _ = jax.lax.while_loop(keep_going, step, init)
-    return tokens[:, 1:]
+    init = (jnp.zeros((), jnp.int32), tokens, cache, jnp.zeros((rows,), bool))
+    _, tokens, _, _ = jax.lax.while_loop(keep_going, body, init)
+    return _continuations(tokens, lengths_N, max_new)
+
+
+def _continuations(tokens_NS: Array, lengths_N: Array, max_new: int) -> Array:
+    """The max_new tokens after each row's prompt."""
+    index = lengths_N[:, None] + jnp.arange(max_new)[None, :]
+    return jnp.take_along_axis(tokens_NS, index, axis=1)
+
+
+def _score(logprob: Array, length: Array, length_penalty: float) -> Array:
+    return logprob / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
+
+
+def beam_search(step: StepFn, cache: Any, prompt_BP: Array, lengths_B: Array, max_new: int, eos_id: int,
+                beam_size: int, length_penalty: float = 1.0) -> tuple[Array, Array]:
+    """Best continuations [B, max_new] and their scores [B]; `cache` holds B * beam_size rows (row b's beams
+    at b * beam_size ...).
+
+    Each step extends the live beams by their 2K best tokens (K = beam_size). A candidate ending in EOS (or
+    reaching max_new tokens) is finished if it ranks among the K best, and the K best finished hypotheses are
+    kept; the K best others stay live. A row is done when no live beam can beat its worst finished hypothesis
+    (an exact bound: log-probs only fall, so the best live log-prob at the most favorable length). With
+    beam_size 1 and length_penalty 0 this is greedy search.
+    """
+    batch, width = prompt_BP.shape
+    k, total = beam_size, width + max_new
+    tokens = jnp.full((batch, k, total), PAD_ID, jnp.int32).at[:, :, :width].set(prompt_BP[:, None].astype(jnp.int32))
+    live_logprob = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
+    finished_scores = jnp.full((batch, k), NEG_INF, jnp.float32)
+    base = (jnp.arange(batch) * k)[:, None]
+
+    def body(carry):
+        i, tokens, live_logprob, cache, finished_tokens, finished_scores = carry
+        logits, cache = step(tokens[:, :, i].reshape(batch * k), i, cache)
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, -1)
+        vocab = logprobs.shape[-1]
+        forced = (i + 1 < lengths_B)[:, None]  # [B, 1]
+        given = jax.lax.dynamic_index_in_dim(tokens, i + 1, axis=2, keepdims=False)  # [B, K]
+        forced_logprobs = jnp.where(jnp.arange(vocab) == given[..., None], 0.0, NEG_INF)
+        logprobs = jnp.where(forced[..., None], forced_logprobs, logprobs)
+        candidates = (live_logprob[..., None] + logprobs).reshape(batch, k * vocab)
+        top_logprob, top_index = jax.lax.top_k(candidates, min(2 * k, k * vocab))
+        origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+        sequences = jnp.take_along_axis(tokens, origin[..., None], axis=1)
+        sequences = jax.lax.dynamic_update_index_in_dim(sequences, token, i + 1, axis=2)
+        generated = (i + 2 - lengths_B)[:, None]  # tokens after the prompt, this one included
+        ends = (token == eos_id) & ~forced
+        rank = jnp.arange(top_index.shape[1])[None, :]
+        finishing = ~forced & (rank < k) & (ends | (generated == max_new)) & (generated <= max_new)
+        live_logprob, live = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logprob), k)
+        tokens = jnp.take_along_axis(sequences, live[..., None], axis=1)
+        cache = gather_rows(cache, (base + jnp.take_along_axis(origin, live, axis=1)).reshape(-1))
+        scores = jnp.where(finishing, _score(top_logprob, generated, length_penalty), NEG_INF)
+        finished_scores, best = jax.lax.top_k(jnp.concatenate([finished_scores, scores], axis=1), k)
+        finished_tokens = jnp.take_along_axis(jnp.concatenate([finished_tokens, sequences], axis=1),
+                                              best[..., None], axis=1)
+        return i + 1, tokens, live_logprob, cache, finished_tokens, finished_scores
+
+    def keep_going(carry):
+        i, _, live_logprob, _, _, finished_scores = carry
+        upcoming = i + 2 - lengths_B
+        bound = jnp.maximum(_score(live_logprob[:, 0], upcoming, length_penalty),
+                            _score(live_logprob[:, 0], jnp.full_like(upcoming, max_new), length_penalty))
+        done = (upcoming > max_new) | ((upcoming > 0) & (bound <= finished_scores[:, -1]))
+        return (i < total - 1) & ~jnp.all(done)
+
+    init = (jnp.zeros((), jnp.int32), tokens, live_logprob, cache, tokens, finished_scores)
+    _, tokens, live_logprob, _, finished_tokens, finished_scores = jax.lax.while_loop(keep_going, body, init)
+    found = finished_scores[:, 0] > NEG_INF
+    best = jnp.where(found[:, None], finished_tokens[:, 0], tokens[:, 0])
+    unfinished = _score(live_logprob[:, 0], jnp.full_like(lengths_B, max_new), length_penalty)
+    return _continuations(best, lengths_B, max_new), jnp.where(found, finished_scores[:, 0], unfinished)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def encoder_decoder_start(model: EncoderDecoder, params: Any, inputs_BS: Array, max_new: int,
+                          copies: int = 1) -> tuple[StepFn, Any, Array, Array]:
+    """Step function, cache (each row `copies` times), prompt (the start token) and prompt lengths."""
+    batch = inputs_BS.shape[0]
+    variables = {"params": params}
+    encoded = model.apply(variables, inputs_BS, method=model.encode)
+
+    def allocate(length: int):
+        targets = jnp.full((batch, length), PAD_ID, jnp.int32)
+        return model.apply(variables, encoded, inputs_BS, targets, decode=True, mutable=["cache"],
+                           method=model.decode)[1]["cache"]
+
+    # The cross-attention keys/values come from a one-position call; the self-attention cache starts empty.
+    shapes, short = jax.eval_shape(lambda: allocate(max_new)), allocate(1)
+    cache = jax.tree.map(lambda s, x: x if x.shape == s.shape else jnp.zeros(s.shape, s.dtype), shapes, short)
+    cache = repeat_rows(cache, batch, copies)
+    inputs = jnp.repeat(inputs_BS, copies, axis=0)
+    encoded = jnp.repeat(encoded, copies, axis=0)
+
+    def step(tokens_N: Array, position: Array, cache: Any) -> tuple[Array, Any]:
+        logits, updated = model.apply({"params": params, "cache": cache}, encoded, inputs, tokens_N[:, None],
+                                      decode=True, position=position, cache_length=max_new, mutable=["cache"],
+                                      method=model.decode)
+        return logits[:, -1], updated["cache"]
+
+    prompt = jnp.full((batch, 1), PAD_ID, jnp.int32)
+    return step, cache, prompt, jnp.ones((batch,), jnp.int32)
+
+
+def compact_prompts(prompts_BT: Array, padding_BT: Array) -> tuple[Array, Array]:
+    """Each row's real tokens moved to the left (so left and right padding mean the same) and their counts."""
+    order = jnp.argsort(~padding_BT, axis=1, stable=True)
+    lengths = jnp.sum(padding_BT, axis=1).astype(jnp.int32)
+    moved = jnp.take_along_axis(prompts_BT, order, axis=1)
+    return jnp.where(jnp.arange(prompts_BT.shape[1]) < lengths[:, None], moved, PAD_ID), lengths
+
+
+def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_BT: Array | None, max_new: int,
+                       copies: int = 1) -> tuple[StepFn, Any, Array, Array]:
+    """Step function, empty cache (each row `copies` times), left-aligned prompts and their lengths.
+
+    An empty prompt starts from PAD, the start token causal-LM training feeds first.
+    """
+    padding = prompts_BT != PAD_ID if padding_BT is None else padding_BT.astype(bool)
+    prompt, lengths = compact_prompts(prompts_BT.astype(jnp.int32), padding)
+    lengths = jnp.maximum(lengths, 1)
+    batch, width = prompt.shape
+    cache_length = width + max_new - 1
+    c = model.config
+    if c.position in ("learned", "sinusoidal") and cache_length > c.max_length:
+        raise UserError(f"a prompt of {width} tokens plus {max_new} new ones needs {cache_length} positions but "
+                        f"model.max_length is {c.max_length}; shorten the prompts or lower eval.max_decode_length")
+    ids = jax.ShapeDtypeStruct((batch * copies, cache_length), jnp.int32)
+    allocate = lambda x: model.apply({"params": params}, x, decode=True, mutable=["cache"])[1]["cache"]  # noqa: E731
+    shapes = jax.eval_shape(allocate, ids)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def step(tokens_N: Array, position: Array, cache: Any) -> tuple[Array, Any]:
+        logits, updated = model.apply({"params": params, "cache": cache}, tokens_N[:, None], decode=True,
+                                      position=position, cache_length=cache_length, mutable=["cache"])
+        return logits[:, -1], updated["cache"]
+
+    return step, cache, prompt, lengths
+
+
+def start(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_new: int, copies: int = 1,
+          padding: Array | None = None) -> tuple[StepFn, Any, Array, Array]:
+    """The step function, cache, prompts and prompt lengths of either family."""
+    if isinstance(model, EncoderDecoder):
+        return encoder_decoder_start(model, params, inputs, max_new, copies)
+    if isinstance(model, Decoder):
+        return decoder_only_start(model, params, inputs, padding, max_new, copies)
+    raise UserError(f"model.family '{model.config.family}' does not generate text; decode an encoder_decoder "
+                    f"or decoder model")
+
+
+def greedy_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
+                  padding: Array | None = None) -> Array:
+    """Token ids [B, max_length] chosen by argmax at every step; PAD after each row's EOS."""
+    step, cache, prompt, lengths = start(model, params, inputs, max_length, padding=padding)
+    return search(step, cache, prompt, lengths, max_length, eos_id)
+
+
+def sample_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
+                  rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  padding: Array | None = None) -> Array:
+    """Token ids [B, max_length] sampled from the temperature/top-k/top-p filtered distribution."""
+    step, cache, prompt, lengths = start(model, params, inputs, max_length, padding=padding)
+    return search(step, cache, prompt, lengths, max_length, eos_id, sampling_choice(rng, temperature, top_k, top_p))
+
+
+def beam_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
+                beam_size: int, length_penalty: float = 1.0, padding: Array | None = None) -> tuple[Array, Array]:
+    """The best beam's token ids [B, max_length] and its score [B]."""
+    step, cache, prompt, lengths = start(model, params, inputs, max_length, beam_size, padding)
+    return beam_search(step, cache, prompt, lengths, max_length, eos_id, beam_size, length_penalty)
+
+
+def generate(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
+             config: DecodeConfig = DecodeConfig(), rng: Array | None = None,
+             padding: Array | None = None) -> Array:
+    """Token ids [B, max_length] by the method `config` names: beam search, sampling or greedy."""
+    if config.beam_size > 1:
+        return beam_decode(model, params, inputs, max_length, eos_id, config.beam_size, config.length_penalty,
+                           padding)[0]
+    if config.sample:
+        rng = jax.random.key(config.seed) if rng is None else rng
+        return sample_decode(model, params, inputs, max_length, eos_id, rng, config.temperature, config.top_k,
+                             config.top_p, padding)
+    return greedy_decode(model, params, inputs, max_length, eos_id, padding)
+
+
+def describe(config: DecodeConfig) -> str:
+    """A short name of the decoding method, e.g. 'beam4' or 'sample(t=0.7,k=40,p=1.0)'."""
+    if config.beam_size > 1:
+        return f"beam{config.beam_size}(length_penalty={config.length_penalty})"
+    if config.sample:
+        return f"sample(temperature={config.temperature},top_k={config.top_k},top_p={config.top_p})"
+    return "greedy"
+
+
+def make_decoder(model: EncoderDecoder | Decoder, decode_config: DecodeConfig, max_length: int, eos_id: int,
+                 param_shardings: Any, batch_sharding: NamedSharding) -> Callable[..., Array]:
+    """A jitted `(params, inputs, rng=None, padding=None) -> ids [B, max_length]`, sharded like training.
+
+    Encoder-decoder inputs are source ids; decoder-only inputs are prompts, padded on either side (`padding`
+    True at real tokens; by default the non-PAD ids), and the ids are their continuations. `rng` (sampling
+    only) defaults to jax.random.key(decode.seed).
+    """
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    run = jax.jit(lambda params, inputs, padding, rng: generate(model, params, inputs, max_length, eos_id,
+                                                                 decode_config, rng, padding),
+                  in_shardings=(param_shardings, batch_sharding, batch_sharding, replicated),
+                  out_shardings=batch_sharding)
+
+    def decoder(params: Any, inputs: Array, rng: Array | None = None, padding: Array | None = None) -> Array:
+        padding = inputs != PAD_ID if padding is None else padding
+        return run(params, inputs, padding, jax.random.key(decode_config.seed) if rng is None else rng)
+
+    return decoder
 
 
 def make_greedy_decoder(model: EncoderDecoder, max_length: int, eos_id: int, param_shardings: Any,

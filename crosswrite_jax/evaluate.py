@@ -2,78 +2,155 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
+from flax import linen as nn
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.data import pipeline
-from crosswrite_jax.decode import make_greedy_decoder
+from crosswrite_jax.decode import describe, make_decoder
+from crosswrite_jax.errors import UserError
 from crosswrite_jax.metrics import translation_scores
+from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
-from crosswrite_jax.train import Trainer
-from crosswrite_jax.workdir import Run, check_tokenizer, load_run
+from crosswrite_jax.state import strip_boxes
+from crosswrite_jax.workdir import Run, check_tokenizer, load_run, locate_checkpoint
 
 log = logging.getLogger("crosswrite")
 
 
-def evaluate(workdir: str | Path, *, step: int | None = None, split: str | None = None,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Greedy-decodes `split` with the checkpoint at `step` (newest if None) and returns its scores."""
+@dataclass
+class Restored:
+    """A run's model with the parameters of one checkpoint, sharded over the devices present."""
+
+    run: Run
+    mesh: Mesh
+    rules: Any
+    model: nn.Module
+    param_shardings: Any
+    params: Any
+    step: int
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Mesh and logical rules in force while tracing."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def decoder(self, max_length: int):
+        """The jitted decoder `run.config.decode` describes, sharded like training."""
+        return make_decoder(self.model, self.run.config.decode, max_length, self.run.tokenizer.eos_id,
+                            self.param_shardings, sharding.batch_sharding(self.mesh))
+
+
+def resolve(workdir: str | Path | None, checkpoint_path: str | Path | None,
+            step: int | None) -> tuple[Path, int | None]:
+    """The run directory and step of `--workdir [--step]` or `--checkpoint PATH` (run dir, checkpoints/, a step)."""
+    if (workdir is None) == (checkpoint_path is None):
+        raise UserError("pass exactly one of --workdir DIR and --checkpoint PATH")
+    if checkpoint_path is None:
+        return Path(workdir), step
+    run_dir, _, found = locate_checkpoint(checkpoint_path)
+    if step is not None and found is not None and step != found:
+        raise UserError(f"--checkpoint '{checkpoint_path}' is step {found} but --step is {step}; drop --step")
+    return run_dir, step if step is not None else found
+
+
+def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, Any] | None = None) -> Restored:
+    """The checkpoint at `step` (newest intact one if None) of a run, on a mesh of the devices present."""
     overrides = dict(overrides or {})
     overrides.setdefault("mesh.shape", (-1, 1, 1))  # the devices present, whatever mesh trained it
-    if split is not None:
-        overrides["eval.split"] = split
     run = load_run(workdir, overrides)
     mesh = sharding.make_mesh(run.config.mesh.shape)
-    trainer = Trainer.build(run.config, mesh)
+    rules = sharding.logical_rules(run.config.mesh.rules)
+    model = build_model(run.config.model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda key: model.init(key, *example_inputs(run.config.model))["params"],
+                               jax.random.key(0))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), strip_boxes(boxed),
+                            shardings)
     manager = checkpoint.open_manager(run.checkpoint_dir, read_only=True)
-    abstract = trainer.layout.abstract_with_shardings().params
-    newest = manager.latest_step()
-    if newest is not None:
+    try:
+        newest = manager.latest_step()
+        if newest is None:
+            raise UserError(f"--workdir '{run.workdir}' has no checkpoint under {run.checkpoint_dir}; train it first")
         check_params(run.checkpoint_dir / str(step if step is not None else newest), abstract)
-    params, metadata, step = checkpoint.restore_params(manager, abstract, step)
-    manager.close()
+        params, metadata, step = checkpoint.restore_params(manager, abstract, step)
+    finally:
+        manager.close()
     check_tokenizer(metadata, run.tokenizer, run.checkpoint_dir)
-    hypotheses, references = translate_split(run, trainer, params)
+    return Restored(run, mesh, rules, model, shardings, params, step)
+
+
+def evaluate(workdir: str | Path | None = None, *, step: int | None = None, split: str | None = None,
+             overrides: dict[str, Any] | None = None, checkpoint_path: str | Path | None = None) -> dict[str, Any]:
+    """Decodes `split` (as config.decode says) with a checkpoint and returns its scores.
+
+    The checkpoint is `workdir` at `step` (newest if None), or `checkpoint_path`: a run directory, its
+    checkpoints/ or one checkpoints/STEP.
+    """
+    workdir, step = resolve(workdir, checkpoint_path, step)
+    overrides = dict(overrides or {})
+    if split is not None:
+        overrides["eval.split"] = split
+    restored = restore(workdir, step, overrides)
+    run = restored.run
+    if run.config.model.family != "encoder_decoder":
+        raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
+                        f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
+    hypotheses, references = translate_split(restored)
     scores = translation_scores(hypotheses, references)
-    scores.update(step=step, split=run.config.eval.split, examples=len(references))
+    scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
+                  decoding=describe(run.config.decode), devices=jax.device_count())
     if jax.process_index() == 0:
         out = run.workdir / "eval"
         out.mkdir(exist_ok=True)
-        stem = f"{run.config.eval.split}-step{step}"
+        stem = f"{run.config.eval.split}-step{restored.step}"
         (out / f"{stem}.hyp.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
         (out / f"{stem}.ref.txt").write_text("\n".join(references) + "\n", encoding="utf-8")
         scores["hypotheses_file"] = str(out / f"{stem}.hyp.txt")
         writer = MetricsWriter(run.workdir)
-        writer.write(step, run.config.eval.split, {k: scores[k] for k in ("bleu", "chrf", "examples")})
+        writer.write(restored.step, run.config.eval.split, {k: scores[k] for k in ("bleu", "chrf", "examples")})
         writer.close()
     return scores
 
 
-def translate_split(run: Run, trainer: Trainer, params: Any) -> tuple[list[str], list[str]]:
+def global_batch(restored: Restored, array: np.ndarray) -> jax.Array:
+    """A host array (the same on every process) as one array sharded over the batch axes."""
+    batch_sharding = sharding.batch_sharding(restored.mesh)
+    return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
+
+
+def padded_batch_size(restored: Restored, batch_size: int) -> int:
+    """The batch size rounded up so rows split evenly over the batch axes."""
+    ways = sharding.data_parallel_size(restored.mesh)
+    return -(-batch_size // ways) * ways
+
+
+def translate_split(restored: Restored) -> tuple[list[str], list[str]]:
     """Hypotheses and references for the configured split, in the split's order."""
-    c = run.config
+    run, c = restored.run, restored.run.config
     pairs = run.read_split(c.eval.split, c.eval.max_examples)
-    ways = sharding.data_parallel_size(trainer.mesh)
-    batch_size = -(-c.eval.batch_size // ways) * ways  # rows split evenly over the batch axes
-    batches = pipeline.eval_batches(pairs, run.tokenizer, batch_size=batch_size,
+    batches = pipeline.eval_batches(pairs, run.tokenizer, batch_size=padded_batch_size(restored, c.eval.batch_size),
                                     max_source_length=c.data.max_source_length,
                                     bucket_lengths=c.data.bucket_lengths)
-    batch_sharding = sharding.batch_sharding(trainer.mesh)
-    decode = make_greedy_decoder(trainer.model, c.eval.max_decode_length, run.tokenizer.eos_id,
-                                 trainer.layout.shardings.params, batch_sharding)
+    decode = restored.decoder(c.eval.max_decode_length)
+    rng = jax.random.key(c.decode.seed)
     hypotheses = [""] * len(pairs)
-    with trainer.context():
-        for batch in batches:
-            inputs = jax.make_array_from_callback(batch["inputs"].shape, batch_sharding,
-                                                  lambda index, a=batch["inputs"]: a[index])
-            ids = np.asarray(multihost_utils.process_allgather(decode(params, inputs), tiled=True))
+    with restored.context():
+        for number, batch in enumerate(batches):
+            ids = decode(restored.params, global_batch(restored, batch["inputs"]), jax.random.fold_in(rng, number))
+            ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
             for row, text in zip(batch["example_index"], run.tokenizer.decode_batch(ids)):
                 if row >= 0:
                     hypotheses[row] = text

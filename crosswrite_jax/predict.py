@@ -1,0 +1,101 @@
+"""Prediction from a checkpoint: one output line per input line (a translation, or a continuation for
+decoder-only runs), decoded in batches as config.decode says, written in order and flushed per batch."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TextIO
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from crosswrite_jax.data import pipeline
+from crosswrite_jax.decode import describe
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.evaluate import Restored, global_batch, padded_batch_size, restore
+from crosswrite_jax.models.transformer import PAD_ID
+
+log = logging.getLogger("crosswrite")
+
+
+def batches_of(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of at most `size` lines, newline characters removed."""
+    iterator = iter(lines)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield [line.rstrip("\r\n") for line in chunk]
+
+
+def source_batch(restored: Restored, lines: list[str], rows: int) -> np.ndarray:
+    """Encoder inputs [rows, width] for the lines (with EOS, bucketed), filler rows all PAD."""
+    c = restored.run.config
+    batch, = pipeline.eval_batches([(line, "") for line in lines], restored.run.tokenizer, batch_size=rows,
+                                   max_source_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
+    return batch["inputs"]
+
+
+def prompt_batch(restored: Restored, lines: list[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder-only prompts [rows, width]: the start token (PAD) then each line's last tokens; and their padding."""
+    c = restored.run.config
+    keep = c.data.max_source_length - 1
+    prompts = [[PAD_ID] + (ids[-keep:] if keep > 0 else []) for ids in restored.run.tokenizer.encode_batch(lines)]
+    longest = max(len(p) for p in prompts)
+    buckets = [b for b in c.data.bucket_lengths if b >= longest]
+    width = buckets[0] if buckets else longest
+    ids, padding = np.full((rows, width), PAD_ID, np.int32), np.zeros((rows, width), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)], padding[row, :len(prompt)] = prompt, True
+    return ids, padding
+
+
+def predict_lines(restored: Restored, lines: Iterable[str], out: TextIO) -> int:
+    """Writes one output line per input line, in order, flushing after each batch; returns the line count."""
+    c, tokenizer = restored.run.config, restored.run.tokenizer
+    rows = padded_batch_size(restored, c.eval.batch_size)
+    decode = restored.decoder(c.eval.max_decode_length)
+    rng = jax.random.key(c.decode.seed)
+    written = 0
+    with restored.context():
+        for number, chunk in enumerate(batches_of(lines, rows)):
+            if restored.model.config.family == "decoder":
+                ids, padding = prompt_batch(restored, chunk, rows)
+                padding = global_batch(restored, padding)
+            else:
+                ids, padding = source_batch(restored, chunk, rows), None
+            generated = decode(restored.params, global_batch(restored, ids), jax.random.fold_in(rng, number), padding)
+            generated = np.asarray(multihost_utils.process_allgather(generated, tiled=True))[:len(chunk)]
+            if jax.process_index() == 0:
+                texts = tokenizer.decode_batch(generated)
+                out.write("".join(" ".join(text.splitlines()) + "\n" for text in texts))
+                out.flush()
+            written += len(chunk)
+    return written
+
+
+def predict(workdir: str | Path, *, input_path: str | Path | None = None, out: TextIO | None = None,
+            step: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decodes every line of `input_path` (stdin if None or '-') to `out` (stdout if None); returns a summary."""
+    restored = restore(workdir, step, overrides)
+    if restored.model.config.family not in ("encoder_decoder", "decoder"):
+        raise UserError(f"crosswrite predict generates text, but this run's model.family is "
+                        f"'{restored.model.config.family}'; predict from an encoder_decoder or decoder run")
+    out = sys.stdout if out is None else out
+    started = time.perf_counter()
+    if input_path is None or str(input_path) == "-":
+        lines = predict_lines(restored, sys.stdin, out)
+    else:
+        path = Path(input_path)
+        if not path.is_file():
+            raise UserError(f"--input '{path}' is not a file; pass a text file with one input per line, or omit "
+                            f"--input to read stdin")
+        with path.open(encoding="utf-8") as handle:
+            lines = predict_lines(restored, handle, out)
+    seconds = time.perf_counter() - started
+    log.info("predicted %d lines with step %d (%s) in %.1fs", lines, restored.step,
+             describe(restored.run.config.decode), seconds)
+    return {"command": "predict", "step": restored.step, "lines": lines,
+            "decoding": describe(restored.run.config.decode), "seconds": round(seconds, 1)}
