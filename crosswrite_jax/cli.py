@@ -26,10 +26,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="a python config file, e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory; resumes from its newest checkpoint")
 
-    evaluate = commands.add_parser("eval", help="decode a split from a checkpoint and score it")
-    evaluate.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
+    evaluate = commands.add_parser("eval", help="decode a split from a checkpoint (as decode.* say) and score it")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run directory written by `crosswrite train`")
+    source.add_argument("--checkpoint", help="a run directory, its checkpoints/ or one checkpoints/STEP")
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     evaluate.add_argument("--split", default=None, help="data split to decode (default: eval.split, 'test')")
+
+    predict = commands.add_parser("predict", help="translate (or continue) each input line with a checkpoint")
+    predict.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
+    predict.add_argument("--input", default=None, help="a text file, one input per line (default: stdin)")
+    predict.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
 
     quick = commands.add_parser("quickstart", help="train on the bundled Multi30k sample, then evaluate")
     quick.add_argument("--workdir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
@@ -44,11 +51,30 @@ def _parser() -> argparse.ArgumentParser:
     export_hf = commands.add_parser("export-hf", help="a run's checkpoint -> config.json + model.safetensors")
     export_hf.add_argument("source", help="a run directory (newest step) or one of its checkpoints/STEP")
     export_hf.add_argument("out", help="output directory that transformers' from_pretrained loads")
+    compile_check = commands.add_parser(
+        "compile-check", help="compile a config's sharded train step for a TPU slice here; report memory per chip")
+    compile_check.add_argument("--config", required=True, help="a python config file, e.g. configs/llama_8b_pod.py")
+    compile_check.add_argument("--topology", required=True,
+                               help="TPU slice: v5e-256, v5litepod-16, v4-128, v5p-128, v6e-64 or v5e:16x16")
     ckpt = commands.add_parser("checkpoint", help="inspect checkpoints offline")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_commands.add_parser("verify", help="check every step against its checksum manifest")
     verify.add_argument("path", help="a run directory, its checkpoints/ or one checkpoints/STEP")
-    for sub in (train, evaluate, quick, keys, import_hf, export_hf, ckpt, verify):
+    tokenizer = commands.add_parser("tokenizer", help="train subword tokenizers offline")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tokenizer_commands.add_parser("train", help="train a tokenizer on text files (one text per line)")
+    tok_train.add_argument("--input", action="append", required=True, metavar="GLOB",
+                           help="text files, one text per line, .gz allowed (repeatable; quote globs)")
+    tok_train.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
+    tok_train.add_argument("--model", required=True, choices=("unigram", "bpe", "wordpiece"), help="subword model")
+    tok_train.add_argument("--out", required=True, help="new directory for tokenizer.json (HF format)")
+    tok_train.add_argument("--sentinels", type=int, default=100, help="<extra_id_K> tokens to add (default: 100)")
+    tok_train.add_argument("--no-mask", action="store_true", help="do not add a <mask> token")
+    tok_train.add_argument("--max-lines", type=int, default=None, help="read at most this many texts")
+    tok_train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
+    for sub in (tokenizer, tok_train):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    for sub in (train, evaluate, predict, quick, keys, import_hf, export_hf, compile_check, ckpt, verify):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -72,22 +98,47 @@ def _print_json(record: dict) -> None:
 
 
 def run_train(args, overrides) -> dict:
+    from crosswrite_jax import distributed
     from crosswrite_jax.train import train
 
     config = _load_config(args.config, overrides)
+    distributed.initialize(config.distributed)  # before anything touches a backend
     started = time.perf_counter()
     metrics = train(config, args.workdir)
+    if not distributed.is_main_process():
+        return {}
     return {"command": "train", "workdir": str(args.workdir), "seconds": round(time.perf_counter() - started, 1),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def run_eval(args, overrides) -> dict:
+    from crosswrite_jax import distributed
     from crosswrite_jax.evaluate import evaluate
 
-    scores = evaluate(args.workdir, step=args.step, split=args.split, overrides=overrides)
+    distributed.initialize(_distributed_config(overrides))
+    scores = evaluate(args.workdir, step=args.step, split=args.split, overrides=overrides,
+                      checkpoint_path=args.checkpoint)
+    if not distributed.is_main_process():
+        return {}
     print(scores.pop("bleu_signature"), f"BLEU = {scores['bleu']}")
     print(scores.pop("chrf_signature"), f"chrF = {scores['chrf']}")
     return scores
+
+
+def _distributed_config(overrides: dict[str, str]):
+    """The distributed.* keys of the command line over the defaults (eval has no config file)."""
+    from crosswrite_jax import config as config_lib
+
+    keys = {k: v for k, v in overrides.items() if k.startswith("distributed.")}
+    return config_lib.override(config_lib.Config(), keys).distributed
+
+
+def run_predict(args, overrides) -> dict:
+    from crosswrite_jax.predict import predict
+
+    summary = predict(args.workdir, input_path=args.input, step=args.step, overrides=overrides)
+    print(json.dumps(summary), file=sys.stderr, flush=True)  # stdout holds the predictions only
+    return {}
 
 
 def run_quickstart(args, overrides) -> dict:
@@ -128,6 +179,17 @@ def run_export_hf(args, overrides) -> dict:
     return export_hf(args.source, args.out)
 
 
+def run_compile_check(args, overrides) -> dict:
+    from crosswrite_jax.compile_check import check_fits, compile_check, format_report
+
+    report = compile_check(_load_config(args.config, overrides), args.topology)
+    print(format_report(report), flush=True)
+    check_fits(report)  # exit 2 when it would not fit
+    return {"command": "compile-check", "topology": report.topology, "fits": report.fits,
+            "bytes_per_chip": report.total_bytes, "hbm_bytes": report.hbm_bytes,
+            "mfu_ceiling": round(report.mfu_ceiling, 3)}
+
+
 def run_checkpoint(args, overrides) -> dict:
     from crosswrite_jax.integrity import verify_report
 
@@ -135,6 +197,20 @@ def run_checkpoint(args, overrides) -> dict:
     ok, report = verify_report(args.path)
     print(report)
     return {"command": "checkpoint verify", "ok": ok}
+
+
+def run_tokenizer(args, overrides) -> dict:
+    from crosswrite_jax.data.tokenizer import check_output, save_new, train_from_files
+
+    _no_overrides(overrides, "tokenizer train")
+    out = check_output(args.out, force=args.force)  # fail before training, not after
+    started = time.perf_counter()
+    tokenizer = train_from_files(args.input, args.vocab_size, args.model, mask=not args.no_mask,
+                                 sentinels=args.sentinels, max_lines=args.max_lines)
+    save_new(tokenizer, out, force=args.force)
+    return {"command": "tokenizer train", "vocab_size": tokenizer.vocab_size, "model": args.model,
+            "mask_id": tokenizer.mask_id, "sentinels": len(tokenizer.sentinel_ids), "out": str(out),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _no_overrides(overrides: dict, command: str) -> None:
@@ -154,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         from crosswrite_jax.config import parse_overrides
 
         overrides = parse_overrides(rest)
-        handler = {"train": run_train, "eval": run_eval, "quickstart": run_quickstart, "keys": run_keys,
-                   "import-hf": run_import_hf, "export-hf": run_export_hf, "checkpoint": run_checkpoint}
+        handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
+                   "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
+                   "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:

@@ -167,6 +167,7 @@ class DistributedConfig:
     num_processes: int = 0  # 0: auto-detect
     process_id: int = -1  # -1: auto-detect
     initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead and all stop
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,18 @@ _CHOICES = {
 # The model each task trains: (model.family, model.head or None for any).
 TASK_MODELS = {"translation": ("encoder_decoder", None), "span_corruption": ("encoder_decoder", None),
                "mlm": ("encoder", "mlm"), "causal_lm": ("decoder", None), "prefix_lm": ("decoder", None)}
+
+
+def check_task_model(config: "Config", head_too: bool = False) -> None:
+    """Fails when the model family (and, for training, the head) cannot serve the task."""
+    family, head = TASK_MODELS[config.task]
+    m = config.model
+    if m.family != family:
+        raise UserError(f"task '{config.task}' trains a model.family='{family}' model, but the config has "
+                        f"'{m.family}'; set --config.model.family={family} (or pick another task)")
+    if head_too and head is not None and m.head != head:
+        raise UserError(f"task '{config.task}' needs model.head='{head}', but the config has '{m.head}'; "
+                        f"set --config.model.head={head}")
 
 
 def all_keys(config: Any = None, prefix: str = "") -> list[str]:
@@ -323,6 +336,10 @@ def validate(config: Config) -> None:
         raise UserError(f"config key 'mesh.shape' {config.mesh.shape}: sizes must be positive, one may be -1")
     if len(config.mesh.shape) != 3:
         raise UserError(f"config key 'mesh.shape' needs 3 sizes (data, fsdp, tensor), got {config.mesh.shape}")
+    dcn = config.mesh.dcn_shape
+    if len(dcn) != 3 or sum(1 for s in dcn if s == -1) > 1 or any(s == 0 or s < -1 for s in dcn):
+        raise UserError(f"config key 'mesh.dcn_shape' {dcn}: needs 3 positive sizes (slices along data, fsdp, "
+                        f"tensor), one may be -1")
     if not config.data.bucket_lengths or list(config.data.bucket_lengths) != sorted(config.data.bucket_lengths):
         raise UserError("config key 'data.bucket_lengths' must be a non-empty increasing tuple")
     for key in ("data.max_source_length", "data.max_target_length", "eval.max_decode_length"):
@@ -331,13 +348,7 @@ def validate(config: Config) -> None:
                             f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
-    family, head = TASK_MODELS[config.task]
-    if m.family != family:
-        raise UserError(f"task '{config.task}' trains a model.family='{family}' model, but the config has "
-                        f"'{m.family}'; set --config.model.family={family} (or pick another task)")
-    if head is not None and m.head != head:
-        raise UserError(f"task '{config.task}' needs model.head='{head}', but the config has '{m.head}'; "
-                        f"set --config.model.head={head}")
+    check_task_model(config)
     o = config.objective
     for key in ("objective.mlm_probability", "objective.noise_density", "objective.prefix_fraction"):
         if not 0.0 < get(config, key) < 1.0:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax import workdir as workdir_lib
+from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.data import pipeline, pretraining
@@ -127,7 +128,7 @@ class Trainer:
         dummy = example_inputs(config.model)
         init = lambda key: model.init({"params": key}, *dummy)["params"]  # noqa: E731
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            boxed = jax.eval_shape(init, jax.random.key(0))
+            boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced key: the mesh may be compile-only
             tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps)
             layout = state_layout(boxed, tx, mesh, rules)
         return cls(config, mesh, rules, task, model, tx, labels, layout,
@@ -326,11 +327,12 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     """
     run = workdir_lib.prepare(config, workdir)
     config, tokenizer = run.config, run.tokenizer
-    mesh = sharding.make_mesh(config.mesh.shape)
+    mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
     ways = sharding.data_parallel_size(mesh)
     if config.train.batch_size % ways:
         raise UserError(f"config key 'train.batch_size' ({config.train.batch_size}) must be a multiple of the "
                         f"data-parallel size {ways} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+    config_lib.check_task_model(config, head_too=True)
     trainer = Trainer.build(config, mesh)
     is_main = jax.process_index() == 0
     report = trainer.parameter_report()

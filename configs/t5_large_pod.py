@@ -1,0 +1,33 @@
+"""T5 v1.1 large (783M parameters) span-corruption pretraining on C4, on a TPU v5e-64 slice (16 hosts x 4 chips).
+
+Targets: v5litepod-64 (8x8 chips, 16 GiB HBM each); fsdp over all 64 chips, bfloat16 compute. T5 v1.1 sizes:
+d_model 1024, 16 heads of 64, d_ff 2816 (gated GELU), 24+24 layers, vocabulary 32,128, untied output layer;
+inputs of 512 tokens, targets of 114, 256 rows a step.
+
+Run (creates the TPU, installs this checkout's commit on every worker, trains on all of them, streams
+process 0's log; --delete removes the TPU afterwards):
+    launch/tpu_pod.sh --name t5-large --zone us-west4-a --accelerator v5litepod-64 \
+        --config configs/t5_large_pod.py --workdir gs://YOUR_BUCKET/runs/t5_large --delete
+Check that it fits first (no TPU needed; measured: 8.3 of 16 GiB per chip (temporaries 8.1 GiB)):
+    crosswrite compile-check --config configs/t5_large_pod.py --topology v5e-64
+"""
+
+import pod_common as common
+
+from crosswrite_jax.config import Config, MeshConfig
+from crosswrite_jax.models.presets import t5
+
+
+def get_config() -> Config:
+    return Config(
+        name="t5_large_pod",
+        task="span_corruption",
+        model=t5("1.1", vocab_size=32128, d_model=1024, num_heads=16, head_dim=64, d_ff=2816,
+                 num_encoder_layers=24, num_decoder_layers=24, max_length=512, dropout_rate=0.0,
+                 tie_output_embedding=False, dtype="bfloat16"),
+        data=common.data("unigram", inputs_length=512, targets_length=114),
+        optimizer=common.optimizer(learning_rate=1e-2, warmup_steps=10_000, schedule="rsqrt"),
+        train=common.train(steps=524_288, batch_size=256),
+        checkpoint=common.checkpoint(),
+        mesh=MeshConfig(shape=(1, -1, 1), rules="fsdp"),
+    )

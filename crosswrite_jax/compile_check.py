@@ -1,0 +1,334 @@
+"""Compiles a config's exact sharded train step for a Cloud TPU topology on this machine (no TPU needed).
+
+libtpu (`pip install 'crosswrite-jax[tpu-compile]'`) describes the topology's chips to XLA as compile-only devices;
+the mesh, shardings and train step are the ones `crosswrite train` builds, lowered on abstract state and batch
+and compiled ahead of time. XLA's memory and cost analyses then say what one chip holds and computes per step:
+whether the run fits in HBM, and how many of the compiled FLOPs the model needs (the MFU ceiling).
+
+Compiling takes host memory and time as the real compile would: on 2 CPU cores, a 24-layer model for 16 chips
+took 7 minutes, a 32-layer 8B model for 128 chips 4 minutes and 9 GB; a 48-layer T5-XL for 64 chips needed
+more than 22 GB. Only one libtpu normally loads per machine; compile checks set ALLOW_MULTIPLE_LIBTPU_LOAD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from crosswrite_jax import sharding
+from crosswrite_jax.config import Config
+from crosswrite_jax.errors import UserError
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One TPU generation: memory and bf16 peak per chip, and how its slices are named."""
+
+    generation: str
+    hbm_bytes: int
+    peak_flops: float  # dense bf16 FLOP/s
+    dims: int  # 2: a 2D torus (v5e, v6e); 3: a 3D torus (v4, v5p)
+    cores_per_chip_in_name: int  # v4-8 and v5p-8 count TensorCores (4 chips); v5litepod-8 counts chips
+    accelerator_type: str  # a single-host type libtpu accepts while it describes the topology
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "v4-8"),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, "v5litepod-4"),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 3, 2, "v5p-8"),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, "v6e-4"),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+EXAMPLES = "v5e-256, v5litepod-16, v4-128, v5p-256, v6e-64 or v5e:16x16, v4:4x4x8"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A TPU slice: its chip and the chip grid libtpu knows it by (e.g. 'v5e:16x16')."""
+
+    chip: Chip
+    grid: tuple[int, ...]
+    name: str  # as the user wrote it
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{self.chip.generation}:{'x'.join(map(str, self.grid))}"
+
+
+def parse_topology(name: str) -> Topology:
+    """'v5e-256' (an accelerator type) or 'v5e:16x16' (a chip grid) -> Topology; UserError otherwise."""
+    text = name.strip().lower()
+    match = re.fullmatch(r"(v\d+[a-z]*)([-:])([\dx]+)", text)
+    generation = ALIASES.get(match.group(1), match.group(1)) if match else ""
+    if not match or generation not in CHIPS:
+        raise UserError(f"--topology '{name}' is not a TPU slice this knows; write e.g. {EXAMPLES}")
+    chip, size = CHIPS[generation], match.group(3)
+    if match.group(2) == ":":
+        grid = tuple(int(d) for d in size.split("x") if d)
+        if len(grid) != chip.dims or min(grid) < 1:
+            raise UserError(f"--topology '{name}': a {generation} grid has {chip.dims} sizes, e.g. "
+                            f"{generation}:{'x'.join(['2'] * chip.dims)}")
+        return Topology(chip, grid, name)
+    if not size.isdigit() or int(size) % chip.cores_per_chip_in_name:
+        raise UserError(f"--topology '{name}': the size after '-' is a whole number of "
+                        f"{'TensorCores (2 per chip)' if chip.cores_per_chip_in_name == 2 else 'chips'}")
+    return Topology(chip, _grid(int(size) // chip.cores_per_chip_in_name, chip.dims, name), name)
+
+
+def _grid(chips: int, dims: int, name: str) -> tuple[int, ...]:
+    """The chip grid of a slice of `chips` chips: 2x2 (x1) doubled along its shortest side, as Cloud TPU does."""
+    if chips == 1 and dims == 2:
+        return (1, 1)
+    grid = [2, 2] + [1] * (dims - 2)
+    while math.prod(grid) < chips:
+        shortest = max(i for i, d in enumerate(grid) if d == min(grid))
+        grid[shortest] *= 2
+        grid.sort()
+    if math.prod(grid) != chips:
+        raise UserError(f"--topology '{name}': {chips} chips is not a slice size (1, 4, 8, 16, ... chips)")
+    return tuple(grid)
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
+    """The compile-only devices of `num_slices` such slices, described by libtpu."""
+    _require_libtpu()
+    from jax.experimental import topologies
+
+    options: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+    if topology.chip.generation == "v4":
+        options["chip_config_name"] = "megacore"  # one JAX device per chip, as on a v4 TPU VM
+    try:
+        with _no_tpu_host(topology.chip):
+            return list(topologies.get_topology_desc(topology.libtpu_name, "tpu", **options).devices)
+    except Exception as error:  # libtpu raises XlaRuntimeError / RuntimeError with its own text
+        raise UserError(f"libtpu could not describe topology {topology.libtpu_name} ({_first_line(error)})") from None
+
+
+@contextlib.contextmanager
+def _no_tpu_host(chip: Chip) -> Iterator[None]:
+    """Tells libtpu, while it starts, that this machine is no TPU host (else it warns about each missing setting).
+
+    The variables are removed again afterwards: TPU_* settings make `distributed` take the machine for a Cloud TPU.
+    """
+    settings = {"TPU_ACCELERATOR_TYPE": chip.accelerator_type, "TPU_WORKER_HOSTNAMES": "localhost",
+                "TPU_WORKER_ID": "0", "TPU_SKIP_MDS_QUERY": "1",
+                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # no chips to guard: compile checks may run side by side
+    added = [] if _on_tpu_vm() else [k for k in settings if k not in os.environ]
+    os.environ.update({k: settings[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _require_libtpu() -> None:
+    from jax._src.cloud_tpu_init import get_tpu_library_path
+
+    if get_tpu_library_path() is None:
+        raise UserError("compile-check needs libtpu to compile for TPUs: pip install 'crosswrite-jax[tpu-compile]' "
+                        "(libtpu 0.0.42.1 for jax 0.10.2)")
+
+
+def _on_tpu_vm() -> bool:
+    from jax._src import cloud_tpu_init
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of one global training batch, as the task's pipeline makes them (longest bucket when unpacked)."""
+    from crosswrite_jax.data import pretraining
+
+    d, rows = config.data, config.train.batch_size
+    if config.task == "translation":
+        lengths = {"inputs": d.max_source_length, "targets": d.max_target_length}
+        segmented = d.packing
+    else:
+        lengths = pretraining.features(config.task, d.max_source_length, d.max_target_length)
+        segmented = True  # pretraining rows always carry segment ids and positions
+    keys = dict(lengths)
+    if segmented:
+        for key, length in lengths.items():
+            if key != "targets_prefix":
+                keys[f"{key}_segments"] = keys[f"{key}_positions"] = length
+    spec = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=spec) for k, length in keys.items()}
+
+
+def per_chip_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes of one device's shard of every array of a tree (the largest shard where shards differ)."""
+    total = 0
+    for leaf, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += math.prod(spec.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def model_flops_per_step(config: Config, param_shapes: dict[str, tuple[int, ...]]) -> float:
+    """Matmul FLOPs a training step needs (forward and backward: 3x forward), attention scores included."""
+    d, m, rows = config.data, config.model, config.train.batch_size
+    if config.task == "translation" or m.family == "encoder_decoder":
+        source, target = d.max_source_length, d.max_target_length
+    else:
+        source = target = d.max_source_length  # one stream of inputs_length tokens
+    output_tokens = rows * (source if m.family == "encoder" else target)
+    forward = 0.0
+    for path, shape in param_shapes.items():
+        n = math.prod(shape)
+        if path.startswith("encoder/") and path.endswith("kernel"):
+            forward += 2 * n * rows * source
+        elif path.startswith("decoder/") and path.endswith("kernel"):
+            reads_encoder = "cross_attention/" in path and re.search(r"/(key|value)/kernel$", path)
+            forward += 2 * n * rows * (source if reads_encoder else target)
+        elif path.endswith("kernel") or (path == "embed/token_embed/embedding" and m.tie_output_embedding):
+            forward += 2 * n * output_tokens  # output projection and heads
+    width = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+    attention = {"encoder": (m.num_encoder_layers, [(source, source)]),
+                 "decoder": (m.num_decoder_layers, [(target, target)] + ([(target, source)]
+                                                                          if m.family == "encoder_decoder" else []))}
+    for stack, (layers, pairs) in attention.items():
+        if (stack == "encoder") == (m.family == "decoder"):
+            continue
+        forward += layers * sum(4 * rows * q * k * width for q, k in pairs)  # q k^T and attention x v
+    return 3 * forward
+
+
+@dataclass
+class Report:
+    """What one chip holds and computes in a step of the compiled program."""
+
+    topology: str
+    chips: int
+    slices: int
+    mesh: dict[str, int]
+    hbm_bytes: int
+    params_bytes: int
+    optimizer_bytes: int
+    batch_bytes: int
+    temp_bytes: int
+    total_bytes: int  # arguments + outputs not aliased to them + temporaries
+    compiled_flops_per_chip: float
+    bytes_accessed_per_chip: float
+    model_flops_per_step: float
+    step_time_lower_bound_s: float
+    mfu_ceiling: float
+    parameters: int
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+
+def compile_check(config: Config, topology_name: str) -> Report:
+    """Compiles `config`'s train step for the topology (times prod(mesh.dcn_shape) slices) and reports."""
+    from crosswrite_jax.models.transformer import param_shapes
+    from crosswrite_jax.train import Trainer
+
+    topology = parse_topology(topology_name)
+    slices = math.prod(abs(s) for s in config.mesh.dcn_shape)
+    devices = topology_devices(topology, slices)
+    mesh = sharding.make_mesh(config.mesh.shape, devices, dcn_shape=config.mesh.dcn_shape)
+    ways = sharding.data_parallel_size(mesh)
+    if config.train.batch_size % ways:
+        raise UserError(f"config key 'train.batch_size' ({config.train.batch_size}) must be a multiple of the "
+                        f"data-parallel size {ways} on {topology_name} (mesh {dict(mesh.shape)})")
+    trainer = Trainer.build(config, mesh)
+    state = trainer.layout.abstract_with_shardings()
+    batch = abstract_batch(config, mesh)
+    params_bytes = per_chip_bytes(trainer.layout.abstract.params, trainer.layout.shardings.params)
+    optimizer_bytes = per_chip_bytes(trainer.layout.abstract.opt_state, trainer.layout.shardings.opt_state)
+    with trainer.context():
+        lowered = trainer.jit_train_step().lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as error:  # XLA refuses a program that cannot fit in HBM
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            raise UserError(f"does not fit: {topology.libtpu_name} with mesh {dict(mesh.shape)}: "
+                            f"{_out_of_memory(error)}; params {params_bytes / GiB:.2f} GiB and optimizer state "
+                            f"{optimizer_bytes / GiB:.2f} GiB per chip. {_ADVICE}") from None
+    memory = compiled.memory_analysis()
+    cost = _cost(compiled)
+    shapes = param_shapes(config.model)
+    chips = len(devices)
+    model_flops = model_flops_per_step(config, shapes)
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    # XLA's own roofline estimate of the step, where it gives one; never below the FLOPs at peak rate.
+    lower_bound = max(flops / topology.chip.peak_flops, float(cost.get("optimal_seconds", 0.0)), 1e-12)
+    total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes \
+        + memory.temp_size_in_bytes
+    return Report(
+        topology=topology.libtpu_name + (f" x {slices} slices" if slices > 1 else ""), chips=chips, slices=slices,
+        mesh=dict(mesh.shape), hbm_bytes=topology.chip.hbm_bytes,
+        params_bytes=params_bytes, optimizer_bytes=optimizer_bytes,
+        batch_bytes=per_chip_bytes(batch, {k: v.sharding for k, v in batch.items()}),
+        temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(total), compiled_flops_per_chip=flops,
+        bytes_accessed_per_chip=accessed, model_flops_per_step=model_flops, step_time_lower_bound_s=lower_bound,
+        mfu_ceiling=min(model_flops / (chips * topology.chip.peak_flops * lower_bound), 1.0),
+        parameters=sum(math.prod(s) for s in shapes.values()))
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def format_report(report: Report) -> str:
+    """A few aligned lines for the terminal."""
+    gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+    rows = [
+        ("topology", f"{report.topology}: {report.chips} chips, mesh {report.mesh}"),
+        ("parameters", f"{report.parameters / 1e9:.3f} B"),
+        ("per chip: params", gib(report.params_bytes)),
+        ("per chip: optimizer", gib(report.optimizer_bytes)),
+        ("per chip: batch", gib(report.batch_bytes)),
+        ("per chip: temporaries", gib(report.temp_bytes)),
+        ("per chip: total", f"{gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM "
+                            f"({100 * report.total_bytes / report.hbm_bytes:.0f}%)"),
+        ("compiled FLOPs / chip", f"{report.compiled_flops_per_chip:.3e} per step"),
+        ("model FLOPs", f"{report.model_flops_per_step:.3e} per step (all chips; compiled / model = "
+                        f"{report.chips * report.compiled_flops_per_chip / max(report.model_flops_per_step, 1):.2f})"),
+        ("step time >=", f"{report.step_time_lower_bound_s * 1e3:.1f} ms (XLA's estimate, at least FLOPs / peak)"),
+        ("MFU ceiling", f"{100 * report.mfu_ceiling:.0f}%"),
+    ]
+    return "\n".join(f"{name:24s}{value}" for name, value in rows)
+
+
+_ADVICE = "Lower train.batch_size, shard more (mesh.shape, mesh.rules) or take a larger slice"
+
+
+def check_fits(report: Report) -> None:
+    """UserError (exit 2) when one chip would need more than its HBM."""
+    if not report.fits:
+        raise UserError(
+            f"does not fit: {report.total_bytes / GiB:.2f} GiB per chip on {report.topology} exceeds its "
+            f"{report.hbm_bytes / GiB:.0f} GiB HBM (params {report.params_bytes / GiB:.2f}, optimizer "
+            f"{report.optimizer_bytes / GiB:.2f}, temporaries {report.temp_bytes / GiB:.2f} GiB). {_ADVICE}")
+
+
+def _out_of_memory(error: Exception) -> str:
+    """XLA's out-of-memory sentence, without the status code and the buffer listing after it."""
+    lines = [line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line] or [_first_line(error)]
+    sentence = lines[0].split("RESOURCE_EXHAUSTED: ", 1)[-1].split(". ", 1)[0]
+    return sentence.rstrip(".")[:300]
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
