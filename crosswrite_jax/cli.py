@@ -120,8 +120,9 @@ def run_eval(args, overrides) -> dict:
                       checkpoint_path=args.checkpoint)
     if not distributed.is_main_process():
         return {}
-    print(scores.pop("bleu_signature"), f"BLEU = {scores['bleu']}")
-    print(scores.pop("chrf_signature"), f"chrF = {scores['chrf']}")
+    if "bleu_signature" in scores:  # translation; pretraining runs report held-out loss and perplexity
+        print(scores.pop("bleu_signature"), f"BLEU = {scores['bleu']}")
+        print(scores.pop("chrf_signature"), f"chrF = {scores['chrf']}")
     return scores
 
 

@@ -232,8 +232,24 @@ class Report:
         return self.total_bytes <= self.hbm_bytes
 
 
+# Variables libtpu sets in the C environment while it compiles (so child processes inherit them, unseen by
+# os.environ); left behind, they make `distributed` take this machine for a Cloud TPU host.
+LIBTPU_ENVIRONMENT = ("CLOUD_TPU_TASK_ID", "CLOUD_TPU_ACCELERATOR_TYPE", "TPU_PREMAPPED_BUFFER_SIZE")
+
+
 def compile_check(config: Config, topology_name: str) -> Report:
     """Compiles `config`'s train step for the topology (times prod(mesh.dcn_shape) slices) and reports."""
+    users = {key for key in LIBTPU_ENVIRONMENT if key in os.environ}
+    try:
+        return _compile_check(config, topology_name)
+    finally:
+        if not _on_tpu_vm():
+            for key in set(LIBTPU_ENVIRONMENT) - users:
+                os.environ.pop(key, None)
+                os.unsetenv(key)
+
+
+def _compile_check(config: Config, topology_name: str) -> Report:
     from crosswrite_jax.models.transformer import param_shapes
     from crosswrite_jax.train import Trainer
 

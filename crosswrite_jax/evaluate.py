@@ -23,6 +23,7 @@ from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import strip_boxes
+from crosswrite_jax.tasks import get_task
 from crosswrite_jax.workdir import Run, check_tokenizer, load_run, locate_checkpoint
 
 log = logging.getLogger("crosswrite")
@@ -105,6 +106,8 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         overrides["eval.split"] = split
     restored = restore(workdir, step, overrides)
     run = restored.run
+    if get_task(run.config.task).pretraining:
+        return held_out_scores(restored)
     if run.config.model.family != "encoder_decoder":
         raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
                         f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
@@ -121,6 +124,31 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         scores["hypotheses_file"] = str(out / f"{stem}.hyp.txt")
         writer = MetricsWriter(run.workdir)
         writer.write(restored.step, run.config.eval.split, {k: scores[k] for k in ("bleu", "chrf", "examples")})
+        writer.close()
+    return scores
+
+
+def held_out_scores(restored: Restored) -> dict[str, Any]:
+    """Loss, perplexity and accuracy of a pretraining run's objective over all of data.eval_sources."""
+    from crosswrite_jax.train import make_eval_step, summarize, to_global_batch, validation_batches
+
+    run = restored.run
+    task = get_task(run.config.task)
+    batches = validation_batches(run, task, limit=0)
+    batch_sharding = sharding.batch_sharding(restored.mesh)
+    step = jax.jit(make_eval_step(restored.model, task, label_smoothing=0.0),
+                   in_shardings=(restored.param_shardings, batch_sharding), out_shardings=sharding.replicated(restored.mesh))
+    totals = {"loss_sum": 0.0, "nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    with restored.context():
+        for batch in batches:
+            sums = jax.device_get(step(restored.params, to_global_batch(batch, restored.mesh)))
+            for key in totals:
+                totals[key] += float(sums[key])
+    scores = dict(summarize(totals), step=restored.step, task=task.name, split="eval_sources",
+                  batches=len(batches), devices=jax.device_count())
+    if jax.process_index() == 0:
+        writer = MetricsWriter(run.workdir)
+        writer.write(restored.step, "held_out", {k: scores[k] for k in ("loss", "perplexity", "accuracy", "tokens")})
         writer.close()
     return scores
 

@@ -282,11 +282,11 @@ def training_batches(run: workdir_lib.Run, trainer: Trainer) -> grain.IterDatase
     return _pretraining_dataset(run, config.data.sources, config.train.seed, shuffle=True)
 
 
-def validation_batches(run: workdir_lib.Run, trainer: Trainer) -> list[dict[str, np.ndarray]]:
-    """The fixed held-out batches of periodic validation (train.eval_batches of them; 0: all, pretraining)."""
+def validation_batches(run: workdir_lib.Run, task: Task, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The fixed held-out batches of validation: `limit` (default train.eval_batches; 0: all, pretraining)."""
     config = run.config
-    limit = config.train.eval_batches
-    if not trainer.task.pretraining:
+    limit = config.train.eval_batches if limit is None else limit
+    if not task.pretraining:
         data = make_dataset(run.read_split(config.data.eval_split), run.tokenizer, config, seed=0, shuffle=False)
         return [data[i] for i in range(limit)]
     if not config.data.eval_sources:
@@ -363,7 +363,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
         state = trainer.init_state()
     start = int(jax.device_get(state.step))
 
-    val_batches = validation_batches(run, trainer) if config.train.eval_every > 0 else None
+    val_batches = validation_batches(run, trainer.task) if config.train.eval_every > 0 else None
 
     writer = MetricsWriter(run.workdir, enabled=is_main)
     train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()

@@ -12,7 +12,7 @@ import jax
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.data import sources, text_sources
-from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer
+from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
 from crosswrite_jax.errors import UserError
 
 CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
@@ -97,8 +97,8 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
         pairs = sources.read_parallel(d.dataset, d.train_split, d.source_lang, d.target_lang)
         texts = [s for s, _ in pairs] + [t for _, t in pairs]
         tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model)
-    if jax.process_index() == 0:
-        tokenizer.save(folder)
+    if jax.process_index() == 0:  # tokenizer.json lands last, by rename: other processes never read half a file
+        save_new(tokenizer, folder, force=True)
     return tokenizer
 
 

@@ -273,3 +273,31 @@ def test_one_process_initializes_nothing():
 
     assert initialize(DistributedConfig(), environ={}) is False
     assert is_main_process()
+
+
+@pytest.mark.slow
+def test_sigterm_on_every_host_saves_one_agreed_step_and_exits_zero(tmp_path):
+    workdir = _seeded_workdir(tmp_path / "pod", {})
+    port = _free_port()
+    args = [sys.executable, "-m", "crosswrite_jax.cli", "train", "--config", str(QUICKSTART), "--workdir",
+            str(workdir), *_cli_overrides(dict(TINY_OVERRIDES, **{"train.steps": 100000, "train.log_every": 1,
+                                                                   "checkpoint.every": 100000}))]
+    processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                           CROSSWRITE_COORDINATOR=f"127.0.0.1:{port}",
+                                           CROSSWRITE_NUM_PROCESSES="2", CROSSWRITE_PROCESS_ID=str(i)))
+                 for i in range(2)]
+    try:
+        _wait_for_training(workdir / "metrics.jsonl", processes, timeout_s=240)
+        for process in processes:  # a pod's maintenance event signals every host
+            process.send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    stopped = _last_json(outputs[0][0])["preempted_at"]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [stopped]  # one step, agreed by both processes, fully written

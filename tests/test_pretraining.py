@@ -323,3 +323,20 @@ def test_pretraining_reads_a_tfds_dataset_through_the_same_pipeline(corpus, tmp_
                             data__sources=(spec,), data__mixture_weights=())
     last = train(config, tmp_path / "run")
     assert np.isfinite(last["loss"]) and last["tokens"] > 0
+
+
+def test_eval_of_a_pretraining_run_reports_held_out_perplexity_on_one_device(corpus, tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    config = pretrain_config("causal_lm", corpus, train__eval_batches=0, train__eval_every=6)
+    last = train(config, tmp_path / "run")
+    code = ("import jax, json; jax.config.update('jax_num_cpu_devices', 1); from crosswrite_jax.evaluate import "
+            f"evaluate; print(json.dumps(evaluate({str(tmp_path / 'run')!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert scores["devices"] == 1 and scores["task"] == "causal_lm" and scores["step"] == 6
+    assert scores["tokens"] == last["val_tokens"]
+    np.testing.assert_allclose(scores["perplexity"], last["val_perplexity"], rtol=1e-4)
