@@ -134,6 +134,10 @@ def held_out_scores(restored: Restored) -> dict[str, Any]:
 
     run = restored.run
     task = get_task(run.config.task)
+    if not run.config.data.eval_sources:
+        raise UserError(f"this run's task '{task.name}' is scored on held-out text, but config key "
+                        f"'data.eval_sources' is empty; pass --config.data.eval_sources='text:FILE' (or another "
+                        f"source spec), or use `crosswrite predict` to generate")
     batches = validation_batches(run, task, limit=0)
     batch_sharding = sharding.batch_sharding(restored.mesh)
     step = jax.jit(make_eval_step(restored.model, task, label_smoothing=0.0),
