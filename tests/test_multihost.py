@@ -93,7 +93,7 @@ def test_two_processes_train_and_one_device_restores_the_same_numbers(tmp_path):
 
     # The same held-out batches, teacher-forced on one device: the loss the two processes reported.
     run = workdir_lib.load_run(workdir)
-    val = _validate(one, one.jit_eval_step(), on_one, validation_batches(run, one))
+    val = _validate(one, one.jit_eval_step(), on_one, validation_batches(run, one.task))
     np.testing.assert_allclose(val["loss"], pod["val_loss"], rtol=1e-5)
     assert val["tokens"] == pod["val_tokens"]
 
