@@ -194,7 +194,7 @@ def _params_from(path: str, trainer: Trainer, tokenizer) -> Any:
                 raise UserError(f"train.init_from '{path}' holds no checkpoint; train it first")
             target, fresh_paths, unused = _partial_target(checkpoint_dir / str(newest), abstract, exclude)
             loaded, metadata, _ = checkpoint.restore_params(manager, target, newest, strict=False)
-            params = _merge_fresh(trainer, loaded, fresh_paths)
+            params = _merge_fresh(trainer, loaded)
             if jax.process_index() == 0:
                 log.info("init_from %s: %d parameter arrays loaded, %d freshly initialised (%s), %d checkpoint "
                          "arrays not used (%s)", path, len(jax.tree.leaves(loaded)), len(fresh_paths),
@@ -238,15 +238,12 @@ def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...]) -> 
     return traverse_util.unflatten_dict(keep), sorted(excluded), unused
 
 
-def _merge_fresh(trainer: Trainer, loaded: Any, fresh_paths: list[str]) -> Any:
+def _merge_fresh(trainer: Trainer, loaded: Any) -> Any:
     """The loaded parameters with the fresh paths taken from this run's own initialisation."""
     from flax import traverse_util
 
-    initial = traverse_util.flatten_dict(trainer.init_state().params)
-    merged = dict(initial)
-    for key, value in traverse_util.flatten_dict(loaded).items():
-        merged[key] = value
-    assert sorted("/".join(k) for k in merged if k not in traverse_util.flatten_dict(loaded)) == fresh_paths
+    merged = traverse_util.flatten_dict(trainer.init_state().params)
+    merged.update(traverse_util.flatten_dict(loaded))
     return traverse_util.unflatten_dict(merged)
 
 
@@ -297,15 +294,14 @@ def validation_batches(run: workdir_lib.Run, task: Task, limit: int | None = Non
     return _same_count_on_every_process(batches)
 
 
-def _pretraining_dataset(run: workdir_lib.Run, specs: tuple[str, ...], seed: int, shuffle: bool,
-                         packing: bool | None = None) -> grain.IterDataset:
+def _pretraining_dataset(run: workdir_lib.Run, specs: tuple[str, ...], seed: int, shuffle: bool) -> grain.IterDataset:
     config = run.config
     d = config.data
     return pretraining.pretraining_dataset(
         [run.documents(spec) for spec in specs], run.tokenizer, task=config.task, objective=config.objective,
         vocab_size=config.model.vocab_size, global_batch_size=config.train.batch_size,
         inputs_length=d.max_source_length, targets_length=d.max_target_length, seed=seed,
-        weights=d.mixture_weights if shuffle else (), shuffle=shuffle, packing=d.packing if packing is None else packing,
+        weights=d.mixture_weights if shuffle else (), shuffle=shuffle, packing=d.packing,
         process_index=jax.process_index(), process_count=jax.process_count())
 
 

@@ -119,16 +119,7 @@ def _restore_params(workdir: Path, trainer: Trainer):
 @pytest.mark.slow
 def test_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
     workdir = _seeded_workdir(tmp_path / "pod", {})
-    port = _free_port()
-    args = [sys.executable, "-m", "crosswrite_jax.cli", "train", "--config", str(QUICKSTART), "--workdir",
-            str(workdir), *_cli_overrides(dict(TINY_OVERRIDES, **{"train.steps": 100000, "train.log_every": 1,
-                                                                   "checkpoint.every": 100000,
-                                                                   "distributed.heartbeat_timeout": 5}))]
-    processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                                           CROSSWRITE_COORDINATOR=f"127.0.0.1:{port}",
-                                           CROSSWRITE_NUM_PROCESSES="2", CROSSWRITE_PROCESS_ID=str(i)))
-                 for i in range(2)]
+    processes = _start_two_processes(workdir, {"distributed.heartbeat_timeout": 5})
     try:
         _wait_for_training(workdir / "metrics.jsonl", processes, timeout_s=240)
         processes[1].send_signal(signal.SIGKILL)
@@ -147,6 +138,19 @@ def test_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
     assert "another task died" in stderr or "tasks are unhealthy" in stderr, stderr[-3000:]
     assert waited < 60
     print(f"process 0 stopped {waited:.1f}s after process 1 was killed")
+
+
+def _start_two_processes(workdir: Path, overrides: dict) -> list[subprocess.Popen]:
+    """Two `crosswrite train` processes of 4 CPU devices each, joined on a free local port, training endlessly."""
+    port = _free_port()
+    args = [sys.executable, "-m", "crosswrite_jax.cli", "train", "--config", str(QUICKSTART), "--workdir",
+            str(workdir), *_cli_overrides(dict(TINY_OVERRIDES, **{"train.steps": 100000, "train.log_every": 1,
+                                                                   "checkpoint.every": 100000, **overrides}))]
+    return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                      CROSSWRITE_COORDINATOR=f"127.0.0.1:{port}",
+                                      CROSSWRITE_NUM_PROCESSES="2", CROSSWRITE_PROCESS_ID=str(i)))
+            for i in range(2)]
 
 
 def _wait_for_training(metrics: Path, processes: list[subprocess.Popen], timeout_s: float) -> None:
@@ -278,15 +282,7 @@ def test_one_process_initializes_nothing():
 @pytest.mark.slow
 def test_sigterm_on_every_host_saves_one_agreed_step_and_exits_zero(tmp_path):
     workdir = _seeded_workdir(tmp_path / "pod", {})
-    port = _free_port()
-    args = [sys.executable, "-m", "crosswrite_jax.cli", "train", "--config", str(QUICKSTART), "--workdir",
-            str(workdir), *_cli_overrides(dict(TINY_OVERRIDES, **{"train.steps": 100000, "train.log_every": 1,
-                                                                   "checkpoint.every": 100000}))]
-    processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                                           CROSSWRITE_COORDINATOR=f"127.0.0.1:{port}",
-                                           CROSSWRITE_NUM_PROCESSES="2", CROSSWRITE_PROCESS_ID=str(i)))
-                 for i in range(2)]
+    processes = _start_two_processes(workdir, {})
     try:
         _wait_for_training(workdir / "metrics.jsonl", processes, timeout_s=240)
         for process in processes:  # a pod's maintenance event signals every host
