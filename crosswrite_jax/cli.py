@@ -25,15 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train (or resume) a run from a config file")
     train.add_argument("--config", required=True, help="a python config file, e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory; resumes from its newest checkpoint")
+    train.add_argument("--profile", action="store_true",
+                       help="trace a few steps with jax.profiler into WORKDIR/profile (train.profile_steps, default 5)")
+
+    bench = commands.add_parser("bench", help="steady-state step time, tokens/s, compile time, memory and MFU")
+    bench.add_argument("--config", required=True, help="a python config file, e.g. configs/quickstart.py")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (median reported; default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
 
     evaluate = commands.add_parser("eval", help="decode a split from a checkpoint (as decode.* say) and score it")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a run directory written by `crosswrite train`")
-    source.add_argument("--checkpoint", help="a run directory, its checkpoints/ or one checkpoints/STEP")
+    source.add_argument("--checkpoint", help="a run directory, its checkpoints/ or best/, or one STEP in them")
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     evaluate.add_argument("--split", default=None, help="data split to decode (default: eval.split, 'test')")
 
-    predict = commands.add_parser("predict", help="translate (or continue) each input line with a checkpoint")
+    predict = commands.add_parser("predict", help="translate, continue, classify or tag each input line")
     predict.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
     predict.add_argument("--input", default=None, help="a text file, one input per line (default: stdin)")
     predict.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -56,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     compile_check.add_argument("--config", required=True, help="a python config file, e.g. configs/llama_8b_pod.py")
     compile_check.add_argument("--topology", required=True,
                                help="TPU slice: v5e-256, v5litepod-16, v4-128, v5p-128, v6e-64 or v5e:16x16")
+    peft = commands.add_parser("peft", help="adapter-only checkpoints and LoRA merging of fine-tuned runs")
+    peft_commands = peft.add_subparsers(dest="peft_command", required=True)
+    peft_export = peft_commands.add_parser("export", help="a PEFT run's trained parameters alone -> a directory")
+    peft_export.add_argument("--workdir", required=True, help="a run trained with peft.method other than full")
+    peft_export.add_argument("--out", required=True, help="new directory: params/, tokenizer/, adapter.json")
+    peft_export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    peft_merge = peft_commands.add_parser("merge", help="fold LoRA adapters into the weights -> a plain run dir")
+    merge_source = peft_merge.add_mutually_exclusive_group(required=True)
+    merge_source.add_argument("--workdir", help="a fine-tuned run directory")
+    merge_source.add_argument("--adapters", help="a directory written by `crosswrite peft export`")
+    peft_merge.add_argument("--out", required=True, help="new run directory: config.json, tokenizer/, checkpoints/0")
+    peft_merge.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: newest)")
     ckpt = commands.add_parser("checkpoint", help="inspect checkpoints offline")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_commands.add_parser("verify", help="check every step against its checksum manifest")
@@ -74,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
     for sub in (tokenizer, tok_train):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    for sub in (train, evaluate, predict, quick, keys, import_hf, export_hf, compile_check, ckpt, verify):
+    for sub in (train, bench, evaluate, predict, quick, keys, import_hf, export_hf, compile_check, ckpt, verify, peft,
+                peft_export, peft_merge):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -97,10 +117,20 @@ def _print_json(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def run_bench(args, overrides) -> dict:
+    from crosswrite_jax.bench import bench, format_report
+
+    result = bench(_load_config(args.config, overrides), steps=args.steps, warmup=args.warmup)
+    print(format_report(result), flush=True)
+    return result
+
+
 def run_train(args, overrides) -> dict:
     from crosswrite_jax import distributed
     from crosswrite_jax.train import train
 
+    if args.profile and "train.profile_steps" not in overrides:
+        overrides = dict(overrides, **{"train.profile_steps": "5"})
     config = _load_config(args.config, overrides)
     distributed.initialize(config.distributed)  # before anything touches a backend
     started = time.perf_counter()
@@ -214,6 +244,15 @@ def run_tokenizer(args, overrides) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def run_peft(args, overrides) -> dict:
+    from crosswrite_jax import peft
+
+    _no_overrides(overrides, f"peft {args.peft_command}")
+    if args.peft_command == "export":
+        return peft.export_adapters(args.workdir, args.out, args.step)
+    return peft.merge(args.out, workdir=args.workdir, adapters=args.adapters, step=args.step)
+
+
 def _no_overrides(overrides: dict, command: str) -> None:
     if overrides:
         raise UserError(f"{command} takes no --config overrides (got {next(iter(overrides))})")
@@ -233,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(rest)
         handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
-                   "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check}
+                   "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check, "bench": run_bench,
+                   "peft": run_peft}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import re
 import sys
 import types
 import typing
@@ -55,6 +56,13 @@ class ModelConfig:
     tie_output_embedding: bool = True
     scale_tied_output: bool = True  # multiply by d_model**-0.5 before a tied output projection (T5)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
+    remat: str = "none"  # rematerialise each block in the backward pass: none | full | dots | dots_no_batch
+    # Parameter-efficient additions (set from the `peft` section by crosswrite_jax.peft.resolve):
+    lora_rank: int = 0  # > 0: low-rank adapters B·A beside the Dense layers lora_targets names
+    lora_alpha: float = 16.0  # adapter output scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on an adapter's input while training
+    lora_targets: str = ".*/(query|key|value|out)"  # regex over module paths, e.g. 'encoder/layer_0/mlp/wi'
+    prompt_length: int = 0  # > 0: learned soft-prompt vectors prepended to the encoder input (prompt tuning)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,12 @@ class DataConfig:
     mixture_weights: tuple[float, ...] = ()  # sampling weight of each source; empty: equal
     eval_sources: tuple[str, ...] = ()  # held-out text for validation loss / perplexity
     data_dir: str = ""  # root for relative source paths; empty: $CROSSWRITE_DATA, else the working directory
+    # Labeled examples of the fine-tuning tasks, a source spec with a {split} placeholder, e.g.
+    # "tsv:sst2/{split}.tsv?text=0&label=1", "conll:ner/wnut17/{split}.conll?tokens=0&tags=-1",
+    # "jsonl:summarization/scitldr/{split}.jsonl?source=source&target=target" (see crosswrite_jax/data/labeled.py).
+    examples: str = ""
+    labels: tuple[str, ...] = ()  # classes or tags, in id order; empty: found in the training split
+    max_train_examples: int = 0  # > 0: train on the first N examples (pairs) of the training split only
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,10 @@ class TrainConfig:
     init_from: str = ""  # a run directory (or checkpoint) whose params start a new run, e.g. from import-hf
     init_exclude: tuple[str, ...] = ()  # path regexes of params not taken from init_from (new heads): fresh init
     eval_at_start: bool = False  # validate before the first step of a fresh run (held-out loss before training)
+    grad_accum_steps: int = 1  # > 1: the batch runs as this many microbatches (a scan), gradients summed
+    profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
+    best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
+    early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,21 @@ class DecodeConfig:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Which parameters fine-tuning trains: all, a frozen preset, LoRA adapters, biases (BitFit) or a soft prompt."""
+
+    method: str = "full"  # full | freeze | lora | bitfit | prompt
+    freeze: str = "all_but_head"  # method freeze: embeddings | encoder | all_but_head
+    train_head: bool = True  # task heads (classifier, pooler, untied output) train under every method
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = ".*/(query|key|value|out)"  # add '|.*/mlp/(wi|wi_0|wi_1|wo)' for the MLPs
+    prompt_length: int = 20
+    learning_rate: float = 0.0  # > 0: replaces optimizer.learning_rate when method is not full (adapters like more)
 
 
 @dataclass(frozen=True)
@@ -185,7 +218,7 @@ class Config:
     """A whole run."""
 
     name: str = "run"
-    task: str = "translation"  # translation | mlm | span_corruption | causal_lm | prefix_lm
+    task: str = "translation"  # translation | summarization | classification | tagging | mlm | span_corruption | causal_lm | prefix_lm
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -196,6 +229,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 _CHOICES = {
@@ -206,7 +240,11 @@ _CHOICES = {
     "model.position": ("sinusoidal", "learned", "relative", "rope"),
     "model.head": ("none", "mlm", "classification", "token_classification"),
     "model.dtype": ("float32", "bfloat16"),
-    "task": ("translation", "mlm", "span_corruption", "causal_lm", "prefix_lm"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "causal_lm",
+             "prefix_lm"),
+    "peft.method": ("full", "freeze", "lora", "bitfit", "prompt"),
+    "peft.freeze": ("embeddings", "encoder", "all_but_head"),
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
@@ -214,7 +252,9 @@ _CHOICES = {
 
 
 # The model each task trains: (model.family, model.head or None for any).
-TASK_MODELS = {"translation": ("encoder_decoder", None), "span_corruption": ("encoder_decoder", None),
+TASK_MODELS = {"translation": ("encoder_decoder", None), "summarization": ("encoder_decoder", None),
+               "classification": ("encoder", "classification"), "tagging": ("encoder", "token_classification"),
+               "span_corruption": ("encoder_decoder", None),
                "mlm": ("encoder", "mlm"), "causal_lm": ("decoder", None), "prefix_lm": ("decoder", None)}
 
 
@@ -332,6 +372,12 @@ def validate(config: Config) -> None:
     for key in positive:
         if get(config, key) <= 0:
             raise UserError(f"config key '{key}' must be positive, got {get(config, key)}")
+    accum = config.train.grad_accum_steps
+    if accum < 1 or config.train.batch_size % accum:
+        raise UserError(f"config key 'train.grad_accum_steps' ({accum}) must be >= 1 and divide train.batch_size "
+                        f"({config.train.batch_size})")
+    if config.train.profile_steps < 0:
+        raise UserError(f"config key 'train.profile_steps' must be >= 0, got {config.train.profile_steps}")
     if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):
         raise UserError(f"config key 'mesh.shape' {config.mesh.shape}: sizes must be positive, one may be -1")
     if len(config.mesh.shape) != 3:
@@ -367,6 +413,27 @@ def validate(config: Config) -> None:
         raise UserError(f"config keys 'decode.*': beam_size >= 1, temperature > 0, top_k >= 0 and top_p in (0, 1] "
                         f"are needed, got beam_size={dc.beam_size}, temperature={dc.temperature}, "
                         f"top_k={dc.top_k}, top_p={dc.top_p}")
+    p = config.peft
+    if p.lora_rank <= 0 or p.prompt_length <= 0 or m.lora_rank < 0 or m.prompt_length < 0:
+        raise UserError(f"config keys 'peft.lora_rank' and 'peft.prompt_length' must be positive (and model.lora_rank, "
+                        f"model.prompt_length >= 0), got {p.lora_rank}, {p.prompt_length}")
+    if not 0.0 <= p.lora_dropout < 1.0 or not 0.0 <= m.lora_dropout < 1.0:
+        raise UserError(f"config key 'peft.lora_dropout' must be in [0, 1), got {p.lora_dropout}")
+    for key in ("peft.lora_targets", "model.lora_targets"):
+        try:
+            re.compile(get(config, key))
+        except re.error as error:
+            raise UserError(f"config key '{key}' is not a valid regex ({error})") from None
+    if (m.prompt_length or p.method == "prompt") and m.family == "decoder":
+        raise UserError("prompt tuning prepends a soft prompt to an encoder's input; model.family 'decoder' has "
+                        "none: pick peft.method lora or bitfit")
+    if m.prompt_length and config.data.packing:
+        raise UserError("a soft prompt (model.prompt_length > 0) needs unpacked rows; set --config.data.packing=false")
+    if config.train.early_stopping_patience < 0:
+        raise UserError(f"config key 'train.early_stopping_patience' must be >= 0, got "
+                        f"{config.train.early_stopping_patience}")
+    if config.train.early_stopping_patience and not config.train.best_metric:
+        raise UserError("config key 'train.early_stopping_patience' needs train.best_metric (e.g. accuracy, f1, loss)")
     if dc.sample and dc.beam_size > 1:
         raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
 

@@ -18,7 +18,7 @@ from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.data import pipeline
 from crosswrite_jax.decode import describe, make_decoder
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.metrics import translation_scores
+from crosswrite_jax.metrics import summarization_scores, translation_scores
 from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
@@ -54,20 +54,25 @@ class Restored:
 
 
 def resolve(workdir: str | Path | None, checkpoint_path: str | Path | None,
-            step: int | None) -> tuple[Path, int | None]:
-    """The run directory and step of `--workdir [--step]` or `--checkpoint PATH` (run dir, checkpoints/, a step)."""
+            step: int | None) -> tuple[Path, int | None, Path | None]:
+    """(run directory, step, checkpoints folder or None for the run's own) of `--workdir [--step]` or
+    `--checkpoint PATH` (a run dir, its checkpoints/ or best/, or one step inside them)."""
     if (workdir is None) == (checkpoint_path is None):
         raise UserError("pass exactly one of --workdir DIR and --checkpoint PATH")
     if checkpoint_path is None:
-        return Path(workdir), step
-    run_dir, _, found = locate_checkpoint(checkpoint_path)
+        return Path(workdir), step, None
+    run_dir, folder, found = locate_checkpoint(checkpoint_path)
     if step is not None and found is not None and step != found:
         raise UserError(f"--checkpoint '{checkpoint_path}' is step {found} but --step is {step}; drop --step")
-    return run_dir, step if step is not None else found
+    return run_dir, step if step is not None else found, folder
 
 
-def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, Any] | None = None) -> Restored:
-    """The checkpoint at `step` (newest intact one if None) of a run, on a mesh of the devices present."""
+def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, Any] | None = None,
+            checkpoint_dir: str | Path | None = None) -> Restored:
+    """The checkpoint at `step` (newest intact one if None) of a run, on a mesh of the devices present.
+
+    `checkpoint_dir` reads another folder of the run than checkpoints/ (e.g. best/).
+    """
     overrides = dict(overrides or {})
     overrides.setdefault("mesh.shape", (-1, 1, 1))  # the devices present, whatever mesh trained it
     run = load_run(workdir, overrides)
@@ -80,16 +85,17 @@ def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, A
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), strip_boxes(boxed),
                             shardings)
-    manager = checkpoint.open_manager(run.checkpoint_dir, read_only=True)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else run.checkpoint_dir
+    manager = checkpoint.open_manager(folder, read_only=True)
     try:
         newest = manager.latest_step()
         if newest is None:
-            raise UserError(f"--workdir '{run.workdir}' has no checkpoint under {run.checkpoint_dir}; train it first")
-        check_params(run.checkpoint_dir / str(step if step is not None else newest), abstract)
+            raise UserError(f"--workdir '{run.workdir}' has no checkpoint under {folder}; train it first")
+        check_params(folder / str(step if step is not None else newest), abstract)
         params, metadata, step = checkpoint.restore_params(manager, abstract, step)
     finally:
         manager.close()
-    check_tokenizer(metadata, run.tokenizer, run.checkpoint_dir)
+    check_tokenizer(metadata, run.tokenizer, folder)
     return Restored(run, mesh, rules, model, shardings, params, step)
 
 
@@ -100,19 +106,25 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
     The checkpoint is `workdir` at `step` (newest if None), or `checkpoint_path`: a run directory, its
     checkpoints/ or one checkpoints/STEP.
     """
-    workdir, step = resolve(workdir, checkpoint_path, step)
+    workdir, step, folder = resolve(workdir, checkpoint_path, step)
     overrides = dict(overrides or {})
     if split is not None:
         overrides["eval.split"] = split
-    restored = restore(workdir, step, overrides)
+    restored = restore(workdir, step, overrides, folder)
     run = restored.run
-    if get_task(run.config.task).pretraining:
+    task = get_task(run.config.task)
+    if task.pretraining:
         return held_out_scores(restored)
+    if task.labeled:
+        return labeled_scores(restored)
     if run.config.model.family != "encoder_decoder":
         raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
                         f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
     hypotheses, references = translate_split(restored)
-    scores = translation_scores(hypotheses, references)
+    if task.name == "summarization":
+        scores = summarization_scores(hypotheses, references)
+    else:
+        scores = translation_scores(hypotheses, [refs[0] for refs in references])
     scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
                   decoding=describe(run.config.decode), devices=jax.device_count())
     if jax.process_index() == 0:
@@ -120,11 +132,50 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         out.mkdir(exist_ok=True)
         stem = f"{run.config.eval.split}-step{restored.step}"
         (out / f"{stem}.hyp.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
-        (out / f"{stem}.ref.txt").write_text("\n".join(references) + "\n", encoding="utf-8")
+        (out / f"{stem}.ref.txt").write_text("\n".join(" ||| ".join(refs) for refs in references) + "\n",
+                                             encoding="utf-8")
         scores["hypotheses_file"] = str(out / f"{stem}.hyp.txt")
-        writer = MetricsWriter(run.workdir)
-        writer.write(restored.step, run.config.eval.split, {k: scores[k] for k in ("bleu", "chrf", "examples")})
-        writer.close()
+        _record(restored, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
+    return scores
+
+
+def _record(restored: Restored, scores: dict[str, float]) -> None:
+    writer = MetricsWriter(restored.run.workdir)
+    writer.write(restored.step, restored.run.config.eval.split, scores)
+    writer.close()
+
+
+def labeled_scores(restored: Restored) -> dict[str, Any]:
+    """Classification (accuracy, macro-F1) or tagging (seqeval entity P/R/F1 per type) scores of eval.split;
+    predictions are written next to the gold labels."""
+    from crosswrite_jax.tasks.labeling import make_predict_step
+    from crosswrite_jax.train import LabeledSplit, make_eval_step, score_labeled
+
+    run, c = restored.run, restored.run.config
+    task = get_task(c.task)
+    split = LabeledSplit.read(run, c.eval.split, padded_batch_size(restored, c.eval.batch_size), c.eval.max_examples)
+    batch_sharding = sharding.batch_sharding(restored.mesh)
+    eval_step = jax.jit(make_eval_step(restored.model, task, 0.0), in_shardings=(restored.param_shardings,
+                        batch_sharding), out_shardings=sharding.replicated(restored.mesh))
+    predict_step = jax.jit(make_predict_step(restored.model, task),
+                           in_shardings=(restored.param_shardings, batch_sharding))
+    with restored.context():
+        scores, predicted = score_labeled(split, task, c.data.labels, restored.mesh, eval_step, predict_step,
+                                          restored.params)
+    scores.update(step=restored.step, split=c.eval.split, task=task.name, devices=jax.device_count())
+    if jax.process_index() == 0:
+        out = run.workdir / "eval"
+        out.mkdir(exist_ok=True)
+        path = out / f"{c.eval.split}-step{restored.step}.predictions.tsv"
+        with path.open("w", encoding="utf-8") as f:
+            for (text, gold), guess in zip(split.examples, predicted):
+                if task.name == "classification":
+                    f.write(f"{text}\t{gold}\t{guess}\n")
+                else:
+                    f.writelines(f"{word}\t{g}\t{p}\n" for word, g, p in zip(text, gold, guess))
+                    f.write("\n")
+        scores["predictions_file"] = str(path)
+        _record(restored, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return scores
 
 
@@ -169,10 +220,11 @@ def padded_batch_size(restored: Restored, batch_size: int) -> int:
     return -(-batch_size // ways) * ways
 
 
-def translate_split(restored: Restored) -> tuple[list[str], list[str]]:
-    """Hypotheses and references for the configured split, in the split's order."""
+def translate_split(restored: Restored) -> tuple[list[str], list[list[str]]]:
+    """Hypotheses and references (each example's list) for the configured split, in the split's order."""
     run, c = restored.run, restored.run.config
-    pairs = run.read_split(c.eval.split, c.eval.max_examples)
+    sources, references = run.read_references(c.eval.split, c.eval.max_examples)
+    pairs = [(source, "") for source in sources]
     batches = pipeline.eval_batches(pairs, run.tokenizer, batch_size=padded_batch_size(restored, c.eval.batch_size),
                                     max_source_length=c.data.max_source_length,
                                     bucket_lengths=c.data.bucket_lengths)
@@ -186,4 +238,4 @@ def translate_split(restored: Restored) -> tuple[list[str], list[str]]:
             for row, text in zip(batch["example_index"], run.tokenizer.decode_batch(ids)):
                 if row >= 0:
                     hypotheses[row] = text
-    return hypotheses, [t for _, t in pairs]
+    return hypotheses, references

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
@@ -75,8 +75,12 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
-    """The optimizer and its label tree; frozen leaves go to `set_to_zero` and hold no moments."""
+def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int,
+                   trainable: Callable[[str], bool] | None = None) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and its label tree; frozen leaves go to `set_to_zero` and hold no moments.
+
+    A leaf is frozen when an `optimizer.freeze` regex matches its path or `trainable(path)` (the PEFT rule) is False.
+    """
     schedule = learning_rate_schedule(config, total_steps)
     chain = []
     if config.grad_clip_norm > 0:
@@ -84,6 +88,9 @@ def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int) -> tu
     chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay, mask=_decay_mask))
     labels = freeze_labels(params, config.freeze)
+    if trainable is not None:
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, label: label if trainable(path_str(path)) else FREEZE, labels)
     tx = optax.multi_transform({TRAIN: optax.chain(*chain), FREEZE: optax.set_to_zero()}, labels)
     return tx, labels
 

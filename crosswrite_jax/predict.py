@@ -1,5 +1,5 @@
-"""Prediction from a checkpoint: one output line per input line (a translation, or a continuation for
-decoder-only runs), decoded in batches as config.decode says, written in order and flushed per batch."""
+"""Prediction from a checkpoint: one output line per input line, in order and flushed per batch: a translation
+or summary, a continuation (decoder-only runs), a label (classification) or a tag per word (tagging)."""
 
 from __future__ import annotations
 
@@ -76,24 +76,58 @@ def predict_lines(restored: Restored, lines: Iterable[str], out: TextIO) -> int:
     return written
 
 
+def predict_labels(restored: Restored, lines: Iterable[str], out: TextIO) -> int:
+    """Classification: each line's label. Tagging: each line's words (split on whitespace) get one tag each."""
+    from crosswrite_jax.data import labeled
+    from crosswrite_jax.tasks import get_task
+    from crosswrite_jax.tasks.labeling import make_predict_step, predicted_labels
+
+    c = restored.run.config
+    task, labels = get_task(c.task), c.data.labels
+    rows = padded_batch_size(restored, c.eval.batch_size)
+    step = jax.jit(make_predict_step(restored.model, task))
+    written = 0
+    with restored.context():
+        for chunk in batches_of(lines, rows):
+            if task.name == "classification":
+                examples = [(line, labels[0]) for line in chunk]
+            else:
+                examples = [(line.split(), [labels[0]] * len(line.split())) for line in chunk]
+            batch, = labeled.eval_batches(task.name, examples, restored.run.tokenizer, labels, batch_size=rows,
+                                          max_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
+            ids = step(restored.params, {"inputs": global_batch(restored, batch["inputs"])})
+            ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+            predicted = predicted_labels(task.name, [batch], [ids], examples, labels)
+            if jax.process_index() == 0:
+                out.write("".join((p if isinstance(p, str) else " ".join(p)) + "\n" for p in predicted))
+                out.flush()
+            written += len(chunk)
+    return written
+
+
 def predict(workdir: str | Path, *, input_path: str | Path | None = None, out: TextIO | None = None,
             step: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decodes every line of `input_path` (stdin if None or '-') to `out` (stdout if None); returns a summary."""
+    from crosswrite_jax.tasks import get_task
+
     restored = restore(workdir, step, overrides)
-    if restored.model.config.family not in ("encoder_decoder", "decoder"):
-        raise UserError(f"crosswrite predict generates text, but this run's model.family is "
-                        f"'{restored.model.config.family}'; predict from an encoder_decoder or decoder run")
+    labeled = get_task(restored.run.config.task).labeled
+    if restored.model.config.family not in ("encoder_decoder", "decoder") and not labeled:
+        raise UserError(f"crosswrite predict generates text, classifies or tags, but this run's task is "
+                        f"'{restored.run.config.task}'; predict from a translation, summarization, language-model, "
+                        f"classification or tagging run")
+    write = predict_labels if labeled else predict_lines
     out = sys.stdout if out is None else out
     started = time.perf_counter()
     if input_path is None or str(input_path) == "-":
-        lines = predict_lines(restored, sys.stdin, out)
+        lines = write(restored, sys.stdin, out)
     else:
         path = Path(input_path)
         if not path.is_file():
             raise UserError(f"--input '{path}' is not a file; pass a text file with one input per line, or omit "
                             f"--input to read stdin")
         with path.open(encoding="utf-8") as handle:
-            lines = predict_lines(restored, handle, out)
+            lines = write(restored, handle, out)
     seconds = time.perf_counter() - started
     log.info("predicted %d lines with step %d (%s) in %.1fs", lines, restored.step,
              describe(restored.run.config.decode), seconds)

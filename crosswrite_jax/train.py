@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -20,15 +21,16 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from crosswrite_jax import checkpoint, sharding
+from crosswrite_jax import checkpoint, peft, sharding
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.data import pipeline, pretraining
+from crosswrite_jax.data import labeled, pipeline, pretraining
 from crosswrite_jax.models.transformer import PAD_ID, build_model, example_inputs
-from crosswrite_jax.tasks import Task, get_task
+from crosswrite_jax.tasks import Task, get_task, labeling
 from crosswrite_jax.preflight import check_params
+from crosswrite_jax.profiling import StepProfiler
 from crosswrite_jax.optim import count_parameters, learning_rate_schedule, make_optimizer, tree_bytes
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import StateLayout, TrainState, create_state, state_layout, strip_boxes
@@ -50,23 +52,58 @@ def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
             "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
 
+def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [count, B / count, ...]; microbatch k holds rows k, k + count, ... so that each keeps its
+    share of every data-parallel shard (the scan over microbatches needs no communication)."""
+
+    def split(x):
+        rows = x.shape[0]
+        x = jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float, dropout_seed: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    label_smoothing: float, dropout_seed: int,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact.
 
     A step whose loss or gradients are not finite leaves params and optimizer state unchanged
-    (metrics['nonfinite'] is 1); the step counter still advances past its batch.
+    (metrics['nonfinite'] is 1); the step counter still advances past its batch. With `grad_accum_steps` > 1
+    the batch runs as that many microbatches in a `lax.scan` (activations of one microbatch live at a time):
+    summed token losses and gradients, divided by the batch's token count, equal the full batch's.
     """
+
+    def summed_loss(params, batch, rng):
+        logits, targets, weights = task.forward(model, {"params": params}, batch, False, {"dropout": rng})
+        sums = token_losses(logits, targets, weights, label_smoothing)
+        return sums["loss_sum"], sums
+
+    def accumulated_grads(params, batch, rng):
+        def body(carry, micro):
+            index, micro_batch = micro
+            grads, sums = jax.grad(summed_loss, has_aux=True)(params, micro_batch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
+        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums),
+                                        (jnp.arange(grad_accum_steps), microbatches(batch, grad_accum_steps)))
+        scale = 1.0 / jnp.maximum(sums["tokens"], 1.0)
+        return jax.tree.map(lambda g: g * scale, grads), sums
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
         def loss_fn(params):
-            logits, targets, weights = task.forward(model, {"params": params}, batch, False, {"dropout": rng})
-            sums = token_losses(logits, targets, weights, label_smoothing)
-            return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+            loss_sum, sums = summed_loss(params, batch, rng)
+            return loss_sum / jnp.maximum(sums["tokens"], 1.0), sums
 
-        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        if grad_accum_steps > 1:
+            grads, sums = accumulated_grads(state.params, batch, rng)
+        else:
+            grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -129,7 +166,9 @@ class Trainer:
         init = lambda key: model.init({"params": key}, *dummy)["params"]  # noqa: E731
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced key: the mesh may be compile-only
-            tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps)
+            rule = peft.trainable_rule(config)
+            peft.check_trainable(config, list(_flat_paths(boxed)), rule)
+            tx, labels = make_optimizer(config.optimizer, strip_boxes(boxed), config.train.steps, rule)
             layout = state_layout(boxed, tx, mesh, rules)
         return cls(config, mesh, rules, task, model, tx, labels, layout,
                    learning_rate_schedule(config.optimizer, config.train.steps), init)
@@ -157,7 +196,7 @@ class Trainer:
 
     def jit_train_step(self):
         step = make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
-                               self.config.train.seed + 1)
+                               self.config.train.seed + 1, self.config.train.grad_accum_steps)
         batch = sharding.batch_sharding(self.mesh)
         return jax.jit(step, in_shardings=(self.layout.shardings, batch),
                        out_shardings=(self.layout.shardings, sharding.replicated(self.mesh)), donate_argnums=0)
@@ -173,26 +212,36 @@ class Trainer:
         return dict(counts, optimizer_state_bytes=tree_bytes(self.layout.abstract.opt_state))
 
 
-def _params_from(path: str, trainer: Trainer, tokenizer) -> Any:
+def _flat_paths(boxed: Any) -> list[str]:
+    from flax import traverse_util
+
+    return list(traverse_util.flatten_dict(strip_boxes(boxed), sep="/"))
+
+
+def params_from(path: str, trainer: Trainer, tokenizer) -> Any:
     """Parameters of another run's checkpoint, checked against this model and placed in its shards.
 
-    Parameters matching a `train.init_exclude` pattern, or absent from the checkpoint when patterns are
-    given, start from fresh initialisation; both lists are logged, with checkpoint entries left unused.
+    Parameters matching a `train.init_exclude` pattern start from fresh initialisation, and so do those the
+    checkpoint lacks that are task heads or PEFT additions (a classifier on a pretrained encoder, LoRA
+    adapters, a soft prompt); both are logged, with the checkpoint entries left unused.
     """
-    _, checkpoint_dir, step = workdir_lib.locate_checkpoint(path)
-    manager = checkpoint.open_manager(checkpoint_dir, read_only=True)
     exclude = trainer.config.train.init_exclude
     abstract = trainer.layout.abstract_with_shardings().params
+    fresh_if_missing = f"{peft.HEADS[trainer.config.model.family]}|{peft.ADDED}"
+    if workdir_lib.is_hf_model_directory(path):
+        return _params_from_hf(Path(path), trainer, exclude, fresh_if_missing)
+    _, checkpoint_dir, step = workdir_lib.locate_checkpoint(path)
+    manager = checkpoint.open_manager(checkpoint_dir, read_only=True)
     try:
         newest = step if step is not None else manager.latest_step()
-        if not exclude:
-            if newest is not None:
-                check_params(checkpoint_dir / str(newest), trainer.layout.abstract.params)
+        if newest is None:
+            raise UserError(f"train.init_from '{path}' holds no checkpoint; train it first")
+        target, fresh_paths, unused = _partial_target(checkpoint_dir / str(newest), abstract, exclude,
+                                                      fresh_if_missing)
+        if not fresh_paths and not unused:
+            check_params(checkpoint_dir / str(newest), trainer.layout.abstract.params)
             params, metadata, _ = checkpoint.restore_params(manager, abstract, step)
         else:
-            if newest is None:
-                raise UserError(f"train.init_from '{path}' holds no checkpoint; train it first")
-            target, fresh_paths, unused = _partial_target(checkpoint_dir / str(newest), abstract, exclude)
             loaded, metadata, _ = checkpoint.restore_params(manager, target, newest, strict=False)
             params = _merge_fresh(trainer, loaded)
             if jax.process_index() == 0:
@@ -205,7 +254,45 @@ def _params_from(path: str, trainer: Trainer, tokenizer) -> Any:
     return params
 
 
-def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...]) -> tuple[Any, list[str], list[str]]:
+def _params_from_hf(directory: Path, trainer: Trainer, exclude: tuple[str, ...], fresh_if_missing: str) -> Any:
+    """Parameters converted from a Hugging Face model directory, the rest (heads, adapters) freshly initialised."""
+    import re
+
+    from flax import traverse_util
+
+    from crosswrite_jax.models import hf
+    from crosswrite_jax.models.transformer import param_shapes
+
+    hf_config, tensors = hf.read_checkpoint(directory)
+    kind, model_config = hf.config_from_hf(hf_config, tensors)
+    loaded = traverse_util.flatten_dict(hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config)),
+                                        sep="/")
+    abstract = traverse_util.flatten_dict(trainer.layout.abstract_with_shardings().params, sep="/")
+    fresh = traverse_util.flatten_dict(trainer.init_state().params, sep="/")
+    params, fresh_paths = {}, []
+    for name, target in abstract.items():
+        if any(re.fullmatch(p, name) for p in exclude) or (name not in loaded and re.fullmatch(fresh_if_missing, name)):
+            params[name] = fresh[name]
+            fresh_paths.append(name)
+        elif name not in loaded:
+            raise UserError(f"train.init_from '{directory}': parameter {name} is not in this {kind} checkpoint; add a "
+                            f"pattern for it to train.init_exclude to initialise it fresh")
+        elif tuple(loaded[name].shape) != tuple(target.shape):
+            raise UserError(f"train.init_from '{directory}': {name} is {list(loaded[name].shape)} there but "
+                            f"{list(target.shape)} in this model; make the model config match the checkpoint's "
+                            f"config.json")
+        else:
+            params[name] = jax.device_put(loaded[name].astype(target.dtype), target.sharding)
+    unused = sorted(set(loaded) - set(params))
+    if jax.process_index() == 0:
+        log.info("init_from %s (%s): %d parameter arrays loaded, %d freshly initialised (%s), %d not used (%s)",
+                 directory, kind, len(params) - len(fresh_paths), len(fresh_paths), ", ".join(fresh_paths) or "none",
+                 len(unused), ", ".join(unused) or "none")
+    return traverse_util.unflatten_dict(params, sep="/")
+
+
+def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...],
+                    fresh_if_missing: str = "$^") -> tuple[Any, list[str], list[str]]:
     """(restore target without the fresh parameters, fresh parameter paths, unused checkpoint paths)."""
     import re
 
@@ -220,6 +307,7 @@ def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...]) -> 
     saved = saved_param_shapes(step_dir / "params")
     flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(abstract).items()}
     excluded = {name for name in flat if any(p.fullmatch(name) for p in patterns)}
+    excluded |= {name for name in flat if name not in saved and re.fullmatch(fresh_if_missing, name)}
     for pattern in patterns:
         if not any(pattern.fullmatch(name) for name in flat):
             raise UserError(f"config key 'train.init_exclude': pattern '{pattern.pattern}' matches no parameter of "
@@ -273,10 +361,74 @@ def make_dataset(pairs, tokenizer, config: Config, seed: int, shuffle: bool = Tr
 def training_batches(run: workdir_lib.Run, trainer: Trainer) -> grain.IterDataset:
     """This process's training batches for the run's task, as a resumable grain dataset."""
     config = run.config
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+    if trainer.task.labeled:
+        d = config.data
+        data = labeled.train_dataset(
+            config.task, run.read_examples(d.train_split, d.max_train_examples), run.tokenizer, d.labels,
+            global_batch_size=config.train.batch_size, max_length=d.max_source_length,
+            bucket_lengths=d.bucket_lengths, seed=config.train.seed, length_grouping_window=d.length_grouping_window,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        return data.to_iter_dataset(options)
     if not trainer.task.pretraining:
-        data = make_dataset(run.read_split(config.data.train_split), run.tokenizer, config, config.train.seed)
-        return data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+        data = make_dataset(run.read_split(config.data.train_split, config.data.max_train_examples), run.tokenizer,
+                            config, config.train.seed)
+        return data.to_iter_dataset(options)
     return _pretraining_dataset(run, config.data.sources, config.train.seed, shuffle=True)
+
+
+@dataclass
+class LabeledSplit:
+    """A classification / tagging split to score: its examples and their in-order batches (same on every process)."""
+
+    examples: list
+    batches: list[dict[str, np.ndarray]]
+
+    @classmethod
+    def read(cls, run: workdir_lib.Run, split: str, batch_size: int, max_examples: int = 0) -> "LabeledSplit":
+        d = run.config.data
+        examples = run.read_examples(split, max_examples)
+        batches = labeled.eval_batches(run.config.task, examples, run.tokenizer, d.labels, batch_size=batch_size,
+                                       max_length=d.max_source_length, bucket_lengths=d.bucket_lengths)
+        return cls(examples, batches)
+
+
+MODEL_KEYS = ("inputs", "labels", "tags")
+
+
+def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh: Mesh, eval_step, predict_step,
+                  params) -> tuple[dict[str, Any], list]:
+    """(loss and task scores over the whole split, predicted label or tags per example)."""
+    from jax.experimental import multihost_utils
+
+    totals = {"loss_sum": 0.0, "nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    predictions = []
+    spec = sharding.batch_sharding(mesh)
+    for batch in split.batches:
+        arrays = {k: jax.make_array_from_callback(v.shape, spec, lambda index, v=v: v[index])
+                  for k, v in batch.items() if k in MODEL_KEYS}
+        sums = jax.device_get(eval_step(params, arrays))
+        for k in totals:
+            totals[k] += float(sums[k])
+        predictions.append(np.asarray(multihost_utils.process_allgather(predict_step(params, arrays), tiled=True)))
+    predicted = labeling.predicted_labels(task.name, split.batches, predictions, split.examples, labels)
+    scores = labeling.scores(task.name, predicted, split.examples)
+    return dict(summarize(totals), **scores), predicted
+
+
+def with_labels(config: Config, workdir: str | Path) -> Config:
+    """A classification / tagging config with data.labels filled in (from the training split when empty)."""
+    if not get_task(config.task).labeled:
+        return config
+    labels = config.data.labels
+    if not labels:
+        examples = workdir_lib.Run(Path(workdir), config, None).read_examples(config.data.train_split)
+        labels = labeled.label_vocabulary(config.task, examples)
+    if len(labels) != config.model.num_labels:
+        shown = ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else "")
+        raise UserError(f"the {config.task} data has {len(labels)} labels ({shown}) but config key 'model.num_labels' "
+                        f"is {config.model.num_labels}; set --config.model.num_labels={len(labels)}")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, labels=tuple(labels)))
 
 
 def validation_batches(run: workdir_lib.Run, task: Task, limit: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -321,6 +473,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
 
     `stop_at` ends this invocation early at that step, with a checkpoint, as a preemption would.
     """
+    config = with_labels(peft.resolve(config), workdir)
     run = workdir_lib.prepare(config, workdir)
     config, tokenizer = run.config, run.tokenizer
     mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
@@ -328,6 +481,10 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     if config.train.batch_size % ways:
         raise UserError(f"config key 'train.batch_size' ({config.train.batch_size}) must be a multiple of the "
                         f"data-parallel size {ways} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % ways:
+        raise UserError(f"config key 'train.grad_accum_steps' ({config.train.grad_accum_steps}) leaves microbatches "
+                        f"of {micro} rows, not a multiple of the data-parallel size {ways}; lower it")
     config_lib.check_task_model(config, head_too=True)
     trainer = Trainer.build(config, mesh)
     is_main = jax.process_index() == 0
@@ -342,8 +499,9 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     data_iterator = iter(training_batches(run, trainer))
     manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
+    resumed: dict[str, Any] = {}
     if manager.latest_step() is not None:
-        state, metadata = checkpoint.restore_state(
+        state, metadata = resumed = checkpoint.restore_state(
             manager, trainer.layout, data_iterator=data_iterator,
             preflight=lambda step_dir: check_params(step_dir, trainer.layout.abstract.params))
         workdir_lib.check_tokenizer(metadata, tokenizer, run.checkpoint_dir)
@@ -352,34 +510,38 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
         if is_main:
             log.info("resumed from step %d", int(state.step))
     elif config.train.init_from:
-        state = trainer.state_from_params(_params_from(config.train.init_from, trainer, tokenizer))
+        state = trainer.state_from_params(params_from(config.train.init_from, trainer, tokenizer))
         if is_main:
             log.info("started from the parameters of %s", config.train.init_from)
     else:
         state = trainer.init_state()
     start = int(jax.device_get(state.step))
 
-    val_batches = validation_batches(run, trainer.task) if config.train.eval_every > 0 else None
+    validate = Validator(run, trainer) if config.train.eval_every > 0 else None
+    best = _Best(config, run.workdir, resumed[1] if resumed else {})
 
     writer = MetricsWriter(run.workdir, enabled=is_main)
-    train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+    train_step = trainer.jit_train_step()
     metadata = {"tokenizer_fingerprint": tokenizer.fingerprint, "data_index": start}
     last: dict[str, Any] = {}
     initial: dict[str, Any] = {}
-    if val_batches and start == 0 and config.train.eval_at_start:
-        val = _validate(trainer, eval_step, state.params, val_batches)
+    if validate and start == 0 and config.train.eval_at_start:
+        val = validate(state.params)
         writer.write(0, "val", val)
         initial = {f"initial_val_{k}": v for k, v in val.items()}
     progress = _progress_bar(start, config, enabled=is_main and config.train.progress_bar)
     window = _Window()
     pending = None  # metrics of the step before, read after the next one is dispatched
+    profiler = StepProfiler(run.workdir / "profile", start + 1, config.train.profile_steps, enabled=is_main)
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     preemption = _Preemption(manager)
     try:
         with trainer.context():
             for step in range(start, end):
                 local = next(data_iterator)
+                profiler.before(step)
                 state, metrics = train_step(state, to_global_batch(local, mesh))
+                profiler.after(step, metrics)
                 if pending is not None:
                     _account(window, *pending, config)
                 pending = (step, metrics, _token_counts(local, trainer.task))
@@ -392,10 +554,20 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
                     progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}",
                                          lr=f"{last['learning_rate']:.2e}", refresh=False)
                 progress.update(1)
-                if val_batches and (done % config.train.eval_every == 0 or done == config.train.steps):
-                    val = _validate(trainer, eval_step, state.params, val_batches)
+                stop_early = False
+                if validate and (done % config.train.eval_every == 0 or done == config.train.steps):
+                    val = validate(state.params)
                     writer.write(done, "val", val)
                     last.update({f"val_{k}": v for k, v in val.items()})
+                    stop_early = best.update(done, val, state, dict(metadata, data_index=done))
+                metadata.update(best.progress())
+                if stop_early:
+                    checkpoint.save(manager, state, dict(metadata, data_index=done), force=True,
+                                    data_iterator=data_iterator)
+                    log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d validations",
+                             done, config.train.best_metric, best.value, best.step, best.stale)
+                    last["stopped_early_at"] = done
+                    break
                 if preemption.reached(done):
                     checkpoint.save(manager, state, dict(metadata, data_index=done), force=True,
                                     data_iterator=data_iterator)
@@ -407,12 +579,92 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
                     checkpoint.save(manager, state, dict(metadata, data_index=done), force=True,
                                     data_iterator=data_iterator)
     finally:
+        profiler.close()
         preemption.close()
         progress.close()
         checkpoint.finalize(manager)  # waits for the last async save, then writes its checksum manifest
         manager.close()
+        best.close()
         writer.close()
-    return {**last, **initial}
+    summary = {"trainable_parameters": report["trainable"], "total_parameters": report["total"],
+               "trainable_percent": round(100 * report["trainable"] / report["total"], 3),
+               "optimizer_state_bytes": report["optimizer_state_bytes"], **best.summary()}
+    return {**last, **initial, **summary}
+
+
+class Validator:
+    """Periodic validation: teacher-forced loss on held-out batches; classification and tagging also score the
+    whole eval split (accuracy and macro-F1, or entity F1)."""
+
+    def __init__(self, run: workdir_lib.Run, trainer: Trainer):
+        self.run, self.trainer = run, trainer
+        self.eval_step = trainer.jit_eval_step()
+        if trainer.task.labeled:
+            config = run.config
+            rows = -(-config.eval.batch_size // sharding.data_parallel_size(trainer.mesh)) * \
+                sharding.data_parallel_size(trainer.mesh)
+            self.split = LabeledSplit.read(run, config.data.eval_split, rows)
+            self.predict_step = jax.jit(labeling.make_predict_step(trainer.model, trainer.task),
+                                        in_shardings=(trainer.layout.shardings.params,
+                                                      sharding.batch_sharding(trainer.mesh)))
+        else:
+            self.batches = validation_batches(run, trainer.task)
+
+    def __call__(self, params) -> dict[str, Any]:
+        if not self.trainer.task.labeled:
+            return _validate(self.trainer, self.eval_step, params, self.batches)
+        with self.trainer.context():
+            scores, _ = score_labeled(self.split, self.trainer.task, self.run.config.data.labels, self.trainer.mesh,
+                                      self.eval_step, self.predict_step, params)
+        return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+LOWER_IS_BETTER = ("loss", "nll", "perplexity")
+
+
+class _Best:
+    """Keeps the checkpoint with the best validation `train.best_metric` in WORKDIR/best; counts validations
+    without improvement for early stopping. Its progress rides in every checkpoint's metadata, so resume keeps it."""
+
+    def __init__(self, config: Config, workdir: Path, resumed: dict[str, Any]):
+        self.metric, self.patience = config.train.best_metric, config.train.early_stopping_patience
+        self.value, self.step = resumed.get("best_value"), resumed.get("best_step")
+        self.stale = int(resumed.get("stale_validations", 0))
+        self.manager = None
+        if self.metric:
+            self.manager = checkpoint.open_manager(Path(workdir) / workdir_lib.BEST, max_to_keep=1, async_save=False)
+
+    def update(self, step: int, val: dict[str, Any], state: TrainState, metadata: dict[str, Any]) -> bool:
+        """Records a validation; saves the state when it is the best so far. Returns whether to stop early."""
+        if not self.metric:
+            return False
+        if self.metric not in val:
+            raise UserError(f"config key 'train.best_metric' is {self.metric!r}, but validation reports "
+                            f"{', '.join(sorted(val))}; pick one of those")
+        value = float(val[self.metric])
+        lower = self.metric in LOWER_IS_BETTER
+        if self.value is None or (value < self.value if lower else value > self.value):
+            self.value, self.step, self.stale = value, step, 0
+            checkpoint.save(self.manager, state, dict(metadata, **self.progress()), force=True)
+            checkpoint.finalize(self.manager)
+        else:
+            self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+    def progress(self) -> dict[str, Any]:
+        if not self.metric or self.value is None:
+            return {}
+        return {"best_metric": self.metric, "best_value": self.value, "best_step": self.step,
+                "stale_validations": self.stale}
+
+    def summary(self) -> dict[str, Any]:
+        if not self.metric or self.value is None:
+            return {}
+        return {"best_step": self.step, f"best_val_{self.metric}": self.value}
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
 
 
 class NonFiniteError(UserError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
 from crosswrite_jax.errors import UserError
 
 CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
+BEST = "best"  # the checkpoint with the best validation metric (train.best_metric)
 PRETRAINING_TASKS = ("mlm", "span_corruption", "causal_lm", "prefix_lm")
 NUM_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as T5
 
@@ -33,8 +35,39 @@ class Run:
         return self.workdir / CHECKPOINTS
 
     def read_split(self, split: str, max_examples: int = 0) -> list[tuple[str, str]]:
+        """(source, target) pairs: data.dataset's parallel files, or data.examples (one pair per reference)."""
         d = self.config.data
-        return sources.read_parallel(d.dataset, split, d.source_lang, d.target_lang, max_examples)
+        if not d.examples:
+            return sources.read_parallel(self.dataset_path(), split, d.source_lang, d.target_lang, max_examples)
+        return [(source, reference) for source, references in self.read_examples(split, max_examples)
+                for reference in references]
+
+    def dataset_path(self) -> str:
+        """data.dataset, a relative folder found under data.data_dir or $CROSSWRITE_DATA when not in the cwd."""
+        d = self.config.data
+        path = Path(d.dataset).expanduser()
+        if d.dataset == sources.BUNDLED or path.is_absolute() or path.exists():
+            return d.dataset
+        root = d.data_dir or os.environ.get("CROSSWRITE_DATA", "")
+        return str(Path(root) / path) if root and (Path(root) / path).exists() else d.dataset
+
+    def read_references(self, split: str, max_examples: int = 0) -> tuple[list[str], list[list[str]]]:
+        """Sources and every reference of each (summaries may have several), for scoring."""
+        if not self.config.data.examples:
+            pairs = self.read_split(split, max_examples)
+            return [s for s, _ in pairs], [[t] for _, t in pairs]
+        examples = self.read_examples(split, max_examples)
+        return [s for s, _ in examples], [refs for _, refs in examples]
+
+    def read_examples(self, split: str, max_examples: int = 0) -> list:
+        """The labeled examples of a split from data.examples (see crosswrite_jax/data/labeled.py)."""
+        from crosswrite_jax.data import labeled
+
+        d = self.config.data
+        if not d.examples:
+            raise UserError(f"task '{self.config.task}' reads labeled examples, but config key 'data.examples' is "
+                            f"empty; name them there, e.g. --config.data.examples='tsv:sst2/{{split}}.tsv?text=0&label=1'")
+        return labeled.read_examples(self.config.task, d.examples, split, d.data_dir or None, max_examples)
 
     def documents(self, spec: str):
         """The documents of one raw-text source spec (data.sources / data.eval_sources)."""
@@ -71,7 +104,7 @@ def _check_compatible(saved: Config, new: Config, path: Path) -> None:
     """Resuming with another architecture would corrupt the run: refuse it, naming the key."""
     old_model, new_model = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
     for key, value in old_model.items():
-        if new_model[key] != value and key not in ("dropout_rate", "dtype"):
+        if new_model[key] != value and key not in ("dropout_rate", "dtype", "remat"):
             raise UserError(
                 f"{path}: the checkpoints here were trained with model.{key}={value!r}, not {new_model[key]!r};"
                 f" use a new --workdir or drop the override")
@@ -94,17 +127,34 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
         tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model, mask=True,
                                     sentinels=NUM_SENTINELS)
     else:
-        pairs = sources.read_parallel(d.dataset, d.train_split, d.source_lang, d.target_lang)
-        texts = [s for s, _ in pairs] + [t for _, t in pairs]
-        tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model)
+        tokenizer = Tokenizer.train(_training_texts(config, workdir), config.model.vocab_size, d.tokenizer_model)
     if jax.process_index() == 0:  # tokenizer.json lands last, by rename: other processes never read half a file
         save_new(tokenizer, folder, force=True)
     return tokenizer
 
 
+def _training_texts(config: Config, workdir: Path) -> list[str]:
+    """The text of the training split, both sides (or the words of tagged sentences), to learn a vocabulary on."""
+    run = Run(workdir, config, None)
+    if config.task in ("classification", "tagging"):
+        examples = run.read_examples(config.data.train_split)
+        return [text if isinstance(text, str) else " ".join(text) for text, _ in examples]
+    pairs = run.read_split(config.data.train_split)
+    return [s for s, _ in pairs] + [t for _, t in pairs]
+
+
 def _init_tokenizer(config: Config) -> Path:
-    """The tokenizer folder of the run that train.init_from names."""
+    """The tokenizer folder of the run (or Hugging Face model directory) that train.init_from names."""
+    if is_hf_model_directory(config.train.init_from):
+        return Path(config.train.init_from)
     return locate_checkpoint(config.train.init_from)[0] / TOKENIZER
+
+
+def is_hf_model_directory(path: str | Path) -> bool:
+    """A Hugging Face model folder (config.json beside safetensors weights), not a run directory."""
+    path = Path(path)
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return weights and not (path / CHECKPOINTS).is_dir()
 
 
 def _tokenizer_sample(sources_: list, max_characters: int = 50_000_000) -> list[str]:
@@ -149,7 +199,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path, int | None]:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path, path / CHECKPOINTS, None
-    if path.name == CHECKPOINTS and (path.parent / CONFIG_FILE).is_file():
+    if path.name in (CHECKPOINTS, BEST) and (path.parent / CONFIG_FILE).is_file():
         return path.parent, path, None
     if path.name.isdigit() and (path.parent.parent / CONFIG_FILE).is_file():
         return path.parent.parent, path.parent, int(path.name)

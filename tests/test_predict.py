@@ -55,8 +55,8 @@ def test_an_8_device_checkpoint_scores_the_same_on_one_device(trained):
     assert there["bleu"] == here["bleu"] and there["chrf"] == here["chrf"]
     assert Path(there["hypotheses_file"]).read_text() == hypotheses
 
-    assert resolve(None, trained / "checkpoints", None) == (trained, None)
-    assert resolve(None, trained / "checkpoints" / "2", None) == (trained, 2)
+    assert resolve(None, trained / "checkpoints", None) == (trained, None, trained / "checkpoints")
+    assert resolve(None, trained / "checkpoints" / "2", None) == (trained, 2, trained / "checkpoints")
     with pytest.raises(UserError, match="is step 2 but --step is 3"):
         resolve(None, trained / "checkpoints" / "2", 3)
     with pytest.raises(UserError, match="exactly one of --workdir"):

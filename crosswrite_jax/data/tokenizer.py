@@ -188,6 +188,45 @@ class Tokenizer:
             cut.append([i for i in row if i not in dropped])
         return self._tok.decode_batch(cut, skip_special_tokens=True)
 
+    def encode_for_model(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Ids of each text as an encoder model takes it, at most `max_length` ids.
+
+        A tokenizer with special-token post-processing (BERT's "[CLS] text [SEP]") gets it, the text truncated so
+        that the special tokens stay; one without (those `train` makes) gets the text truncated and EOS appended.
+        """
+        return [ids for ids, _ in self._encode_with_specials(list(texts), max_length, words=False)]
+
+    def encode_words(self, word_lists: list[list[str]], max_length: int) -> list[tuple[list[int], list[int | None]]]:
+        """(ids, word index per id) of each pre-split sentence, special tokens and truncation as `encode_for_model`.
+
+        The word index is the position of the word (in its list) a token comes from; None for special tokens.
+        Words cut off by truncation, or that yield no token (e.g. empty), have no index in the result.
+        """
+        return self._encode_with_specials([list(words) for words in word_lists], max_length, words=True)
+
+    def _encode_with_specials(self, inputs: list, max_length: int,
+                              words: bool) -> list[tuple[list[int], list[int | None]]]:
+        if max_length < 2:
+            raise UserError(f"max length {max_length} leaves no room for a token and the special tokens; "
+                            f"use at least 2 (config key data.max_length)")
+        encode = self._tok.encode_batch if words else self._tok.encode_batch_fast  # fast: no word ids needed
+        if self._tok.post_processor is None:
+            encodings = encode(inputs, is_pretokenized=words, add_special_tokens=False)
+            return [(e.ids[:max_length - 1] + [self._eos_id], [*e.word_ids[:max_length - 1], None])
+                    for e in encodings]
+        previous = self._tok.truncation
+        try:
+            self._tok.enable_truncation(max_length)
+            encodings = encode(inputs, is_pretokenized=words, add_special_tokens=True)
+        except Exception as error:  # e.g. max_length below the number of special tokens
+            raise UserError(f"cannot encode to max length {max_length} ({error}); raise data.max_length") from None
+        finally:
+            if previous is None:
+                self._tok.no_truncation()
+            else:
+                self._tok.enable_truncation(**previous)
+        return [(e.ids, list(e.word_ids)) for e in encodings]
+
 
 def train_from_files(patterns: Iterable[str], vocab_size: int, model: str = "bpe", mask: bool = True,
                      sentinels: int = 100, max_lines: int | None = None) -> Tokenizer:
@@ -319,11 +358,13 @@ def _special_token_names(directory: Path) -> dict[str, str | None]:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: unreadable ({error})") from None
-        for role in ("pad", "eos", "unk", "mask"):
+        for role in ("pad", "eos", "unk", "mask", "sep"):
             if role in names or f"{role}_token" not in config:
                 continue
             value = config[f"{role}_token"]
             names[role] = value.get("content") if isinstance(value, dict) else value
+    if "eos" not in names and names.get("sep"):  # BERT-style vocabularies end a sequence with [SEP]
+        names["eos"] = names["sep"]
     return names
 
 

@@ -9,6 +9,8 @@ configurations of the same layers, not copies.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -112,10 +114,32 @@ def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.
                         use_fast_variance=False, name=name)
 
 
+@dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters (Hu et al., 2021): y = W x + (alpha / rank) B A x on Dense layers whose path matches."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: str  # regex, fully matched against the slash-joined module path
+
+    def applies_to(self, path: tuple[str, ...]) -> bool:
+        return self.rank > 0 and re.fullmatch(self.targets, "/".join(path)) is not None
+
+
+def lora_of(config: ModelConfig) -> Lora | None:
+    """The adapters a config asks for, or None."""
+    if config.lora_rank <= 0:
+        return None
+    return Lora(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+
+
 class Dense(nn.Module):
     """A linear map contracting the last `num_in_axes` axes into `features`, with an optional bias.
 
-    The kernel is created at its full rank so logical axis names apply to each of its axes.
+    The kernel is created at its full rank so logical axis names apply to each of its axes. With `lora`, a
+    matching layer also holds `lora_a` [in..., r] (random) and `lora_b` [r, out...] (zeros, so training starts
+    from the base model's outputs); adapter dropout is active when a 'dropout' rng is given (training).
     """
 
     features: tuple[int, ...]
@@ -123,6 +147,7 @@ class Dense(nn.Module):
     kernel_axes: tuple[str, ...]
     dtype: jnp.dtype = jnp.float32
     use_bias: bool = False
+    lora: Lora | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -137,13 +162,35 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:]),
                               tuple(self.features), jnp.float32)
             y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.lora.applies_to(self.scope.path):
+            y = y + self._adapter(x, contract)
         return y
 
+    def _adapter(self, x: Array, contract) -> Array:
+        n_in, r = self.num_in_axes, self.lora.rank
+        init_a = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                                  out_axis=n_in)
+        a = self.param("lora_a", nn.with_logical_partitioning(init_a, self.kernel_axes[:n_in] + (None,)),
+                       x.shape[-n_in:] + (r,), jnp.float32)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.kernel_axes[n_in:]),
+                       (r,) + tuple(self.features), jnp.float32)
+        if self.lora.dropout > 0 and self.has_rng("dropout"):
+            x = nn.Dropout(self.lora.dropout)(x, deterministic=False)
+        low = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), (contract, ((), ())))
+        up = jnp.tensordot(low, b.astype(self.dtype), axes=1)
+        return up * jnp.asarray(self.lora.alpha / r, self.dtype)
 
-def _dense(features, axis, kernel_axes, dtype, name, use_bias=False):
+
+def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, alpha: float) -> Array:
+    """The kernel with its adapter folded in: W + (alpha / r) A B, in W's layout."""
+    rank = lora_a.shape[-1]
+    return kernel + (alpha / rank) * jnp.tensordot(lora_a, lora_b, axes=1)
+
+
+def _dense(features, axis, kernel_axes, dtype, name, use_bias=False, lora=None):
     features = features if isinstance(features, tuple) else (features,)
     num_in_axes = len(axis) if isinstance(axis, tuple) else 1
-    return Dense(features, num_in_axes, kernel_axes, dtype, use_bias, name=name)
+    return Dense(features, num_in_axes, kernel_axes, dtype, use_bias, lora, name=name)
 
 
 def head_dim(config: ModelConfig) -> int:
@@ -162,8 +209,9 @@ class MultiHeadAttention(nn.Module):
         c = self.config
         dtype, n, h = DTYPES[c.dtype], c.num_heads, head_dim(c)
         kv_heads = c.num_kv_heads or n
+        lora = lora_of(c)
         project = lambda heads, axes, name: _dense(  # noqa: E731
-            (heads, h), -1, ("embed", axes, "kv"), dtype, name, c.use_bias)
+            (heads, h), -1, ("embed", axes, "kv"), dtype, name, c.use_bias, lora)
         q = project(n, "heads", "query")(x_q)
         if decode and self.cross:
             k, v = self._cross_cache(x_kv, project, kv_heads)
@@ -176,7 +224,7 @@ class MultiHeadAttention(nn.Module):
                 k, v, mask = self._self_cache(k, v, mask)
         q = constrain(q, "batch", "length", "heads", "kv")
         out = attention(q, k, v, mask, bias, scale=None if c.scale_attention else 1.0)
-        return _dense(x_q.shape[-1], (-2, -1), ("heads", "kv", "embed"), dtype, "out", c.use_bias)(out)
+        return _dense(x_q.shape[-1], (-2, -1), ("heads", "kv", "embed"), dtype, "out", c.use_bias, lora)(out)
 
     def _self_cache(self, k, v, mask):
         """Writes this step's key/value at the cache index; masks positions not yet written."""
@@ -212,15 +260,15 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         c = self.config
-        dtype, act = DTYPES[c.dtype], ACTIVATIONS[c.activation]
+        dtype, act, lora = DTYPES[c.dtype], ACTIVATIONS[c.activation], lora_of(c)
         if c.gated_mlp:
-            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_0", c.use_bias)(x))
-            hidden = hidden * _dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_1", c.use_bias)(x)
+            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_0", c.use_bias, lora)(x))
+            hidden = hidden * _dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi_1", c.use_bias, lora)(x)
         else:
-            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi", c.use_bias)(x))
+            hidden = act(_dense(c.d_ff, -1, ("embed", "mlp"), dtype, "wi", c.use_bias, lora)(x))
         hidden = constrain(hidden, "batch", "length", "mlp")
         hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
-        return _dense(x.shape[-1], -1, ("mlp", "embed"), dtype, "wo", c.use_bias)(hidden)
+        return _dense(x.shape[-1], -1, ("mlp", "embed"), dtype, "wo", c.use_bias, lora)(hidden)
 
 
 class TransformerBlock(nn.Module):

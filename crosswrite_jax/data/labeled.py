@@ -1,0 +1,515 @@
+"""Labeled examples for fine-tuning: readers, label vocabularies, and batches for classification and tagging.
+
+A labeled source is a spec template ``FORMAT:PATH?key=value&...`` in which ``{split}`` stands for the split name:
+
+- ``tsv:sst2/{split}.tsv?text=0&label=1``, ``csv:x/{split}.csv?text=sentence&label=label``: one example per row;
+  columns by index (negative counts from the end) or, with a header row, by header name. ``header=true|false``
+  (default false for tsv, true for csv). Translation/summarization use ``source=`` and ``target=`` columns.
+- ``jsonl:scitldr/{split}.jsonl?source=source&target=target`` (or ``?text=...&label=...``, ``?tokens=...&tags=...``):
+  fields may be dotted (``a.b``); a list of strings as text/source is joined with spaces; a list target is the
+  references.
+- ``conll:ner/wnut17/{split}.conll?tokens=0&tags=-1``: whitespace-separated columns, a blank line between
+  sentences, ``-DOCSTART-`` lines skipped.
+
+Every format takes ``encoding=`` (e.g. ``utf-8,latin-1``). Relative paths (globs allowed) resolve against the data_dir
+argument, else ``$CROSSWRITE_DATA``, else the current directory.
+
+Examples per task: classification ``(text, label)``; tagging ``(words, tags)``; translation / summarization
+``(source, references)``. Batches follow `crosswrite_jax.data.pipeline`: a seeded shuffle per epoch, length grouping
+within a window of batches, padding to the smallest bucket length that fits, and per-process rows of each global
+batch. Token rows carry the tokenizer's own special tokens ([CLS] ... [SEP] for BERT; a trained tokenizer without
+post-processing gets EOS appended).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from crosswrite_jax.data import pipeline
+from crosswrite_jax.data.text_sources import (_BOOLEANS, _as_text, _field, _missing_field, read_conll, read_delimited,
+                                              read_jsonl, resolve_paths)
+from crosswrite_jax.data.tokenizer import Tokenizer
+from crosswrite_jax.errors import UserError
+
+TASKS = ("classification", "tagging", "translation", "summarization")
+FORMATS = ("tsv", "csv", "jsonl", "conll")
+OUTSIDE = "O"
+IGNORE = -1  # label / tag / word index of positions and rows that carry none
+
+# The two fields each task reads, and the formats that can hold them.
+_FIELDS = {"classification": ("text", "label"), "tagging": ("tokens", "tags"),
+           "translation": ("source", "target"), "summarization": ("source", "target")}
+_TASK_FORMATS = {"classification": ("tsv", "csv", "jsonl"), "tagging": ("conll", "jsonl"),
+                 "translation": ("tsv", "csv", "jsonl"), "summarization": ("tsv", "csv", "jsonl")}
+_EXAMPLES = {
+    "classification": "tsv:sst2/{split}.tsv?text=0&label=1",
+    "tagging": "conll:ner/wnut17/{split}.conll?tokens=0&tags=-1",
+    "translation": "tsv:pairs/{split}.tsv?source=0&target=1",
+    "summarization": "jsonl:scitldr/{split}.jsonl?source=source&target=target",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise UserError(f"config key 'task' is {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def _parse(task: str, spec: str) -> tuple[str, str, dict[str, str]]:
+    """(format, path pattern, options with defaults) of a spec whose {split} is already filled in."""
+    example = _EXAMPLES[task]
+    fmt, colon, rest = spec.strip().partition(":")
+    fmt = fmt.strip().lower()
+    if not colon or fmt not in FORMATS:
+        raise UserError(f"source '{spec}': {'no format prefix' if not colon else f'unknown format {fmt!r}'}; "
+                        f"write FORMAT:PATH with FORMAT one of {', '.join(_TASK_FORMATS[task])} for {task} "
+                        f"(e.g. '{example}')")
+    if fmt not in _TASK_FORMATS[task]:
+        raise UserError(f"source '{spec}': format {fmt} cannot hold {task} examples; use one of "
+                        f"{', '.join(_TASK_FORMATS[task])} (e.g. '{example}')")
+    pattern, query = rest, ""
+    head, question, tail = rest.rpartition("?")
+    if question and tail and all("=" in part for part in tail.split("&")):
+        pattern, query = head, tail
+    pattern = pattern.strip()
+    if not pattern:
+        raise UserError(f"source '{spec}' names no file; e.g. '{example}'")
+    first, second = _FIELDS[task]
+    if fmt == "jsonl":
+        defaults = {first: first, second: second}
+    elif fmt == "conll":
+        defaults = {first: "0", second: "-1"}
+    else:
+        defaults = {first: "0", second: "1", "header": "true" if fmt == "csv" else "false"}
+    defaults["encoding"] = "utf-8"
+    options: dict[str, str] = {}
+    for part in query.split("&") if query else ():
+        key, _, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in defaults:
+            other = [t for t, f in _FIELDS.items() if key in f]
+            why = f" ('{key}' is for {' / '.join(other)})" if other else ""
+            raise UserError(f"source '{spec}': unknown option '{key}' for {task} from {fmt}{why}; valid options: "
+                            f"{', '.join(defaults)} (e.g. '{example}')")
+        if key in options:
+            raise UserError(f"source '{spec}': option '{key}' is given twice; keep one")
+        if not value:
+            raise UserError(f"source '{spec}': option '{key}' is empty; give a value (e.g. '{example}')")
+        options[key] = value
+    options = {**defaults, **options}
+    if "header" in options and options["header"].lower() not in _BOOLEANS:
+        raise UserError(f"source '{spec}': header={options['header']!r} is not true or false")
+    if fmt == "conll":
+        for key in (first, second):
+            if not _is_int(options[key]):
+                raise UserError(f"source '{spec}': {key}={options[key]!r} is not a column index (0 is the first, "
+                                f"-1 the last)")
+    return fmt, pattern, options
+
+
+def _is_int(value: str) -> bool:
+    return value.lstrip("-").isdigit()
+
+
+def _column(path: str, number: int, names: list[str] | None, count: int, key: str, value: str) -> int:
+    """Index of column `value` (an index, or a header name when `names`) in rows of `count` fields."""
+    if names is not None and value in names:
+        return names.index(value)
+    if not _is_int(value):
+        if names is None:
+            raise UserError(f"{path}:{number}: {key}={value!r} is not a column index (0, 1, ..., -1 the last); "
+                            f"give an index, or set header=true to pick columns by header name")
+        raise UserError(f"{path}:{number}: no column '{value}' in the header (columns: {', '.join(names)}); set "
+                        f"{key}= to one of them or to an index")
+    index = int(value)
+    if not -count <= index < count:
+        raise UserError(f"{path}:{number}: {count} column{'s' if count != 1 else ''}, but {key}={index} was asked "
+                        f"for; columns count from 0 (or from -1 at the end), so use 0..{count - 1}")
+    return index % count
+
+
+def _read_delimited(task: str, path: str, fmt: str, options: dict[str, str], limit: int) -> list:
+    first, second = _FIELDS[task]
+    rows = read_delimited(path, "\t" if fmt == "tsv" else ",", encoding=options["encoding"])
+    count = len(rows[0][1])
+    names = None
+    if _BOOLEANS[options["header"].lower()]:
+        number, header = rows[0]
+        names = [n.strip() for n in header]
+        rows = rows[1:]
+    else:
+        number = rows[0][0]
+    a = _column(path, number, names, count, first, options[first])
+    b = _column(path, number, names, count, second, options[second])
+    examples = []
+    for number, fields in rows:
+        if limit and len(examples) >= limit:
+            break
+        text, value = fields[a].strip(), fields[b].strip()
+        if not value:
+            raise UserError(f"{path}:{number}: empty {second} in column {options[second]}; every row needs a "
+                            f"{'label' if task == 'classification' else 'reference'}: fill it in or drop the row")
+        examples.append((text, value) if task == "classification" else (text, [value]))
+    return examples
+
+
+def _strings(where: str, key: str, field: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: field '{field}' ({key}) is {json.dumps(value)[:60]}, not a list of strings; "
+                        f"point {key}= at a JSON list of strings")
+    return value
+
+
+def _read_jsonl(task: str, path: str, options: dict[str, str], limit: int) -> list:
+    first, second = _FIELDS[task]
+    examples = []
+    for number, record in read_jsonl(path, encoding=options["encoding"]):
+        if limit and len(examples) >= limit:
+            break
+        where = f"{path}:{number}"
+        values = []
+        for key in (first, second):
+            try:
+                values.append(_field(record, options[key]))
+            except KeyError as error:
+                message = str(_missing_field(where, options[key], error))
+                raise UserError(message.replace("field=", f"{key}=")) from None
+        value_a, value_b = values
+        if task == "tagging":
+            words = _strings(where, first, options[first], value_a)
+            tags = [t.strip() for t in _strings(where, second, options[second], value_b)]
+            if len(words) != len(tags):
+                raise UserError(f"{where}: {len(words)} tokens but {len(tags)} tags; every token needs exactly one "
+                                f"tag: fix that line")
+            if not words:
+                raise UserError(f"{where}: no tokens; drop the line or fill it")
+            if "" in tags:
+                raise UserError(f"{where}: tag {tags.index('')} is empty; every token needs a tag (e.g. O)")
+            examples.append((words, tags))
+            continue
+        text = _as_text(value_a)
+        if text is None:
+            raise UserError(f"{where}: field '{options[first]}' is {json.dumps(value_a)[:60]}, not a string or a "
+                            f"list of strings; point {first}= at text")
+        if task == "classification":
+            if isinstance(value_b, bool):
+                label = json.dumps(value_b)
+            elif isinstance(value_b, (str, int, float)):
+                label = str(value_b).strip()
+            else:
+                raise UserError(f"{where}: label field '{options[second]}' is {json.dumps(value_b)[:60]}; a label "
+                                f"must be a string or a number: point label= at it")
+            if not label:
+                raise UserError(f"{where}: empty label in field '{options[second]}'; every example needs a label")
+            examples.append((text.strip(), label))
+        else:
+            if isinstance(value_b, str):
+                references = [value_b.strip()]
+            elif isinstance(value_b, list) and value_b and all(isinstance(v, str) for v in value_b):
+                references = [v.strip() for v in value_b]
+            else:
+                raise UserError(f"{where}: target field '{options[second]}' is {json.dumps(value_b)[:60]}, not a "
+                                f"string or a non-empty list of strings; point target= at the reference text(s)")
+            if not all(references):
+                raise UserError(f"{where}: an empty reference in field '{options[second]}'; fill it in or drop it")
+            examples.append((text.strip(), references))
+    return examples
+
+
+def _read_conll(path: str, options: dict[str, str], limit: int) -> list:
+    tokens, tags = int(options["tokens"]), int(options["tags"])
+    needed = max(2, *((i + 1) if i >= 0 else -i for i in (tokens, tags)))
+    examples = []
+    for sentence in read_conll(path, min_columns=needed, encoding=options["encoding"]):
+        if limit and len(examples) >= limit:
+            break
+        for number, columns in sentence:
+            if tokens % len(columns) == tags % len(columns):
+                raise UserError(f"{path}:{number}: tokens={tokens} and tags={tags} name the same column of its "
+                                f"{len(columns)}; point them at different columns")
+        examples.append(([columns[tokens] for _, columns in sentence], [columns[tags] for _, columns in sentence]))
+    return examples
+
+
+def read_examples(task: str, spec: str, split: str, data_dir: str | None = None, max_examples: int = 0) -> list:
+    """The examples of a split that a labeled source spec names (``{split}`` in it replaced by `split`).
+
+    classification: [(text, label)]; tagging: [(words, tags)]; translation / summarization: [(source, references)].
+    `max_examples` > 0 keeps the first that many. Bad input raises UserError naming file:line and the fix.
+    """
+    _check_task(task)
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"the {task} source is empty; write FORMAT:PATH, e.g. '{_EXAMPLES[task]}'")
+    if max_examples < 0:
+        raise UserError(f"max examples is {max_examples}; use 0 (all) or a positive number")
+    filled = spec.replace("{split}", split)
+    fmt, pattern, options = _parse(task, filled)
+    examples: list = []
+    for path in resolve_paths(pattern, data_dir, filled):
+        limit = max_examples - len(examples) if max_examples else 0
+        if fmt in ("tsv", "csv"):
+            examples.extend(_read_delimited(task, path, fmt, options, limit))
+        elif fmt == "jsonl":
+            examples.extend(_read_jsonl(task, path, options, limit))
+        else:
+            examples.extend(_read_conll(path, options, limit))
+        if max_examples and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise UserError(f"source '{filled}' holds no {task} examples; check the path and the options")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------- labels
+
+
+def _label_key(label: str) -> tuple:
+    try:
+        number = float(label)
+    except ValueError:
+        return (1, 0.0, label)
+    return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
+
+
+def label_vocabulary(task: str, examples: Sequence) -> tuple[str, ...]:
+    """The label set of the examples, in a fixed order (index = label id).
+
+    classification: the sorted unique labels (numbers by value). tagging: "O", then B-X, I-X for each entity type X
+    seen, types sorted, then any other tags sorted. translation / summarization: ().
+    """
+    _check_task(task)
+    if task == "classification":
+        return tuple(sorted({label for _, label in examples}, key=_label_key))
+    if task == "tagging":
+        seen = {tag for _, tags in examples for tag in tags}
+        types = sorted({tag[2:] for tag in seen if tag[:2] in ("B-", "I-") and tag[2:]})
+        bio = [f"{prefix}-{kind}" for kind in types for prefix in "BI"]
+        other = sorted(seen - set(bio) - {OUTSIDE})
+        return (OUTSIDE, *bio, *other)
+    return ()
+
+
+def _label_index(labels: Sequence[str]) -> dict[str, int]:
+    index = {label: i for i, label in enumerate(labels)}
+    if not labels or len(index) != len(labels):
+        raise UserError(f"config key 'data.labels' is {tuple(labels)}; it must be a non-empty list of distinct "
+                        f"labels")
+    return index
+
+
+def _unknown(label: str, i: int, labels: Sequence[str]) -> UserError:
+    shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+    return UserError(f"label '{label}' (example {i}) is not in data.labels ({shown}); add it to data.labels or "
+                     f"fix the data")
+
+
+# ---------------------------------------------------------------------------------------------------------- batches
+
+
+class _Rows:
+    """Rows of per-token int32 values (ids, tags, word indices) stored flat with offsets."""
+
+    def __init__(self, fields: dict[str, list[list[int]]]) -> None:
+        first = next(iter(fields.values()))
+        self.lengths = np.fromiter((len(r) for r in first), dtype=np.int32, count=len(first))
+        self.offsets = np.zeros(len(first) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self.values = {key: np.fromiter((v for r in rows for v in r), dtype=np.int32, count=int(self.offsets[-1]))
+                       for key, rows in fields.items()}
+
+    def pad(self, key: str, indices: np.ndarray, width: int, fill: int) -> np.ndarray:
+        """Rows `indices` of field `key` (-1: an all-fill row) as an int32 [len(indices), width] array."""
+        out = np.full((len(indices), width), fill, dtype=np.int32)
+        values = self.values[key]
+        for r, i in enumerate(indices):
+            if i >= 0:
+                out[r, :self.lengths[i]] = values[self.offsets[i]:self.offsets[i + 1]]
+        return out
+
+
+def _encode(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str],
+            max_length: int) -> tuple[_Rows, np.ndarray | None]:
+    """Token rows (with tags and word indices for tagging) and, for classification, the label id of each example."""
+    index = _label_index(labels)
+    if task == "classification":
+        ids = tokenizer.encode_for_model([text for text, _ in examples], max_length)
+        label_ids = np.empty(len(examples), dtype=np.int32)
+        for i, (_, label) in enumerate(examples):
+            if label not in index:
+                raise _unknown(label, i, labels)
+            label_ids[i] = index[label]
+        return _Rows({"inputs": ids}), label_ids
+    encoded = tokenizer.encode_words([words for words, _ in examples], max_length)
+    ids, tag_rows, word_rows = [], [], []
+    for i, ((words, tags), (row, word_ids)) in enumerate(zip(examples, encoded)):
+        tag_ids = []
+        for tag in tags:
+            if tag not in index:
+                raise _unknown(tag, i, labels)
+            tag_ids.append(index[tag])
+        seen: set[int] = set()
+        tag_row, word_row = [], []
+        for w in word_ids:
+            if w is None or w in seen:
+                tag_row.append(IGNORE)
+                word_row.append(IGNORE)
+            else:
+                seen.add(w)
+                tag_row.append(tag_ids[w])
+                word_row.append(w)
+        ids.append(row)
+        tag_rows.append(tag_row)
+        word_rows.append(word_row)
+    return _Rows({"inputs": ids, "tags": tag_rows, "word_index": word_rows}), None
+
+
+class _TaskBatches:
+    """Maps a step k to the process-local rows of global batch k (same plan as pipeline's translation batches)."""
+
+    def __init__(self, rows: _Rows, label_ids: np.ndarray | None, *, global_batch_size: int,
+                 buckets: tuple[int, ...], seed: int, window: int, process_index: int, process_count: int,
+                 pad_id: int) -> None:
+        self.rows, self.label_ids, self.buckets = rows, label_ids, buckets
+        self.batch_size, self.seed, self.window, self.pad_id = global_batch_size, seed, window, pad_id
+        self.local = global_batch_size // process_count
+        self.start = process_index * self.local
+        self.lengths = rows.lengths
+        self.batches_per_epoch = len(self.lengths) // global_batch_size
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """Example indices of every global batch of an epoch, [batches_per_epoch, global_batch_size]."""
+        cached = self._cache
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        rng = np.random.default_rng([epoch, self.seed & (2**64 - 1)])
+        order = rng.permutation(len(self.lengths))
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start:start + span]
+            if self.window > 1:
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            full = len(chunk) // self.batch_size * self.batch_size
+            batches.append(chunk[:full].reshape(-1, self.batch_size))
+        plan = np.concatenate(batches)[rng.permutation(self.batches_per_epoch)]
+        self._cache = (epoch, plan)
+        return plan
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.plan(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+        width = pipeline._bucket(int(self.lengths[rows].max()), self.buckets)
+        local = rows[self.start:self.start + self.local]
+        batch = {"inputs": self.rows.pad("inputs", local, width, self.pad_id)}
+        if self.label_ids is not None:
+            batch["labels"] = self.label_ids[local]
+        else:
+            batch["tags"] = self.rows.pad("tags", local, width, IGNORE)
+        return batch
+
+
+def _seq2seq_pairs(examples: Sequence) -> list[tuple[str, str]]:
+    return [(source, reference) for source, references in examples for reference in references]
+
+
+def train_dataset(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *,
+                  global_batch_size: int, max_length: int, bucket_lengths: Sequence[int], seed: int,
+                  length_grouping_window: int = 16, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """Endless random-access dataset: element k is this process's rows of global training batch k.
+
+    classification: ``inputs`` int32 [b, W], ``labels`` int32 [b]. tagging: ``inputs`` and ``tags`` int32 [b, W], the
+    tag id at the first subword of each word and -1 elsewhere (other subwords, special tokens, padding).
+    W is the smallest bucket length that fits the global batch's longest row. translation / summarization: the
+    pipeline's ``inputs`` / ``targets`` batches, one pair per reference, both sides cut to max_length.
+    """
+    _check_task(task)
+    if task in ("translation", "summarization"):
+        return pipeline.train_dataset(_seq2seq_pairs(examples), tokenizer, global_batch_size=global_batch_size,
+                                      max_source_length=max_length, max_target_length=max_length,
+                                      bucket_lengths=bucket_lengths, seed=seed,
+                                      length_grouping_window=length_grouping_window, process_index=process_index,
+                                      process_count=process_count)
+    buckets = pipeline._check_buckets(bucket_lengths)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
+                        f"the process count ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} is outside [0, {process_count})")
+    if length_grouping_window < 1:
+        raise UserError(f"config key 'data.length_grouping_window' must be >= 1, got {length_grouping_window}")
+    if len(examples) < global_batch_size:
+        raise UserError(f"only {len(examples)} training examples, fewer than one batch of {global_batch_size}; "
+                        f"lower train.batch_size or use a larger split")
+    rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
+    batches = _TaskBatches(rows, label_ids, global_batch_size=global_batch_size, buckets=buckets, seed=seed,
+                           window=length_grouping_window, process_index=process_index, process_count=process_count,
+                           pad_id=tokenizer.pad_id)
+    return grain.MapDataset.range(sys.maxsize).map(batches)
+
+
+def eval_batches(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *, batch_size: int,
+                 max_length: int, bucket_lengths: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """In-order batches of every example, `batch_size` rows each; `example_index` int32 [b] is -1 on filler rows.
+
+    Keys as in training (filler rows: pad ids, labels/tags -1); tagging adds ``word_index`` int32 [b, W]: the
+    word's position at its first subword, -1 elsewhere. translation / summarization: the pipeline's eval batches
+    (``inputs``, ``targets`` from the first reference, ``example_index``).
+    """
+    _check_task(task)
+    if task in ("translation", "summarization"):
+        return pipeline.eval_batches([(source, references[0]) for source, references in examples], tokenizer,
+                                     batch_size=batch_size, max_source_length=max_length,
+                                     bucket_lengths=bucket_lengths, max_target_length=max_length)
+    buckets = pipeline._check_buckets(bucket_lengths)
+    if batch_size <= 0:
+        raise UserError(f"config key 'eval.batch_size' must be positive, got {batch_size}")
+    rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        index = np.arange(start, start + batch_size, dtype=np.int32)
+        index[index >= len(examples)] = -1
+        width = pipeline._bucket(int(rows.lengths[index[index >= 0]].max()), buckets)
+        batch = {"example_index": index, "inputs": rows.pad("inputs", index, width, tokenizer.pad_id)}
+        if label_ids is not None:
+            batch["labels"] = np.where(index >= 0, label_ids[np.maximum(index, 0)], IGNORE).astype(np.int32)
+        else:
+            batch["tags"] = rows.pad("tags", index, width, IGNORE)
+            batch["word_index"] = rows.pad("word_index", index, width, IGNORE)
+        batches.append(batch)
+    return batches
+
+
+def word_tags(predicted_ids: np.ndarray, batch: dict[str, np.ndarray], examples: Sequence,
+              labels: Sequence[str]) -> dict[int, list[str]]:
+    """Example index -> the predicted tag of each of its words, read at each word's first subword.
+
+    `predicted_ids` [b, W] are label ids for a tagging eval batch. Words cut off by truncation or with no subword
+    get "O".
+    """
+    predicted = np.asarray(predicted_ids)
+    word_index = batch["word_index"]
+    if predicted.ndim != 2 or predicted.shape[0] < word_index.shape[0] or predicted.shape[1] < word_index.shape[1]:
+        raise ValueError(f"predicted ids have shape {predicted.shape}, the batch's word_index {word_index.shape}")
+    predicted = predicted[:word_index.shape[0], :word_index.shape[1]]
+    out: dict[int, list[str]] = {}
+    for r, example in enumerate(batch["example_index"].tolist()):
+        if example < 0:
+            continue
+        tags = [OUTSIDE] * len(examples[example][0])
+        positions = np.flatnonzero(word_index[r] >= 0)
+        for w, label_id in zip(word_index[r, positions].tolist(), predicted[r, positions].tolist()):
+            if not 0 <= label_id < len(labels):
+                raise ValueError(f"predicted label id {label_id} is outside the {len(labels)} labels")
+            tags[w] = labels[label_id]
+        out[example] = tags
+    return out

