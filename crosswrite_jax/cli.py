@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     merge_source.add_argument("--adapters", help="a directory written by `crosswrite peft export`")
     peft_merge.add_argument("--out", required=True, help="new run directory: config.json, tokenizer/, checkpoints/0")
     peft_merge.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: newest)")
+    report = commands.add_parser("report", help="curves of runs' metrics.jsonl as PNG files, and a summary table")
+    report.add_argument("workdirs", nargs="+", help="run directories")
+    report.add_argument("--out", default="report", help="folder for the PNG files (default: report)")
     ckpt = commands.add_parser("checkpoint", help="inspect checkpoints offline")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_commands.add_parser("verify", help="check every step against its checksum manifest")
@@ -94,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (tokenizer, tok_train):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     for sub in (train, bench, evaluate, predict, quick, keys, import_hf, export_hf, compile_check, ckpt, verify, peft,
-                peft_export, peft_merge):
+                peft_export, peft_merge, report):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -244,6 +247,15 @@ def run_tokenizer(args, overrides) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def run_report(args, overrides) -> dict:
+    from crosswrite_jax.report import format_table, report
+
+    _no_overrides(overrides, "report")
+    rows, files = report(args.workdirs, args.out)
+    print(format_table(rows))
+    return {"command": "report", "runs": len(rows), "files": [str(f) for f in files]}
+
+
 def run_peft(args, overrides) -> dict:
     from crosswrite_jax import peft
 
@@ -273,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
                    "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check, "bench": run_bench,
-                   "peft": run_peft}
+                   "peft": run_peft, "report": run_report}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:

@@ -91,13 +91,15 @@ def predict_labels(restored: Restored, lines: Iterable[str], out: TextIO) -> int
         for chunk in batches_of(lines, rows):
             if task.name == "classification":
                 examples = [(line, labels[0]) for line in chunk]
-            else:
-                examples = [(line.split(), [labels[0]] * len(line.split())) for line in chunk]
+            else:  # a blank line gets a blank output line
+                examples = [(line.split() or ["."], [labels[0]] * max(len(line.split()), 1)) for line in chunk]
             batch, = labeled.eval_batches(task.name, examples, restored.run.tokenizer, labels, batch_size=rows,
                                           max_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
             ids = step(restored.params, {"inputs": global_batch(restored, batch["inputs"])})
             ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
             predicted = predicted_labels(task.name, [batch], [ids], examples, labels)
+            if task.name == "tagging":
+                predicted = [tags if line.split() else [] for tags, line in zip(predicted, chunk)]
             if jax.process_index() == 0:
                 out.write("".join((p if isinstance(p, str) else " ".join(p)) + "\n" for p in predicted))
                 out.flush()
