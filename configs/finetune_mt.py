@@ -26,7 +26,7 @@ def get_config() -> Config:
                         max_source_length=64, max_target_length=64, bucket_lengths=(16, 32, 48, 64)),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=60, schedule="cosine"),
         train=TrainConfig(steps=600, batch_size=64, label_smoothing=0.1, eval_every=150, eval_batches=8,
-                          log_every=50, best_metric="loss", init_from=PRETRAINED),
+                          log_every=50, best_metric="bleu", eval_decode_examples=200, init_from=PRETRAINED),
         eval=EvalConfig(split="test_2016_flickr", batch_size=200, max_decode_length=64),
         checkpoint=CheckpointConfig(every=600, max_to_keep=1),
     )

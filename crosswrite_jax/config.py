@@ -132,6 +132,7 @@ class TrainConfig:
     profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
     best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
+    eval_decode_examples: int = 0  # translation / summarization: validation also decodes and scores this many
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,7 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
                         f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
     hypotheses, references = translate_split(restored)
-    if task.name == "summarization":
-        scores = summarization_scores(hypotheses, references)
-    else:
-        scores = translation_scores(hypotheses, [refs[0] for refs in references])
+    scores = generation_scores(task.name, hypotheses, references)
     scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
                   decoding=describe(run.config.decode), devices=jax.device_count())
     if jax.process_index() == 0:
@@ -137,6 +134,13 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         scores["hypotheses_file"] = str(out / f"{stem}.hyp.txt")
         _record(restored, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return scores
+
+
+def generation_scores(task_name: str, hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
+    """ROUGE for summaries; sacreBLEU BLEU and chrF (first reference) for translations."""
+    if task_name == "summarization":
+        return summarization_scores(hypotheses, references)
+    return translation_scores(hypotheses, [refs[0] for refs in references])
 
 
 def _record(restored: Restored, scores: dict[str, float]) -> None:
@@ -220,15 +224,18 @@ def padded_batch_size(restored: Restored, batch_size: int) -> int:
     return -(-batch_size // ways) * ways
 
 
-def translate_split(restored: Restored) -> tuple[list[str], list[list[str]]]:
-    """Hypotheses and references (each example's list) for the configured split, in the split's order."""
+def translate_split(restored: Restored, split: str | None = None, max_examples: int | None = None,
+                    decode=None) -> tuple[list[str], list[list[str]]]:
+    """Hypotheses and references (each example's list) for a split (default eval.split), in the split's order."""
     run, c = restored.run, restored.run.config
-    sources, references = run.read_references(c.eval.split, c.eval.max_examples)
+    split = c.eval.split if split is None else split
+    max_examples = c.eval.max_examples if max_examples is None else max_examples
+    sources, references = run.read_references(split, max_examples)
     pairs = [(source, "") for source in sources]
     batches = pipeline.eval_batches(pairs, run.tokenizer, batch_size=padded_batch_size(restored, c.eval.batch_size),
                                     max_source_length=c.data.max_source_length,
                                     bucket_lengths=c.data.bucket_lengths)
-    decode = restored.decoder(c.eval.max_decode_length)
+    decode = decode or restored.decoder(c.eval.max_decode_length)
     rng = jax.random.key(c.decode.seed)
     hypotheses = [""] * len(pairs)
     with restored.context():

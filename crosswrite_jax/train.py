@@ -609,10 +609,27 @@ class Validator:
                                                       sharding.batch_sharding(trainer.mesh)))
         else:
             self.batches = validation_batches(run, trainer.task)
+        self.decoded = run.config.train.eval_decode_examples if trainer.task.name in ("translation",
+                                                                                       "summarization") else 0
+        if self.decoded:
+            from crosswrite_jax.evaluate import Restored
+
+            self.restored = Restored(run, trainer.mesh, trainer.rules, trainer.model, trainer.layout.shardings.params,
+                                     None, 0)
+            self.decode = self.restored.decoder(run.config.eval.max_decode_length)
 
     def __call__(self, params) -> dict[str, Any]:
         if not self.trainer.task.labeled:
-            return _validate(self.trainer, self.eval_step, params, self.batches)
+            scores = _validate(self.trainer, self.eval_step, params, self.batches)
+            if self.decoded:  # greedy (or as decode.* say) outputs of the first examples, scored
+                from crosswrite_jax.evaluate import generation_scores, translate_split
+
+                self.restored.params = params
+                hypotheses, references = translate_split(self.restored, self.run.config.data.eval_split,
+                                                         self.decoded, self.decode)
+                scores.update({k: v for k, v in generation_scores(self.trainer.task.name, hypotheses,
+                                                                  references).items() if isinstance(v, (int, float))})
+            return scores
         with self.trainer.context():
             scores, _ = score_labeled(self.split, self.trainer.task, self.run.config.data.labels, self.trainer.mesh,
                                       self.eval_step, self.predict_step, params)

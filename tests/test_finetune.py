@@ -134,9 +134,12 @@ def test_wrong_label_count_is_a_one_line_error(tmp_path):
 
 def test_summarization_scores_rouge_against_every_reference(tmp_path):
     data = _summaries(tmp_path / "data")
-    config = _recipe("finetune_scitldr.py", data, train__steps=4, train__eval_every=0, checkpoint__every=4,
-                     train__best_metric="", eval__max_decode_length=8, data__bucket_lengths=(16, 32, 48, 64))
-    train(config, tmp_path / "run")
+    config = _recipe("finetune_scitldr.py", data, train__steps=4, train__eval_every=2, checkpoint__every=4,
+                     train__best_metric="rougeL", eval__max_decode_length=8, data__bucket_lengths=(16, 32, 48, 64),
+                     train__eval_decode_examples=5)
+    metrics = train(config, tmp_path / "run")
+    assert metrics["val_examples"] == 5 and 0 <= metrics["val_rouge1"] <= 100  # decoded during validation
+    assert metrics["best_step"] in (2, 4)
     scores = evaluate(tmp_path / "run")
     assert scores["examples"] == 8 and {"rouge1", "rouge2", "rougeL"} <= set(scores)
     references = Path(scores["hypotheses_file"].replace(".hyp.", ".ref.")).read_text().splitlines()
@@ -335,3 +338,13 @@ def test_init_from_a_hugging_face_directory_loads_the_encoder_and_adds_a_fresh_h
                                                                           best_metric="")), tmp_path / "run")
     assert np.isfinite(metrics["loss"])
     assert Path(tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_translation_validation_decodes_and_keeps_the_best_bleu(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(train__eval_every=5, train__eval_decode_examples=8, train__best_metric="bleu",
+                         eval__max_decode_length=8)
+    metrics = train(config, tmp_path / "run")
+    assert 0 <= metrics["val_bleu"] <= 100 and 0 <= metrics["val_chrf"] <= 100
+    assert metrics["best_step"] in (5, 10) and (tmp_path / "run" / "best" / str(metrics["best_step"])).is_dir()
