@@ -152,20 +152,14 @@ def _record(restored: Restored, scores: dict[str, float]) -> None:
 def labeled_scores(restored: Restored) -> dict[str, Any]:
     """Classification (accuracy, macro-F1) or tagging (seqeval entity P/R/F1 per type) scores of eval.split;
     predictions are written next to the gold labels."""
-    from crosswrite_jax.tasks.labeling import make_predict_step
-    from crosswrite_jax.train import LabeledSplit, make_eval_step, score_labeled
+    from crosswrite_jax.train import LabeledSplit, jit_labeled_eval_step, score_labeled
 
     run, c = restored.run, restored.run.config
     task = get_task(c.task)
     split = LabeledSplit.read(run, c.eval.split, padded_batch_size(restored, c.eval.batch_size), c.eval.max_examples)
-    batch_sharding = sharding.batch_sharding(restored.mesh)
-    eval_step = jax.jit(make_eval_step(restored.model, task, 0.0), in_shardings=(restored.param_shardings,
-                        batch_sharding), out_shardings=sharding.replicated(restored.mesh))
-    predict_step = jax.jit(make_predict_step(restored.model, task),
-                           in_shardings=(restored.param_shardings, batch_sharding))
+    eval_step = jit_labeled_eval_step(restored.model, task, 0.0, restored.param_shardings, restored.mesh)
     with restored.context():
-        scores, predicted = score_labeled(split, task, c.data.labels, restored.mesh, eval_step, predict_step,
-                                          restored.params)
+        scores, predicted = score_labeled(split, task, c.data.labels, restored.mesh, eval_step, restored.params)
     scores.update(step=restored.step, split=c.eval.split, task=task.name, devices=jax.device_count())
     if jax.process_index() == 0:
         out = run.workdir / "eval"

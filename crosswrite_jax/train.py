@@ -118,14 +118,27 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
     return train_step
 
 
-def make_eval_step(model: nn.Module, task: Task, label_smoothing: float) -> Callable[[Any, dict], dict]:
-    """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout."""
+def make_eval_step(model: nn.Module, task: Task, label_smoothing: float,
+                   predictions: bool = False) -> Callable[[Any, dict], dict]:
+    """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout; with `predictions`, also the
+    argmax label ids of the same forward pass (classification, tagging) under 'predictions'."""
 
     def eval_step(params, batch):
         logits, targets, weights = task.forward(model, {"params": params}, batch, True, {})
-        return token_losses(logits, targets, weights, label_smoothing)
+        sums = token_losses(logits, targets, weights, label_smoothing)
+        if predictions:
+            sums["predictions"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sums
 
     return eval_step
+
+
+def jit_labeled_eval_step(model: nn.Module, task: Task, label_smoothing: float, param_shardings, mesh: Mesh):
+    """The jitted losses-and-predictions step of classification / tagging, sharded like training."""
+    batch = sharding.batch_sharding(mesh)
+    sums = {k: sharding.replicated(mesh) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
+    return jax.jit(make_eval_step(model, task, label_smoothing, predictions=True),
+                   in_shardings=(param_shardings, batch), out_shardings=dict(sums, predictions=batch))
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
@@ -396,7 +409,7 @@ class LabeledSplit:
 MODEL_KEYS = ("inputs", "labels", "tags")
 
 
-def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh: Mesh, eval_step, predict_step,
+def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh: Mesh, eval_step,
                   params) -> tuple[dict[str, Any], list]:
     """(loss and task scores over the whole split, predicted label or tags per example)."""
     from jax.experimental import multihost_utils
@@ -407,10 +420,10 @@ def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh
     for batch in split.batches:
         arrays = {k: jax.make_array_from_callback(v.shape, spec, lambda index, v=v: v[index])
                   for k, v in batch.items() if k in MODEL_KEYS}
-        sums = jax.device_get(eval_step(params, arrays))
+        out = eval_step(params, arrays)
         for k in totals:
-            totals[k] += float(sums[k])
-        predictions.append(np.asarray(multihost_utils.process_allgather(predict_step(params, arrays), tiled=True)))
+            totals[k] += float(jax.device_get(out[k]))
+        predictions.append(np.asarray(multihost_utils.process_allgather(out["predictions"], tiled=True)))
     predicted = labeling.predicted_labels(task.name, split.batches, predictions, split.examples, labels)
     scores = labeling.scores(task.name, predicted, split.examples)
     return dict(summarize(totals), **scores), predicted
@@ -598,16 +611,15 @@ class Validator:
 
     def __init__(self, run: workdir_lib.Run, trainer: Trainer):
         self.run, self.trainer = run, trainer
-        self.eval_step = trainer.jit_eval_step()
         if trainer.task.labeled:
             config = run.config
             rows = -(-config.eval.batch_size // sharding.data_parallel_size(trainer.mesh)) * \
                 sharding.data_parallel_size(trainer.mesh)
             self.split = LabeledSplit.read(run, config.data.eval_split, rows)
-            self.predict_step = jax.jit(labeling.make_predict_step(trainer.model, trainer.task),
-                                        in_shardings=(trainer.layout.shardings.params,
-                                                      sharding.batch_sharding(trainer.mesh)))
+            self.eval_step = jit_labeled_eval_step(trainer.model, trainer.task, config.train.label_smoothing,
+                                                   trainer.layout.shardings.params, trainer.mesh)
         else:
+            self.eval_step = trainer.jit_eval_step()
             self.batches = validation_batches(run, trainer.task)
         self.decoded = run.config.train.eval_decode_examples if trainer.task.name in ("translation",
                                                                                        "summarization") else 0
@@ -632,7 +644,7 @@ class Validator:
             return scores
         with self.trainer.context():
             scores, _ = score_labeled(self.split, self.trainer.task, self.run.config.data.labels, self.trainer.mesh,
-                                      self.eval_step, self.predict_step, params)
+                                      self.eval_step, params)
         return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 
