@@ -22,7 +22,7 @@ def saved_param_shapes(params_dir: Path) -> dict[str, tuple[tuple[int, ...], str
     absl_logger.setLevel(logging.ERROR)  # Orbax warns about a missing per-item metadata file it does not need
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(params_dir)
+            metadata = checkpointer.metadata(Path(params_dir).absolute())  # a relative path reads as empty
     finally:
         absl_logger.setLevel(level)
     tree = getattr(metadata, "item_metadata", metadata)

@@ -257,11 +257,12 @@ def params_without_adapters(params):
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora_" not in k}, sep="/")
 
 
-def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path):
+def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path, monkeypatch):
     data = _sentiment(tmp_path / "data")
     train(_recipe("finetune_sst2.py", data, train__steps=4, train__eval_every=0, train__best_metric=""),
           tmp_path / "base")
-    lora = _recipe("finetune_sst2.py", data, train__steps=8, train__init_from=str(tmp_path / "base"),
+    monkeypatch.chdir(tmp_path)  # a relative train.init_from (Orbax reads relative paths' metadata as empty)
+    lora = _recipe("finetune_sst2.py", data, train__steps=8, train__init_from="base",
                    peft__method="lora", peft__lora_rank=2, train__best_metric="")
     metrics = train(lora, tmp_path / "lora")
     assert metrics["trainable_parameters"] < metrics["total_parameters"] / 5

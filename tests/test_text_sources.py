@@ -277,3 +277,11 @@ def test_tfds_missing_package_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(UserError, match="pip install tensorflow-datasets"):
         read_documents("tfds:lm1b?split=train&field=text")
+
+
+def test_conll_line_holding_only_a_byte_order_mark_is_blank(tmp_path):
+    """WNUT-17's dev file has such a line between two sentences."""
+    path = tmp_path / "dev.conll"
+    path.write_text("a\tO\nb\tB-x\n\ufeff\nc\tO\n", encoding="utf-8")
+    sentences = read_conll(path, min_columns=2)
+    assert [[columns for _, columns in s] for s in sentences] == [[["a", "O"], ["b", "B-x"]], [["c", "O"]]]

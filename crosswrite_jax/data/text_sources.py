@@ -324,7 +324,7 @@ def read_conll(path: str | os.PathLike, min_columns: int = 1, *,
     sentences: list[list[tuple[int, list[str]]]] = []
     current: list[tuple[int, list[str]]] = []
     for number, line in enumerate(_lines(_read_text(path, encoding)), 1):
-        stripped = line.strip(" \t")
+        stripped = line.strip(" \t\ufeff\u200b")  # a stray byte-order mark or zero-width space is blank
         if not stripped or stripped.startswith("-DOCSTART-"):
             if current:
                 sentences.append(current)
