@@ -18,6 +18,8 @@ def curves(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[tupl
     """(split, metric) -> [(step, value)] for every numeric metric, in step order (a resumed run's repeats: last)."""
     out: dict[tuple[str, str], dict[int, float]] = {}
     for record in records:
+        if record["split"] == "summary":  # one per training invocation: sizes and wall time, not a curve
+            continue
         for name, value in record.items():
             if name in SKIPPED or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
@@ -32,6 +34,10 @@ def summary(name: str, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": name, "steps": max((r["step"] for r in records), default=0)}
     if ("train", "loss") in series:
         row["train_loss"] = round(series[("train", "loss")][-1][1], 4)
+    summaries = [r for r in records if r["split"] == "summary"]
+    if summaries:
+        row["trainable_percent"] = summaries[-1].get("trainable_percent")
+        row["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in summaries), 1)
     for (split, metric), points in sorted(series.items()):
         if split == "train" or metric == "tokens_per_second":
             continue

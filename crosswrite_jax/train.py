@@ -486,6 +486,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
 
     `stop_at` ends this invocation early at that step, with a checkpoint, as a preemption would.
     """
+    started = time.perf_counter()
     config = with_labels(peft.resolve(config), workdir)
     run = workdir_lib.prepare(config, workdir)
     config, tokenizer = run.config, run.tokenizer
@@ -598,10 +599,12 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
         checkpoint.finalize(manager)  # waits for the last async save, then writes its checksum manifest
         manager.close()
         best.close()
+        summary = {"trainable_parameters": report["trainable"], "total_parameters": report["total"],
+                   "trainable_percent": round(100 * report["trainable"] / report["total"], 3),
+                   "optimizer_state_bytes": report["optimizer_state_bytes"], **best.summary(),
+                   "seconds": round(time.perf_counter() - started, 1)}
+        writer.write(int(jax.device_get(state.step)), "summary", summary)  # this invocation: wall time, sizes
         writer.close()
-    summary = {"trainable_parameters": report["trainable"], "total_parameters": report["total"],
-               "trainable_percent": round(100 * report["trainable"] / report["total"], 3),
-               "optimizer_state_bytes": report["optimizer_state_bytes"], **best.summary()}
     return {**last, **initial, **summary}
 
 

@@ -298,6 +298,9 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert metrics["stopped_early_at"] == 6 and metrics["best_step"] == 2
     assert sorted(int(p.name) for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == [2]
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [6]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["split"] == "summary" and last["step"] == 6 and last["seconds"] > 0
+    assert last["trainable_parameters"] == last["total_parameters"] == metrics["total_parameters"]
 
 
 def test_best_metric_must_be_one_validation_reports(tmp_path):
