@@ -1,0 +1,222 @@
+"""Regenerates docs/RESULTS.md, its PNG plots (docs/results/) and README's results table from run directories.
+
+    python scripts/make_results.py [--runs runs]
+
+Every figure comes from a run's metrics.jsonl: `crosswrite eval` records (split = the evaluated split)
+where the experiment was evaluated, else the best validation value; wall time and trainable parameters
+from the summary record each `crosswrite train` writes. Runs that are missing are listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from crosswrite_jax.report import curves  # noqa: E402
+from crosswrite_jax.reporting import read_metrics  # noqa: E402
+
+DATA = "CROSSWRITE_DATA=../shared/data "
+README_BEGIN, README_END = "<!-- results:begin (scripts/make_results.py) -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    section: str
+    run: str  # run directory name under --runs
+    what: str
+    command: str
+    split: str  # the split `crosswrite eval` scored, or "" for the best validation value
+    metrics: tuple[str, ...]
+    readme: bool = False  # also in README's table
+
+
+SST2 = "configs/finetune_sst2.py"
+EXPERIMENTS = [
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_full", "MiniLM, full fine-tuning, lr 5e-5",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_full", "", ("accuracy", "macro_f1")),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_full_lr1e-4", "MiniLM, full fine-tuning, lr 1e-4",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_full_lr1e-4 "
+               f"--config.optimizer.learning_rate=1e-4", "", ("accuracy", "macro_f1"), readme=True),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_lora", "MiniLM, LoRA r 8 (q, k, v, o), lr 5e-4",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_lora --config.peft.method=lora", "",
+               ("accuracy", "macro_f1")),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_lora_lr1e-3", "MiniLM, LoRA r 8 (q, k, v, o), lr 1e-3",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_lora_lr1e-3 --config.peft.method=lora "
+               f"--config.peft.learning_rate=1e-3", "", ("accuracy", "macro_f1"), readme=True),
+    Experiment("NER (entity F1, seqeval)", "wnut17_full", "WNUT-17 dev, MiniLM, full, 4 epochs",
+               f"{DATA}crosswrite train --config configs/finetune_ner_wnut17.py --workdir runs/wnut17_full",
+               "dev", ("f1", "precision", "recall"), readme=True),
+    Experiment("NER (entity F1, seqeval)", "conll_1epoch", "CoNLL-2003 valid, MiniLM, full, 1 epoch",
+               f"{DATA}crosswrite train --config configs/finetune_ner_conll.py --workdir runs/conll_1epoch "
+               f"--config.train.steps=439 --config.train.eval_every=439", "valid", ("f1", "precision", "recall"),
+               readme=True),
+    Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_pretrained",
+               "span-corruption pretrained, fine-tuned",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_pretrained",
+               "test_2016_flickr", ("bleu", "chrf"), readme=True),
+    Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_scratch",
+               "same model and tokenizer from scratch",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_scratch "
+               f"--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer",
+               "test_2016_flickr", ("bleu", "chrf"), readme=True),
+    Experiment("Summarization, SciTLDR-A (dev ROUGE, beam 4)", "scitldr", "span-corruption pretrained, fine-tuned",
+               f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
+               "dev", ("rouge1", "rouge2", "rougeL"), readme=True),
+]
+
+
+def _value(records: list[dict], split: str, metric: str) -> float | None:
+    if split:
+        scored = [r for r in records if r["split"] == split and metric in r]
+        if scored:
+            return scored[-1][metric]
+    values = [r[metric] for r in records if r["split"] == "val" and isinstance(r.get(metric), (int, float))]
+    if not values:
+        return None
+    return min(values) if metric == "loss" else max(values)
+
+
+def _summary(records: list[dict]) -> dict:
+    summaries = [r for r in records if r["split"] == "summary"]
+    if not summaries:
+        return {}
+    return {"seconds": sum(r.get("seconds", 0.0) for r in summaries), **summaries[-1]}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+
+
+def rows(runs: Path) -> tuple[list[dict], list[Experiment]]:
+    found, missing = [], []
+    for e in EXPERIMENTS:
+        records = read_metrics(runs / e.run)
+        if not records:
+            missing.append(e)
+            continue
+        s = _summary(records)
+        scores = {m: _value(records, e.split, m) for m in e.metrics}
+        found.append({"experiment": e, "scores": scores, "summary": s, "records": records})
+    return found, missing
+
+
+def _score_text(row: dict) -> str:
+    return ", ".join(f"{m} {v:.2f}" for m, v in row["scores"].items() if v is not None)
+
+
+def _table(found: list[dict], readme_only: bool = False) -> str:
+    lines = ["| experiment | result | trained parameters | optimizer state | wall (2 shared CPU cores) |",
+             "|---|---|---|---|---|"]
+    for row in found:
+        e, s = row["experiment"], row["summary"]
+        if readme_only and not e.readme:
+            continue
+        where = f"{e.section.split(' (')[0]}: {e.what}"
+        trained = (f"{s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%)" if s else "")
+        state = f"{s['optimizer_state_bytes'] / 1e6:.1f} MB" if s else ""
+        lines.append(f"| {where} | {_score_text(row)} | {trained} | {state} | "
+                     f"{_minutes(s['seconds']) if s else ''} |")
+    return "\n".join(lines)
+
+
+def plots(found: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_run = {row["experiment"].run: row for row in found}
+    mt = [by_run[name] for name in ("mt10_pretrained", "mt10_scratch") if name in by_run]
+    if mt:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for row in mt:
+            points = curves(row["records"]).get(("val", "bleu"), [])
+            if points:
+                axes.plot(*zip(*points), marker="o", label=row["experiment"].what)
+        axes.set(xlabel="step", ylabel="BLEU (100 val sentences, greedy)", title="Multi30k en-de, 10% of the pairs")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / "mt_bleu.png", dpi=100)
+        plt.close(figure)
+        written.append("mt_bleu.png")
+    sst2 = [row for row in found if row["experiment"].run.startswith("sst2") and row["summary"]]
+    if sst2:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for row in sst2:
+            x, y = row["summary"]["trainable_parameters"], row["scores"]["accuracy"]
+            axes.scatter([x], [y])
+            axes.annotate(row["experiment"].what.replace("MiniLM, ", ""), (x, y), fontsize=7)
+        axes.set(xscale="log", xlabel="trained parameters", ylabel="dev accuracy (%)", title="SST-2, all-MiniLM-L6-v2")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out / "sst2_parameters.png", dpi=100)
+        plt.close(figure)
+        written.append("sst2_parameters.png")
+    return written
+
+
+def render(found: list[dict], missing: list[Experiment], images: list[str]) -> str:
+    parts = ["# Results", "",
+             "Generated by `python scripts/make_results.py` from the run directories' `metrics.jsonl`; do not edit "
+             "by hand. Wall times are on this project's 2-core CPU machine while other jobs shared it, so they are "
+             "upper bounds. Validation-based figures are the best of the run's validations (the checkpoint kept in "
+             "`WORKDIR/best`); figures on a named split come from `crosswrite eval --checkpoint WORKDIR/best`.", ""]
+    sections = []
+    for row in found:
+        if row["experiment"].section not in sections:
+            sections.append(row["experiment"].section)
+    for section in sections:
+        parts += [f"## {section}", "", "| run | result | trained parameters | optimizer state | wall | command |",
+                  "|---|---|---|---|---|---|"]
+        for row in found:
+            e, s = row["experiment"], row["summary"]
+            if e.section != section:
+                continue
+            trained = f"{s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%)" if s else ""
+            state = f"{s['optimizer_state_bytes'] / 1e6:.1f} MB" if s else ""
+            parts.append(f"| {e.what} | {_score_text(row)} | {trained} | {state} | "
+                         f"{_minutes(s['seconds']) if s else ''} | `{e.command}` |")
+        parts.append("")
+    for image in images:
+        parts += [f"![{image}](results/{image})", ""]
+    if missing:
+        parts += ["## Not run yet", ""] + [f"- {e.section}: {e.what} (`{e.command}`)" for e in missing] + [""]
+    parts += ["## Summary table (README)", "", README_BEGIN, _table(found, readme_only=True), README_END, ""]
+    return "\n".join(parts)
+
+
+def readme_block(results_text: str) -> str:
+    """The README table as RESULTS.md holds it (markers included)."""
+    match = re.search(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), results_text, re.S)
+    return match.group(0) if match else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", help="folder holding the run directories (default: runs)")
+    args = parser.parse_args()
+    found, missing = rows(Path(args.runs))
+    images = plots(found, ROOT / "docs" / "results")
+    text = render(found, missing, images)
+    (ROOT / "docs" / "RESULTS.md").write_text(text)
+    readme = (ROOT / "README.md").read_text()
+    block = readme_block(text)
+    if README_BEGIN in readme:
+        readme = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _: block, readme, flags=re.S)
+    else:
+        readme = readme.replace("RESULTS_TABLE", block)
+    (ROOT / "README.md").write_text(readme)
+    print(f"docs/RESULTS.md: {len(found)} experiments, {len(missing)} not run; plots: {', '.join(images) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
