@@ -24,9 +24,9 @@ def get_config() -> Config:
                  num_decoder_layers=3, max_length=128, dropout_rate=0.1),
         data=DataConfig(dataset="multi30k", source_lang="en", target_lang="de", max_train_examples=2900,
                         max_source_length=64, max_target_length=64, bucket_lengths=(16, 32, 48, 64)),
-        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=60, schedule="cosine"),
-        train=TrainConfig(steps=600, batch_size=64, label_smoothing=0.1, eval_every=150, eval_batches=8,
-                          log_every=50, best_metric="bleu", eval_decode_examples=200, init_from=PRETRAINED),
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=40, schedule="cosine"),
+        train=TrainConfig(steps=400, batch_size=32, label_smoothing=0.1, eval_every=100, eval_batches=8,
+                          log_every=50, best_metric="bleu", eval_decode_examples=100, init_from=PRETRAINED),
         eval=EvalConfig(split="test_2016_flickr", batch_size=200, max_decode_length=64),
-        checkpoint=CheckpointConfig(every=600, max_to_keep=1),
+        checkpoint=CheckpointConfig(every=400, max_to_keep=1),
     )
