@@ -6,7 +6,7 @@ One mechanism decides what trains: every parameter path gets a label, and frozen
 - full: everything; freeze: a preset (embeddings, encoder, all_but_head) is frozen;
 - lora: only `lora_a` / `lora_b` adapters (Hu et al., 2021); bitfit: only biases and norm parameters
   (Ben Zaken et al., 2022); prompt: only the soft prompt (Lester et al., 2021);
-- with `peft.train_head`, task heads (classifier, pooler, untied output) train under every method.
+- with `peft.train_head`, an encoder's task heads (classifier, pooler) train under every method.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from flax import traverse_util
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 
+# Task heads: new on a pretrained encoder, so they train under every method (with peft.train_head). The output
+# projection of generating models is pretrained like the rest and follows the method (LoRA leaves it frozen).
 HEADS = {"encoder": r"(classifier|pooler|mlm_transform|mlm_norm)/.*|mlm_bias",
-         "encoder_decoder": r"output/.*", "decoder": r"output/.*"}
+         "encoder_decoder": r"(?!)", "decoder": r"(?!)"}
 METHOD_PARAMS = {"lora": r"(.*/)?lora_[ab]", "bitfit": r".*/bias|(.*/)?[^/]*norm[^/]*/scale",
                  "prompt": r"prompt/.*"}
 FROZEN_PRESETS = {"embeddings": r"embed/.*", "encoder": r"(embed|encoder|prompt)/.*"}
