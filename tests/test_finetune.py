@@ -352,3 +352,25 @@ def test_translation_validation_decodes_and_keeps_the_best_bleu(tmp_path):
     metrics = train(config, tmp_path / "run")
     assert 0 <= metrics["val_bleu"] <= 100 and 0 <= metrics["val_chrf"] <= 100
     assert metrics["best_step"] in (5, 10) and (tmp_path / "run" / "best" / str(metrics["best_step"])).is_dir()
+
+
+def test_an_encoder_decoder_backbone_serves_classification_with_its_encoder(tmp_path):
+    """One pretrained T5-style model: translation or summaries with all of it, labels with its encoder."""
+    data = _summaries(_sentiment(tmp_path / "data"))
+    train(_recipe("finetune_scitldr.py", data, train__steps=2, train__eval_every=0, train__best_metric="",
+                  data__bucket_lengths=(16, 32, 48, 64)), tmp_path / "backbone")
+    seq2seq = config_lib.load_json(tmp_path / "backbone" / "config.json").model
+    encoder = dataclasses.replace(seq2seq, family="encoder", num_decoder_layers=0, head="classification",
+                                  num_labels=2)
+    config = dataclasses.replace(_recipe("finetune_sst2.py", data, train__steps=2, train__eval_every=0,
+                                         train__best_metric="", train__init_from=str(tmp_path / "backbone")),
+                                 model=encoder)
+    trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
+    from crosswrite_jax.data.tokenizer import Tokenizer
+
+    params = jax.device_get(params_from(str(tmp_path / "backbone"), trainer,
+                                        Tokenizer.load(tmp_path / "backbone" / "tokenizer")))
+    saved = restore(tmp_path / "backbone").params
+    assert_trees_equal(params["encoder"], jax.device_get(saved["encoder"]))
+    assert_trees_equal(params["embed"], jax.device_get(saved["embed"]))
+    assert "decoder" not in params and "classifier" in params
