@@ -148,6 +148,9 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
         "peak_host_bytes": peak_host_bytes(), "device_peak_bytes": device_peak_bytes(),
         "compiled_temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
         "compiled_argument_bytes": int(memory.argument_size_in_bytes) if memory else None,
+        # What one step holds at once: arguments, outputs not aliased to (donated) arguments, temporaries.
+        "compiled_total_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                    - memory.alias_size_in_bytes + memory.temp_size_in_bytes) if memory else None,
         "final_loss": loss,
     }
     return result
@@ -172,5 +175,6 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"  MFU              {100 * result['mfu']:.1f}% of {result['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
                      f"({result['peak_source']}); model {result['model_flops_per_s'] / 1e9:,.1f} GFLOP/s")
     lines.append(f"  memory           host peak RSS {mb(result['peak_host_bytes'])}, device peak "
-                 f"{mb(result['device_peak_bytes'])}, compiled temporaries {mb(result['compiled_temp_bytes'])}")
+                 f"{mb(result['device_peak_bytes'])}, compiled temporaries {mb(result['compiled_temp_bytes'])} "
+                 f"(step total {mb(result['compiled_total_bytes'])})")
     return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""`crosswrite bench` through the console script, and `train.profile_steps` writing a jax.profiler trace."""
+
+import json
+
+import pytest
+
+from conftest import QUICKSTART, tiny_config
+from test_cli import _overrides, _run
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.train import train
+
+
+def test_bench_reports_step_time_tokens_memory_and_mfu():
+    result = _run("bench", "--config", str(QUICKSTART), "--steps", "3", "--warmup", "1",
+                  *_overrides({"mesh.shape": "1,1,1"}), devices=1)
+    assert result.returncode == 0, result.stderr
+    assert "MFU" in result.stdout and "compiled temporaries" in result.stdout
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["command"] == "bench" and record["steps"] == 3 and record["grad_accum_steps"] == 1
+    assert 0 < record["median_step_s"] and record["compile_s"] > 0
+    assert 0 < record["real_tokens_per_s"] <= record["padded_tokens_per_s"]
+    assert record["peak_host_bytes"] > 0 and record["compiled_temp_bytes"] > 0
+    assert record["peak_source"] == "measured f32 matmul" and 0 < record["mfu"] < 1
+    # The documented formula and XLA's count of the compiled step (which adds the optimizer and elementwise ops).
+    assert 0.5 < record["model_flops_per_step"] / record["xla_flops_per_step"] < 1.1
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    config = tiny_config(train__steps=4, train__profile_steps=2, checkpoint__every=4)
+    train(config, tmp_path / "run")
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_profile_steps_must_not_be_negative():
+    with pytest.raises(UserError, match="train.profile_steps"):
+        tiny_config(train__profile_steps=-1)
