@@ -43,6 +43,10 @@ EXPERIMENTS = [
     Experiment("SST-2 sentiment (dev accuracy)", "sst2_full_lr1e-4", "MiniLM, full fine-tuning, lr 1e-4",
                f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_full_lr1e-4 "
                f"--config.optimizer.learning_rate=1e-4", "", ("accuracy", "macro_f1"), readme=True),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_full_random", "MiniLM, full, lr 1e-4, batches not grouped "
+               "by length", f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_full_random "
+               f"--config.optimizer.learning_rate=1e-4 --config.data.length_grouping_window=1", "",
+               ("accuracy", "macro_f1"), readme=True),
     Experiment("SST-2 sentiment (dev accuracy)", "sst2_lora", "MiniLM, LoRA r 8 (q, k, v, o), lr 5e-4",
                f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_lora --config.peft.method=lora", "",
                ("accuracy", "macro_f1")),

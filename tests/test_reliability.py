@@ -96,5 +96,7 @@ def test_sigterm_saves_exits_zero_and_the_rerun_resumes_at_the_next_step(tmp_pat
     rerun = subprocess.run(command(stopped + 3), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed from step {stopped}" in rerun.stderr
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if r["split"] == "train"]
     assert steps == list(range(1, stopped + 4))  # no step lost, none repeated
+    assert [r["step"] for r in records if r["split"] == "summary"] == [stopped, stopped + 3]  # one per invocation
