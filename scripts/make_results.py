@@ -59,8 +59,8 @@ EXPERIMENTS = [
     Experiment("NER (entity F1, seqeval)", "wnut17_full", "WNUT-17 dev, MiniLM, full, 4 epochs",
                f"{DATA}crosswrite train --config configs/finetune_ner_wnut17.py --workdir runs/wnut17_full",
                "dev", ("f1", "precision", "recall"), readme=True),
-    Experiment("NER (entity F1, seqeval)", "conll_1epoch", "CoNLL-2003 valid, MiniLM, full, 1 epoch",
-               f"{DATA}crosswrite train --config configs/finetune_ner_conll.py --workdir runs/conll_1epoch "
+    Experiment("NER (entity F1, seqeval)", "conll", "CoNLL-2003 valid, MiniLM, full, 1 epoch",
+               f"{DATA}crosswrite train --config configs/finetune_ner_conll.py --workdir runs/conll "
                f"--config.train.steps=439 --config.train.eval_every=439", "valid", ("f1", "precision", "recall"),
                readme=True),
     Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_pretrained",
