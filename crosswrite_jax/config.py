@@ -81,6 +81,9 @@ class DataConfig:
     length_grouping_window: int = 16  # batches sorted together by length; 1 disables grouping
     tokenizer: str = ""  # existing tokenizer directory; empty: train one on the training text
     tokenizer_model: str = "bpe"  # bpe | unigram | wordpiece
+    # More text for a new vocabulary to learn from, besides the training text: e.g. the German side of a later
+    # translation task, so that pretraining on English text leaves a vocabulary that also covers German.
+    tokenizer_sources: tuple[str, ...] = ()
     # Pretraining text (tasks mlm, span_corruption, causal_lm, prefix_lm); see crosswrite_jax/data/sources.py:
     # "text:GLOB", "text:GLOB?document=file", "tsv:GLOB?column=0", "csv:GLOB?column=text", "jsonl:GLOB?field=text",
     # "conll:GLOB?column=0", "tfds:NAME?split=train&field=text&data_dir=gs://BUCKET/tfds".

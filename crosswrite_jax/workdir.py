@@ -123,11 +123,14 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
         if not d.sources:
             raise UserError(f"task '{config.task}' reads raw text, but config key 'data.sources' is empty; name "
                             f"files there, e.g. --config.data.sources='text:corpus/*.txt'")
-        texts = _tokenizer_sample([text_sources.read_documents(s, d.data_dir or None) for s in d.sources])
+        texts = _tokenizer_sample([text_sources.read_documents(s, d.data_dir or None)
+                                   for s in d.sources + d.tokenizer_sources])
         tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model, mask=True,
                                     sentinels=NUM_SENTINELS)
     else:
-        tokenizer = Tokenizer.train(_training_texts(config, workdir), config.model.vocab_size, d.tokenizer_model)
+        extra = [doc for s in d.tokenizer_sources for doc in text_sources.read_documents(s, d.data_dir or None)]
+        tokenizer = Tokenizer.train(_training_texts(config, workdir) + extra, config.model.vocab_size,
+                                    d.tokenizer_model)
     if jax.process_index() == 0:  # tokenizer.json lands last, by rename: other processes never read half a file
         save_new(tokenizer, folder, force=True)
     return tokenizer

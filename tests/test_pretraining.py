@@ -231,7 +231,7 @@ TINY = {"model.vocab_size": 512, "model.d_model": 32, "model.num_heads": 4, "mod
 def pretrain_config(recipe: str, corpus: Path, **overrides) -> config_lib.Config:
     """A real pretraining recipe shrunk to a tiny model on the test corpus."""
     updates = dict(TINY, **{"data.data_dir": str(corpus), "data.sources": ("text:books/*.txt", "text:news.txt"),
-                            "data.eval_sources": ("text:valid.txt",)})
+                            "data.eval_sources": ("text:valid.txt",), "data.tokenizer_sources": ()})
     config = config_lib.load(ROOT / "configs" / f"pretrain_{recipe}.py")
     layers = {"encoder": ("model.num_encoder_layers",), "decoder": ("model.num_decoder_layers",),
               "encoder_decoder": ("model.num_encoder_layers", "model.num_decoder_layers")}[config.model.family]
@@ -340,3 +340,20 @@ def test_eval_of_a_pretraining_run_reports_held_out_perplexity_on_one_device(cor
     assert scores["devices"] == 1 and scores["task"] == "causal_lm" and scores["step"] == 6
     assert scores["tokens"] == last["val_tokens"]
     np.testing.assert_allclose(scores["perplexity"], last["val_perplexity"], rtol=1e-4)
+
+
+def test_tokenizer_sources_widen_the_vocabulary_beyond_the_pretraining_text(corpus, tmp_path):
+    from crosswrite_jax import workdir
+
+    german = "Straßenbahn Kätzchen Wäscheleine Gemüsegarten Fahrradständer"
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "de.txt").write_text("\n".join([german] * 50) + "\n")
+    plain = pretrain_config("span_corruption", corpus)
+    widened = config_lib.override(plain, {"data.tokenizer_sources": (f"text:{tmp_path / 'extra' / 'de.txt'}",)})
+    lengths, decoded = {}, {}
+    for name, config in (("plain", plain), ("widened", widened)):
+        run = workdir.prepare(config, tmp_path / name)
+        ids = run.tokenizer.encode_batch([german])[0]
+        lengths[name], decoded[name] = len(ids), run.tokenizer.decode_batch([ids])[0]
+    assert decoded["widened"] == german and decoded["plain"] != german  # 'ß', 'ä' are unknown to the plain one
+    assert lengths["widened"] < lengths["plain"], lengths
