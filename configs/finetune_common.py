@@ -1,9 +1,11 @@
-"""Shared pieces of the fine-tuning recipes: the MiniLM encoder they start from and its optimizer.
+"""Shared pieces of the fine-tuning recipes: the backbones they start from (MiniLM, or this project's span-corruption
+T5) and the optimizer.
 
 Not a recipe itself. Data paths are relative to data.data_dir (or $CROSSWRITE_DATA): point either at the
 folder that holds sst2/, ner/, multi30k/ and summarization/, e.g. CROSSWRITE_DATA=../shared/data.
 """
 
+import dataclasses
 from importlib import resources
 
 from crosswrite_jax.config import OptimizerConfig
@@ -31,3 +33,14 @@ def adamw(learning_rate: float, steps: int, warmup_fraction: float = 0.1) -> Opt
     return OptimizerConfig(learning_rate=learning_rate, schedule="linear", warmup_steps=int(steps * warmup_fraction),
                            end_learning_rate_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                            grad_clip_norm=1.0)
+
+
+SPAN_CORRUPTION_RUN = "runs/pretrain_span_corruption"
+
+
+def span_corruption_encoder(**head) -> "ModelConfig":  # noqa: F821
+    """The encoder of the span-corruption recipe's T5 (3 layers, d 256) with a task head: head=..., num_labels=..."""
+    import pretrain_span_corruption
+
+    seq2seq = pretrain_span_corruption.get_config().model
+    return dataclasses.replace(seq2seq, family="encoder", num_decoder_layers=0, dropout_rate=0.1, **head)

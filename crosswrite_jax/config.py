@@ -490,18 +490,18 @@ def load(path: str | Path) -> Config:
     spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
     module = types.ModuleType(spec.name)
     module.__file__ = str(path)
-    sys.path.insert(0, str(path.parent.resolve()))  # a recipe may import shared pieces from its folder
+    sys.path.insert(0, str(path.parent.resolve()))  # a recipe may import shared pieces (and recipes) from its folder
     try:
         spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise UserError("defines no get_config(); it must return a crosswrite_jax.config.Config")
+        config = module.get_config()
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     except Exception as error:  # a broken config file is bad input, not a crash
         raise UserError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from None
     finally:
         sys.path.remove(str(path.parent.resolve()))
-    if not callable(getattr(module, "get_config", None)):
-        raise UserError(f"{path}: defines no get_config(); it must return a crosswrite_jax.config.Config")
-    config = module.get_config()
     if not isinstance(config, Config):
         raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a Config")
     try:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, ROOT
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
@@ -60,3 +60,15 @@ def test_saved_config_round_trips(tmp_path):
     config = config_lib.override(config_lib.load(QUICKSTART), {"mesh.shape": "2,2,2", "optimizer.freeze": "a/.*,b"})
     config_lib.save_json(config, tmp_path / "config.json")
     assert config_lib.load_json(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                                          if not p.stem.endswith("_common")))
+def test_every_recipe_loads_and_its_docstring_carries_its_command(recipe):
+    import ast
+
+    path = ROOT / "configs" / recipe
+    config = config_lib.load(path)
+    assert config.name
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert f"--config configs/{recipe}" in docstring.replace("\\\n", " ").replace("  ", " "), docstring

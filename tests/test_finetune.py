@@ -354,17 +354,14 @@ def test_translation_validation_decodes_and_keeps_the_best_bleu(tmp_path):
     assert metrics["best_step"] in (5, 10) and (tmp_path / "run" / "best" / str(metrics["best_step"])).is_dir()
 
 
-def test_an_encoder_decoder_backbone_serves_classification_with_its_encoder(tmp_path):
+@pytest.mark.parametrize("recipe,labels", [("finetune_sst2_t5.py", 2), ("finetune_ner_wnut17_t5.py", 5)])
+def test_an_encoder_decoder_backbone_serves_labeling_recipes_with_its_encoder(recipe, labels, tmp_path):
     """One pretrained T5-style model: translation or summaries with all of it, labels with its encoder."""
-    data = _summaries(_sentiment(tmp_path / "data"))
+    data = _entities(_summaries(_sentiment(tmp_path / "data")))
     train(_recipe("finetune_scitldr.py", data, train__steps=2, train__eval_every=0, train__best_metric="",
                   data__bucket_lengths=(16, 32, 48, 64)), tmp_path / "backbone")
-    seq2seq = config_lib.load_json(tmp_path / "backbone" / "config.json").model
-    encoder = dataclasses.replace(seq2seq, family="encoder", num_decoder_layers=0, head="classification",
-                                  num_labels=2)
-    config = dataclasses.replace(_recipe("finetune_sst2.py", data, train__steps=2, train__eval_every=0,
-                                         train__best_metric="", train__init_from=str(tmp_path / "backbone")),
-                                 model=encoder)
+    config = _recipe(recipe, data, model__num_decoder_layers=0, model__num_labels=labels, train__steps=2,
+                     train__eval_every=0, train__best_metric="", train__init_from=str(tmp_path / "backbone"))
     trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
     from crosswrite_jax.data.tokenizer import Tokenizer
 
@@ -374,3 +371,4 @@ def test_an_encoder_decoder_backbone_serves_classification_with_its_encoder(tmp_
     assert_trees_equal(params["encoder"], jax.device_get(saved["encoder"]))
     assert_trees_equal(params["embed"], jax.device_get(saved["embed"]))
     assert "decoder" not in params and "classifier" in params
+    assert np.isfinite(train(config, tmp_path / "run")["loss"])
