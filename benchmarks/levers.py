@@ -10,6 +10,8 @@ Variants (each against the config as given, in this one process unless noted):
   bf16           model.dtype bfloat16 (parameters stay float32)
   donation       the train step jitted without donate_argnums
   accumulation   train.grad_accum_steps 1 vs 4 (same global batch; compiled temporaries)
+  chunked_ce     train.logits_chunk_length 16: projection + cross-entropy 16 positions at a time (compiled
+                 temporaries; try with a large --config.model.vocab_size=32000)
   async          reported by every run: blocking step time vs back-to-back dispatch
   --xla-flags    each of a few XLA CPU flags, in a subprocess `crosswrite bench` with XLA_FLAGS set
 Prints a table and one JSON line.
@@ -64,7 +66,8 @@ def patched(obj, name, value):
 
 def jit_without_donation(self):
     step = train_lib.make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
-                                     self.config.train.seed + 1, self.config.train.grad_accum_steps)
+                                     self.config.train.seed + 1, self.config.train.grad_accum_steps,
+                                     self.config.train.logits_chunk_length)
     from crosswrite_jax import sharding
 
     return jax.jit(step, in_shardings=(self.layout.shardings, sharding.batch_sharding(self.mesh)),
@@ -122,6 +125,8 @@ def main() -> None:
             results["no donation"] = row("no donation", run())
     if want("accumulation"):
         results["grad_accum_steps 4"] = row("grad_accum_steps 4", run({"train.grad_accum_steps": 4}))
+    if want("chunked_ce"):
+        results["logits_chunk_length 16"] = row("logits_chunk_length 16", run({"train.logits_chunk_length": 16}))
     if args.xla_flags:
         for flag in XLA_FLAGS:
             env = dict(os.environ, XLA_FLAGS=flag)

@@ -132,6 +132,9 @@ class TrainConfig:
     init_exclude: tuple[str, ...] = ()  # path regexes of params not taken from init_from (new heads): fresh init
     eval_at_start: bool = False  # validate before the first step of a fresh run (held-out loss before training)
     grad_accum_steps: int = 1  # > 1: the batch runs as this many microbatches (a scan), gradients summed
+    # > 0: the output projection and cross-entropy run over this many target positions at a time (a rematerialised
+    # scan), so [batch, length, vocab] logits never exist at once; for large vocabularies. Decoder-side tasks.
+    logits_chunk_length: int = 0
     profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
     best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
@@ -380,6 +383,11 @@ def validate(config: Config) -> None:
     if accum < 1 or config.train.batch_size % accum:
         raise UserError(f"config key 'train.grad_accum_steps' ({accum}) must be >= 1 and divide train.batch_size "
                         f"({config.train.batch_size})")
+    if config.train.logits_chunk_length < 0:
+        raise UserError(f"config key 'train.logits_chunk_length' must be >= 0, got {config.train.logits_chunk_length}")
+    if config.train.logits_chunk_length and TASK_MODELS[config.task][0] == "encoder":
+        raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's vocabulary outputs; task "
+                        f"'{config.task}' has none: set it to 0")
     if config.train.profile_steps < 0:
         raise UserError(f"config key 'train.profile_steps' must be >= 0, got {config.train.profile_steps}")
     if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):

@@ -52,6 +52,45 @@ def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
             "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
 
+def chunked_token_losses(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+                         weights: jax.Array, label_smoothing: float, chunk_length: int) -> dict[str, jax.Array]:
+    """`token_losses` of `project(hidden)` computed `chunk_length` positions at a time.
+
+    A scan over position chunks, each rematerialised: the forward and backward passes hold one chunk's
+    [B, chunk, V] logits instead of the whole [B, T, V]. Sums equal the unchunked ones up to float rounding.
+    """
+    rows, length = targets.shape
+    count = -(-length // chunk_length)
+    pad = count * chunk_length - length
+    if pad:  # padded positions carry zero weight
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+
+    def chunks(x):  # [B, T, ...] -> [count, B, chunk, ...]
+        return jnp.swapaxes(x.reshape((rows, count, chunk_length) + x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def body(totals, chunk):
+        h, t, w = chunk
+        sums = token_losses(project(h), t, w, label_smoothing)
+        return jax.tree.map(jnp.add, totals, sums), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
+    totals, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(weights)))
+    return totals
+
+
+def task_losses(model: nn.Module, task: Task, variables: Any, batch: dict[str, jax.Array], deterministic: bool,
+                rngs: dict, label_smoothing: float, logits_chunk_length: int = 0) -> dict[str, jax.Array]:
+    """Summed token losses of one batch under the task's forward pass, chunked over positions if asked."""
+    if logits_chunk_length and task.chunked_loss:
+        hidden, targets, weights = task.forward(model, variables, batch, deterministic, rngs, return_hidden=True)
+        project = lambda h: model.apply(variables, h, method="logits")  # noqa: E731
+        return chunked_token_losses(project, hidden, targets, weights, label_smoothing, logits_chunk_length)
+    logits, targets, weights = task.forward(model, variables, batch, deterministic, rngs)
+    return token_losses(logits, targets, weights, label_smoothing)
+
+
 def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
     """[B, ...] -> [count, B / count, ...]; microbatch k holds rows k, k + count, ... so that each keeps its
     share of every data-parallel shard (the scan over microbatches needs no communication)."""
@@ -65,8 +104,8 @@ def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array
 
 
 def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float, dropout_seed: int,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    label_smoothing: float, dropout_seed: int, grad_accum_steps: int = 1,
+                    logits_chunk_length: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact.
 
     A step whose loss or gradients are not finite leaves params and optimizer state unchanged
@@ -76,8 +115,8 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
     """
 
     def summed_loss(params, batch, rng):
-        logits, targets, weights = task.forward(model, {"params": params}, batch, False, {"dropout": rng})
-        sums = token_losses(logits, targets, weights, label_smoothing)
+        sums = task_losses(model, task, {"params": params}, batch, False, {"dropout": rng}, label_smoothing,
+                           logits_chunk_length)
         return sums["loss_sum"], sums
 
     def accumulated_grads(params, batch, rng):
@@ -118,12 +157,14 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
     return train_step
 
 
-def make_eval_step(model: nn.Module, task: Task, label_smoothing: float,
-                   predictions: bool = False) -> Callable[[Any, dict], dict]:
+def make_eval_step(model: nn.Module, task: Task, label_smoothing: float, predictions: bool = False,
+                   logits_chunk_length: int = 0) -> Callable[[Any, dict], dict]:
     """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout; with `predictions`, also the
     argmax label ids of the same forward pass (classification, tagging) under 'predictions'."""
 
     def eval_step(params, batch):
+        if not predictions:
+            return task_losses(model, task, {"params": params}, batch, True, {}, label_smoothing, logits_chunk_length)
         logits, targets, weights = task.forward(model, {"params": params}, batch, True, {})
         sums = token_losses(logits, targets, weights, label_smoothing)
         if predictions:
@@ -209,13 +250,15 @@ class Trainer:
 
     def jit_train_step(self):
         step = make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
-                               self.config.train.seed + 1, self.config.train.grad_accum_steps)
+                               self.config.train.seed + 1, self.config.train.grad_accum_steps,
+                               self.config.train.logits_chunk_length)
         batch = sharding.batch_sharding(self.mesh)
         return jax.jit(step, in_shardings=(self.layout.shardings, batch),
                        out_shardings=(self.layout.shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
     def jit_eval_step(self):
-        step = make_eval_step(self.model, self.task, self.config.train.label_smoothing)
+        step = make_eval_step(self.model, self.task, self.config.train.label_smoothing,
+                              logits_chunk_length=self.config.train.logits_chunk_length)
         return jax.jit(step, in_shardings=(self.layout.shardings.params, sharding.batch_sharding(self.mesh)),
                        out_shardings=sharding.replicated(self.mesh))
 

@@ -197,8 +197,10 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded: Array, inputs_BS: Array, decoder_inputs_BT: Array, deterministic: bool = True,
                decode: bool = False, position: Array | int = 0, input_segments_BS: Array | None = None,
-               segments_BT: Array | None = None, positions_BT: Array | None = None, cache_length: int = 0) -> Array:
-        """Logits [B, T, V] for decoder inputs; with `decode`, one cached step at `position`."""
+               segments_BT: Array | None = None, positions_BT: Array | None = None, cache_length: int = 0,
+               return_hidden: bool = False) -> Array:
+        """Logits [B, T, V] for decoder inputs (or, with `return_hidden`, the final states [B, T, D] that
+        `logits` projects); with `decode`, one cached step at `position`."""
         if segments_BT is None:
             self_mask = None if decode else causal_mask(decoder_inputs_BT.shape[1])
             cross_mask = padding_mask(inputs_BS)
@@ -209,16 +211,22 @@ class EncoderDecoder(nn.Module):
         x = self.dropout(self.embedder(decoder_inputs_BT, positions), deterministic=deterministic)
         y = self.decoder(x, self_mask, positions, encoded, cross_mask, deterministic=deterministic, decode=decode,
                          cache_length=cache_length or decoder_inputs_BT.shape[1])
-        return _output_logits(self.config, self.embedder, self.output, y)
+        return y if return_hidden else self.logits(y)
+
+    def logits(self, hidden_BTD: Array) -> Array:
+        """The output projection: final decoder states [..., D] -> float32 logits [..., V]."""
+        return _output_logits(self.config, self.embedder, self.output, hidden_BTD)
 
     def __call__(self, inputs: Array, targets: Array, deterministic: bool = True,
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None,
-                 targets_segments: Array | None = None, targets_positions: Array | None = None) -> Array:
-        """Teacher-forced logits [B, T, V] predicting `targets` [B, T]; segment/position arrays for packed rows."""
+                 targets_segments: Array | None = None, targets_positions: Array | None = None,
+                 return_hidden: bool = False) -> Array:
+        """Teacher-forced logits [B, T, V] predicting `targets` [B, T] (final states [B, T, D] with
+        `return_hidden`); segment/position arrays for packed rows."""
         encoded = self.encode(inputs, deterministic, inputs_segments, inputs_positions)
         return self.decode(encoded, inputs, shift_right(targets, targets_positions), deterministic,
                            input_segments_BS=inputs_segments, segments_BT=targets_segments,
-                           positions_BT=targets_positions)
+                           positions_BT=targets_positions, return_hidden=return_hidden)
 
 
 class Encoder(nn.Module):
@@ -286,8 +294,10 @@ class Decoder(nn.Module):
 
     def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
                  inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
-                 cache_length: int = 0, padding: Array | None = None, inputs_prefix: Array | None = None) -> Array:
-        """Next-token logits; `padding` [B, T] (True at real tokens) masks left or right padding in the keys.
+                 cache_length: int = 0, padding: Array | None = None, inputs_prefix: Array | None = None,
+                 return_hidden: bool = False) -> Array:
+        """Next-token logits (final states [B, T, D] with `return_hidden`); `padding` [B, T] (True at real
+        tokens) masks left or right padding in the keys.
 
         `inputs_prefix` [B, T] (non-zero on each example's prefix) makes attention to prefix keys
         bidirectional: a prefix LM.
@@ -306,7 +316,11 @@ class Decoder(nn.Module):
         x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
         y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
                          cache_length=cache_length or inputs.shape[1])
-        return _output_logits(self.config, self.embedder, self.output, y)
+        return y if return_hidden else self.logits(y)
+
+    def logits(self, hidden_BTD: Array) -> Array:
+        """The output projection: final states [..., D] -> float32 logits [..., V]."""
+        return _output_logits(self.config, self.embedder, self.output, hidden_BTD)
 
 
 FAMILIES = {"encoder_decoder": EncoderDecoder, "encoder": Encoder, "decoder": Decoder}

@@ -31,13 +31,16 @@ class Task:
     pretraining: bool  # reads raw text (data.sources) rather than sentence pairs
     head: str = "none"  # the model.head it needs (encoder family)
     labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
+    # forward(..., return_hidden=True) gives the decoder's final states for model.logits to project in chunks
+    # (train.logits_chunk_length): a vocabulary-sized output never materialises for the whole batch.
+    chunked_loss: bool = False
 
 
-def _seq2seq(model, variables, batch, deterministic, rngs):
+def _seq2seq(model, variables, batch, deterministic, rngs, return_hidden=False):
     """Encoder-decoder teacher forcing: translation pairs or span-corrupted text."""
     keys = ("inputs", "targets", "inputs_segments", "inputs_positions", "targets_segments", "targets_positions")
     logits = model.apply(variables, **{k: batch[k] for k in keys if k in batch}, deterministic=deterministic,
-                         rngs=rngs)
+                         rngs=rngs, return_hidden=return_hidden)
     return logits, batch["targets"], (batch["targets"] != PAD_ID).astype(jnp.float32)
 
 
@@ -49,7 +52,7 @@ def _masked_lm(model, variables, batch, deterministic, rngs):
     return logits, batch["targets"], (batch["targets"] != PAD_ID).astype(jnp.float32)
 
 
-def _language_model(model, variables, batch, deterministic, rngs):
+def _language_model(model, variables, batch, deterministic, rngs, return_hidden=False):
     """Decoder predicting every token from the ones before (and, for a prefix LM, the whole prefix)."""
     targets = batch["targets"]
     positions = batch.get("targets_positions")
@@ -59,23 +62,28 @@ def _language_model(model, variables, batch, deterministic, rngs):
         kwargs["inputs_prefix"] = batch["targets_prefix"]
         weights = weights & (batch["targets_prefix"] == 0)
     logits = model.apply(variables, shift_right(targets, positions), deterministic=deterministic, rngs=rngs,
-                         **{k: v for k, v in kwargs.items() if v is not None})
+                         return_hidden=return_hidden, **{k: v for k, v in kwargs.items() if v is not None})
     return logits, targets, weights.astype(jnp.float32)
 
 
 from crosswrite_jax.tasks import labeling  # noqa: E402  (after the shared pieces it builds on)
 
 TASKS = {
-    "translation": Task("translation", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
-    "summarization": Task("summarization", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
+    "translation": Task("translation", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False,
+                        chunked_loss=True),
+    "summarization": Task("summarization", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False,
+                          chunked_loss=True),
     "classification": Task("classification", "encoder", labeling.classify, ("inputs",), pretraining=False,
                            head="classification", labeled=True),
     "tagging": Task("tagging", "encoder", labeling.tag, ("inputs",), pretraining=False, head="token_classification",
                     labeled=True),
-    "span_corruption": Task("span_corruption", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=True),
+    "span_corruption": Task("span_corruption", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=True,
+                            chunked_loss=True),
     "mlm": Task("mlm", "encoder", _masked_lm, ("inputs",), pretraining=True, head="mlm"),
-    "causal_lm": Task("causal_lm", "decoder", _language_model, ("targets",), pretraining=True),
-    "prefix_lm": Task("prefix_lm", "decoder", _language_model, ("targets",), pretraining=True),
+    "causal_lm": Task("causal_lm", "decoder", _language_model, ("targets",), pretraining=True,
+                      chunked_loss=True),
+    "prefix_lm": Task("prefix_lm", "decoder", _language_model, ("targets",), pretraining=True,
+                      chunked_loss=True),
 }
 
 

@@ -1,0 +1,78 @@
+"""Chunked output projection + cross-entropy: the full step's numbers, with a fraction of the logits' memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from crosswrite_jax import sharding
+from crosswrite_jax.config import ModelConfig
+from crosswrite_jax.errors import UserError
+from crosswrite_jax.models.transformer import build_model
+from crosswrite_jax.tasks import get_task
+from crosswrite_jax.train import Trainer, task_losses, to_global_batch
+from test_grad_accumulation import _batch, _step
+
+
+@pytest.mark.parametrize("mesh_shape,chunk", [((2, 2, 2), 5), ((1, 1, 1), 8)])
+def test_chunked_step_equals_the_full_step(mesh_shape, chunk):
+    """5 does not divide the 16 target positions: the padded tail chunk must carry no weight."""
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    config = tiny_config(mesh__rules="fsdp_tp", train__label_smoothing=0.1)
+    batch = _batch(config.model.vocab_size, rows=16 if mesh_shape[0] == 1 else 32)
+    full_params, full = _step(config, batch, mesh)
+    chunked_params, chunked = _step(tiny_config(mesh__rules="fsdp_tp", train__label_smoothing=0.1,
+                                                train__logits_chunk_length=chunk), batch, mesh)
+    for key in ("loss_sum", "nll_sum", "correct", "tokens"):
+        np.testing.assert_allclose(chunked[key], full[key], rtol=1e-5)
+    np.testing.assert_allclose(chunked["grad_norm"], full["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(chunked_params), jax.tree.leaves(full_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_and_gradients_of_an_untied_decoder_match():
+    config = ModelConfig(family="decoder", num_encoder_layers=0, num_decoder_layers=1, vocab_size=97, d_model=32,
+                         num_heads=4, d_ff=64, max_length=32, position="rope", norm="rmsnorm", gated_mlp=True,
+                         activation="silu", tie_output_embedding=False, dropout_rate=0.0)
+    model, task = build_model(config), get_task("causal_lm")
+    targets = np.random.default_rng(1).integers(3, 97, (4, 12), dtype=np.int32)
+    targets[1, 7:] = 0
+    batch = {"targets": jnp.asarray(targets)}
+    params = model.init(jax.random.key(0), batch["targets"])["params"]
+
+    def loss(p, chunk):
+        sums = task_losses(model, task, {"params": p}, batch, True, {}, 0.0, chunk)
+        return sums["loss_sum"], sums
+
+    (full, full_sums), full_grads = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (chunked, chunked_sums), chunked_grads = jax.value_and_grad(loss, has_aux=True)(params, 5)
+    np.testing.assert_allclose(chunked, full, rtol=1e-5)
+    assert chunked_sums["tokens"] == full_sums["tokens"] == (targets != 0).sum()
+    for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunking_shrinks_the_compiled_step_by_about_the_logits():
+    """16 x 64 targets over an 8,192 vocabulary: 32 MiB of float32 logits (and as much again for their
+    gradient) in the full step, an eighth of that per chunk of 8 positions."""
+    overrides = dict(model__vocab_size=8192, data__max_source_length=64, data__max_target_length=64,
+                     train__batch_size=16)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    batch = _batch(8192, rows=16, length=64)
+    temp = {}
+    for chunk in (0, 8):
+        trainer = Trainer.build(tiny_config(**overrides, train__logits_chunk_length=chunk), mesh)
+        with trainer.context():
+            state = trainer.init_state()
+            compiled = trainer.jit_train_step().lower(state, to_global_batch(batch, mesh)).compile()
+        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[0] - temp[8] > 32 * 2**20, temp
+
+
+def test_chunking_needs_a_decoder():
+    with pytest.raises(UserError, match="train.logits_chunk_length"):
+        tiny_config(task="classification", model__family="encoder", model__num_decoder_layers=0,
+                    model__head="classification", train__logits_chunk_length=8)
+    with pytest.raises(UserError, match="train.logits_chunk_length"):
+        tiny_config(train__logits_chunk_length=-1)
