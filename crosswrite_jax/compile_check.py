@@ -25,6 +25,7 @@ import numpy as np
 from crosswrite_jax import sharding
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.flops import step_flops
 
 GiB = 1024 ** 3
 
@@ -177,33 +178,16 @@ def per_chip_bytes(abstract: Any, shardings: Any) -> int:
     return total
 
 
-def model_flops_per_step(config: Config, param_shapes: dict[str, tuple[int, ...]]) -> float:
-    """Matmul FLOPs a training step needs (forward and backward: 3x forward), attention scores included."""
-    d, m, rows = config.data, config.model, config.train.batch_size
-    if config.task == "translation" or m.family == "encoder_decoder":
+def model_flops_per_step(config: Config) -> float:
+    """Matmul FLOPs of a training step (flops.step_flops: forward and backward) at the config's padded shapes."""
+    d, m = config.data, config.model
+    if m.family == "encoder_decoder":
         source, target = d.max_source_length, d.max_target_length
+    elif m.family == "decoder":
+        source, target = 0, d.max_source_length  # one stream of inputs_length tokens
     else:
-        source = target = d.max_source_length  # one stream of inputs_length tokens
-    output_tokens = rows * (source if m.family == "encoder" else target)
-    forward = 0.0
-    for path, shape in param_shapes.items():
-        n = math.prod(shape)
-        if path.startswith("encoder/") and path.endswith("kernel"):
-            forward += 2 * n * rows * source
-        elif path.startswith("decoder/") and path.endswith("kernel"):
-            reads_encoder = "cross_attention/" in path and re.search(r"/(key|value)/kernel$", path)
-            forward += 2 * n * rows * (source if reads_encoder else target)
-        elif path.endswith("kernel") or (path == "embed/token_embed/embedding" and m.tie_output_embedding):
-            forward += 2 * n * output_tokens  # output projection and heads
-    width = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-    attention = {"encoder": (m.num_encoder_layers, [(source, source)]),
-                 "decoder": (m.num_decoder_layers, [(target, target)] + ([(target, source)]
-                                                                          if m.family == "encoder_decoder" else []))}
-    for stack, (layers, pairs) in attention.items():
-        if (stack == "encoder") == (m.family == "decoder"):
-            continue
-        forward += layers * sum(4 * rows * q * k * width for q, k in pairs)  # q k^T and attention x v
-    return 3 * forward
+        source, target = d.max_source_length, 0
+    return step_flops(m, config.train.batch_size, source, target).training
 
 
 @dataclass
@@ -250,7 +234,6 @@ def compile_check(config: Config, topology_name: str) -> Report:
 
 
 def _compile_check(config: Config, topology_name: str) -> Report:
-    from crosswrite_jax.models.transformer import param_shapes
     from crosswrite_jax.train import Trainer
 
     topology = parse_topology(topology_name)
@@ -278,9 +261,8 @@ def _compile_check(config: Config, topology_name: str) -> Report:
                             f"{optimizer_bytes / GiB:.2f} GiB per chip. {_ADVICE}") from None
     memory = compiled.memory_analysis()
     cost = _cost(compiled)
-    shapes = param_shapes(config.model)
     chips = len(devices)
-    model_flops = model_flops_per_step(config, shapes)
+    model_flops = model_flops_per_step(config)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     # XLA's own roofline estimate of the step, where it gives one; never below the FLOPs at peak rate.
     lower_bound = max(flops / topology.chip.peak_flops, float(cost.get("optimal_seconds", 0.0)), 1e-12)
