@@ -56,6 +56,16 @@ EXPERIMENTS = [
     Experiment("SST-2 sentiment (dev accuracy)", "sst2_lora_random", "MiniLM, LoRA r 8 (q, k, v, o), lr 1e-3 "
                "(the recipe)", f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_lora_random "
                f"--config.peft.method=lora", "", ("accuracy", "macro_f1"), readme=True),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_lora_mlp", "MiniLM, LoRA r 8 (q, k, v, o and MLPs), "
+               "pooler frozen, lr 1e-3", f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_lora_mlp "
+               f"--config.peft.method=lora '--config.peft.lora_targets=.*/(query|key|value|out)|.*/mlp/(wi|wo)' "
+               f"'--config.optimizer.freeze=(\"pooler/.*\",)'", "", ("accuracy", "macro_f1"), readme=True),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_bitfit", "MiniLM, BitFit (biases and norms) + head, lr 1e-3",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_bitfit --config.peft.method=bitfit", "",
+               ("accuracy", "macro_f1"), readme=True),
+    Experiment("SST-2 sentiment (dev accuracy)", "sst2_frozen", "MiniLM, frozen encoder, head only, lr 1e-3",
+               f"{DATA}crosswrite train --config {SST2} --workdir runs/sst2_frozen --config.peft.method=freeze "
+               f"--config.peft.freeze=all_but_head", "", ("accuracy", "macro_f1"), readme=True),
     Experiment("NER (entity F1, seqeval)", "wnut17_full", "WNUT-17 dev, MiniLM, full, 4 epochs",
                f"{DATA}crosswrite train --config configs/finetune_ner_wnut17.py --workdir runs/wnut17_full",
                "dev", ("f1", "precision", "recall"), readme=True),
@@ -72,6 +82,26 @@ EXPERIMENTS = [
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_scratch "
                f"--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer",
                "test_2016_flickr", ("bleu", "chrf"), readme=True),
+    Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
+               "pretrain_span_corruption", "pretraining: books + news, held-out WikiText-2 validation",
+               f"{DATA}crosswrite train --config configs/pretrain_span_corruption.py "
+               f"--workdir runs/pretrain_span_corruption", "", ("loss", "perplexity")),
+    Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
+               "mt10_pretrained", "translation, Multi30k 10%, test_2016_flickr (all of it)",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_pretrained",
+               "test_2016_flickr", ("bleu", "chrf")),
+    Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
+               "scitldr", "summarization, SciTLDR-A dev, beam 4 (all of it)",
+               f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
+               "dev", ("rouge1", "rouge2", "rougeL")),
+    Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
+               "sst2_t5", "sentiment, SST-2 dev (its encoder)",
+               f"{DATA}crosswrite train --config configs/finetune_sst2_t5.py --workdir runs/sst2_t5", "",
+               ("accuracy", "macro_f1")),
+    Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
+               "wnut17_t5", "NER, WNUT-17 dev (its encoder)",
+               f"{DATA}crosswrite train --config configs/finetune_ner_wnut17_t5.py --workdir runs/wnut17_t5", "dev",
+               ("f1", "precision", "recall")),
     Experiment("Summarization, SciTLDR-A (dev ROUGE, beam 4)", "scitldr", "span-corruption pretrained, fine-tuned",
                f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
                "dev", ("rouge1", "rouge2", "rougeL"), readme=True),
@@ -102,7 +132,7 @@ def _value(records: list[dict], split: str, metric: str) -> float | None:
     values = [r[metric] for r in records if r["split"] == "val" and isinstance(r.get(metric), (int, float))]
     if not values:
         return None
-    return min(values) if metric == "loss" else max(values)
+    return min(values) if metric in ("loss", "nll", "perplexity") else max(values)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -174,15 +204,18 @@ def plots(found: list[dict], out: Path) -> list[str]:
         figure.savefig(out / "mt_bleu.png", dpi=100)
         plt.close(figure)
         written.append("mt_bleu.png")
-    sst2 = [row for row in found if row["experiment"].run.startswith("sst2") and row["summary"]]
+    sst2 = [row for row in found if row["experiment"].section.startswith("SST-2") and row["summary"]]
     if sst2:
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for row in sst2:
-            x, y = row["summary"]["trainable_parameters"], row["scores"]["accuracy"]
-            axes.scatter([x], [y])
-            axes.annotate(row["experiment"].what.replace("MiniLM, ", ""), (x, y), fontsize=7)
-        axes.set(xscale="log", xlabel="trained parameters", ylabel="dev accuracy (%)", title="SST-2, all-MiniLM-L6-v2")
-        axes.grid(alpha=0.3)
+        figure, panels = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for axes, key, label in ((panels[0], "trainable_parameters", "trained parameters"),
+                                 (panels[1], "optimizer_state_bytes", "optimizer-state bytes")):
+            for row in sst2:
+                x, y = row["summary"][key], row["scores"]["accuracy"]
+                axes.scatter([x], [y])
+                axes.annotate(row["experiment"].what.replace("MiniLM, ", ""), (x, y), fontsize=6)
+            axes.set(xscale="log", xlabel=label, title="SST-2 dev, all-MiniLM-L6-v2")
+            axes.grid(alpha=0.3)
+        panels[0].set_ylabel("dev accuracy (%)")
         figure.tight_layout()
         figure.savefig(out / "sst2_parameters.png", dpi=100)
         plt.close(figure)
