@@ -8,7 +8,7 @@ folder that holds sst2/, ner/, multi30k/ and summarization/, e.g. CROSSWRITE_DAT
 import dataclasses
 from importlib import resources
 
-from crosswrite_jax.config import OptimizerConfig
+from crosswrite_jax.config import OptimizerConfig, PeftConfig
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.presets import bert
 
@@ -26,6 +26,16 @@ def minilm(**head) -> "ModelConfig":  # noqa: F821
     """The MiniLM architecture (22.7M parameters) with a task head: head=..., num_labels=..."""
     return bert(vocab_size=30522, d_model=384, num_heads=12, d_ff=1536, num_encoder_layers=6, max_length=512,
                 dropout_rate=0.1, **head)
+
+
+def minilm_peft() -> PeftConfig:
+    """The parameter-efficient settings of the MiniLM recipes (used when --config.peft.method is not full).
+
+    Adapters and biases train at 1e-3. LoRA (rank 8) adapts attention and the MLPs. MiniLM's pretrained
+    pooler stays frozen, so LoRA trains 1.46% of the parameters. On SST-2 that scored 86.81: q, k, v and o
+    alone, with the pooler training, scored 86.24 at 1.29%.
+    """
+    return PeftConfig(learning_rate=1e-3, lora_targets=r".*/(query|key|value|out)|.*/mlp/(wi|wo)", train_pooler=False)
 
 
 def adamw(learning_rate: float, steps: int, warmup_fraction: float = 0.1) -> OptimizerConfig:

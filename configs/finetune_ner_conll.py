@@ -9,7 +9,7 @@ cue, is lost to its tokenizer. Parameter-efficient variants: --config.peft.metho
 
 import finetune_common as common
 
-from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, PeftConfig, TrainConfig
+from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, TrainConfig
 
 STEPS = 2 * 14041 // 32  # two epochs
 
@@ -24,7 +24,7 @@ def get_config() -> Config:
         optimizer=common.adamw(1e-4, STEPS),
         train=TrainConfig(steps=STEPS, batch_size=32, label_smoothing=0.0, eval_every=STEPS // 2, log_every=50,
                           best_metric="f1", init_from=common.minilm_directory()),
-        peft=PeftConfig(learning_rate=1e-3),
+        peft=common.minilm_peft(),
         eval=EvalConfig(split="valid", batch_size=128),
         checkpoint=CheckpointConfig(every=STEPS, max_to_keep=1),
     )

@@ -9,7 +9,7 @@ tag. Parameter-efficient variants: --config.peft.method=lora (or freeze, bitfit,
 
 import finetune_common as common
 
-from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, PeftConfig, TrainConfig
+from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, TrainConfig
 
 STEPS = 4 * 3394 // 32  # four epochs
 
@@ -24,7 +24,7 @@ def get_config() -> Config:
         optimizer=common.adamw(1e-4, STEPS),
         train=TrainConfig(steps=STEPS, batch_size=32, label_smoothing=0.0, eval_every=STEPS // 4, log_every=53,
                           best_metric="f1", init_from=common.minilm_directory()),
-        peft=PeftConfig(learning_rate=1e-3),
+        peft=common.minilm_peft(),
         eval=EvalConfig(split="dev", batch_size=128),
         checkpoint=CheckpointConfig(every=STEPS, max_to_keep=1),
     )

