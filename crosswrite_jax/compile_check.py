@@ -234,6 +234,7 @@ def compile_check(config: Config, topology_name: str) -> Report:
 
 
 def _compile_check(config: Config, topology_name: str) -> Report:
+    from crosswrite_jax.models.transformer import param_shapes
     from crosswrite_jax.train import Trainer
 
     topology = parse_topology(topology_name)
@@ -276,7 +277,7 @@ def _compile_check(config: Config, topology_name: str) -> Report:
         temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(total), compiled_flops_per_chip=flops,
         bytes_accessed_per_chip=accessed, model_flops_per_step=model_flops, step_time_lower_bound_s=lower_bound,
         mfu_ceiling=min(model_flops / (chips * topology.chip.peak_flops * lower_bound), 1.0),
-        parameters=sum(math.prod(s) for s in shapes.values()))
+        parameters=sum(math.prod(s) for s in param_shapes(config.model).values()))
 
 
 def _cost(compiled) -> dict[str, float]:
