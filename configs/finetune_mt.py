@@ -25,8 +25,9 @@ def get_config() -> Config:
         data=DataConfig(dataset="multi30k", source_lang="en", target_lang="de", max_train_examples=2900,
                         max_source_length=64, max_target_length=64, bucket_lengths=(16, 32, 48, 64)),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=40, schedule="cosine"),
-        train=TrainConfig(steps=400, batch_size=32, label_smoothing=0.1, eval_every=100, eval_batches=8,
+        # 1,200 steps of 32 pairs: 13 passes over the 2,900 pairs (400 steps left both runs near 1 BLEU).
+        train=TrainConfig(steps=1200, batch_size=32, label_smoothing=0.1, eval_every=300, eval_batches=8,
                           log_every=50, best_metric="bleu", eval_decode_examples=100, init_from=PRETRAINED),
         eval=EvalConfig(split="test_2016_flickr", batch_size=200, max_decode_length=64),
-        checkpoint=CheckpointConfig(every=400, max_to_keep=1),
+        checkpoint=CheckpointConfig(every=1200, max_to_keep=1),
     )
