@@ -37,6 +37,7 @@ class Experiment:
 
 
 SST2 = "configs/finetune_sst2.py"
+MT400 = "--config.train.steps=400 --config.train.eval_every=100 --config.checkpoint.every=400"
 QKVO = "'--config.peft.lora_targets=.*/(query|key|value|out)' --config.peft.train_pooler=true"  # the earlier LoRA
 EXPERIMENTS = [
     Experiment("SST-2 sentiment (dev accuracy)", "sst2_full", "MiniLM, full, lr 5e-5, length-grouped batches",
@@ -78,11 +79,11 @@ EXPERIMENTS = [
                f"--config.train.steps=439 --config.train.eval_every=439", "valid", ("f1", "precision", "recall"),
                readme=True),
     Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_pretrained",
-               "span-corruption pretrained, fine-tuned",
+               "span-corruption pretrained, 1,200 steps (the recipe)",
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_pretrained",
                "test_2016_flickr", ("bleu", "chrf"), readme=True),
     Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_scratch",
-               "same model and tokenizer from scratch",
+               "same model and tokenizer from scratch, 1,200 steps",
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_scratch "
                f"--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer",
                "test_2016_flickr", ("bleu", "chrf"), readme=True),
@@ -106,6 +107,15 @@ EXPERIMENTS = [
                "wnut17_t5", "NER, WNUT-17 dev (its encoder)",
                f"{DATA}crosswrite train --config configs/finetune_ner_wnut17_t5.py --workdir runs/wnut17_t5", "dev",
                ("f1", "precision", "recall")),
+    Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_pretrained_400",
+               "span-corruption pretrained, 400 steps",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_pretrained_400 {MT400}",
+               "test_2016_flickr", ("bleu", "chrf")),
+    Experiment("Translation, Multi30k en-de, 10% of the pairs (test_2016_flickr)", "mt10_scratch_400",
+               "from scratch, 400 steps",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_scratch_400 {MT400} "
+               f"--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer",
+               "test_2016_flickr", ("bleu", "chrf")),
     Experiment("Summarization, SciTLDR-A (dev ROUGE, beam 4)", "scitldr", "span-corruption pretrained, fine-tuned",
                f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
                "dev", ("rouge1", "rouge2", "rougeL"), readme=True),
@@ -194,7 +204,8 @@ def plots(found: list[dict], out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     by_run = {row["experiment"].run: row for row in found}
-    mt = [by_run[name] for name in ("mt10_pretrained", "mt10_scratch") if name in by_run]
+    mt = [by_run[name] for name in ("mt10_pretrained", "mt10_scratch", "mt10_pretrained_400", "mt10_scratch_400")
+          if name in by_run]
     if mt:
         figure, axes = plt.subplots(figsize=(6, 4))
         for row in mt:
