@@ -96,7 +96,7 @@ EXPERIMENTS = [
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_pretrained",
                "test_2016_flickr", ("bleu", "chrf")),
     Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
-               "scitldr", "summarization, SciTLDR-A dev, beam 4 (all of it)",
+               "scitldr", "summarization, SciTLDR-A dev, greedy (all of it)",
                f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
                "dev", ("rouge1", "rouge2", "rougeL")),
     Experiment("One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)",
@@ -116,7 +116,7 @@ EXPERIMENTS = [
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt10_scratch_400 {MT400} "
                f"--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer",
                "test_2016_flickr", ("bleu", "chrf")),
-    Experiment("Summarization, SciTLDR-A (dev ROUGE, beam 4)", "scitldr", "span-corruption pretrained, fine-tuned",
+    Experiment("Summarization, SciTLDR-A (dev ROUGE, greedy)", "scitldr", "span-corruption pretrained, fine-tuned",
                f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr",
                "dev", ("rouge1", "rouge2", "rougeL"), readme=True),
 ]
