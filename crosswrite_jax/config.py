@@ -50,6 +50,7 @@ class ModelConfig:
     scale_attention: bool = True  # softmax(q k / sqrt(head_dim)); T5 folds the scale into its weights
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings (BERT)
     pooler: bool = False  # encoder: dense + tanh over the first token (BERT's pooler)
+    pooling: str = "first"  # what the pooler reads: first (BERT's [CLS]) | mean (over non-pad tokens: T5 encoders)
     head: str = "none"  # encoder: none (hidden states) | mlm | classification | token_classification
     num_labels: int = 2  # classes of the classification heads
     dropout_rate: float = 0.1
@@ -247,6 +248,7 @@ _CHOICES = {
     "model.norm_position": ("pre", "post"),
     "model.position": ("sinusoidal", "learned", "relative", "rope"),
     "model.head": ("none", "mlm", "classification", "token_classification"),
+    "model.pooling": ("first", "mean"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "causal_lm",

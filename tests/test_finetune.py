@@ -367,3 +367,18 @@ def test_an_encoder_decoder_backbone_serves_labeling_recipes_with_its_encoder(re
     assert_trees_equal(params["embed"], jax.device_get(saved["embed"]))
     assert "decoder" not in params and "classifier" in params
     assert np.isfinite(train(config, tmp_path / "run")["loss"])
+
+
+def test_mean_pooling_reads_every_real_token_and_ignores_padding():
+    config = _classifier("full", **{"model.pooling": "mean"})
+    model = build_model(config.model)
+    short = jnp.asarray([[5, 9, 11, 7]], jnp.int32)
+    padded = jnp.pad(short, ((0, 0), (0, 4)))
+    params = model.init(jax.random.key(0), padded)["params"]
+    logits = lambda ids: model.apply({"params": params}, ids, deterministic=True)  # noqa: E731
+    np.testing.assert_allclose(logits(padded), logits(short), rtol=1e-5, atol=1e-6)
+    later_word = short.at[0, 3].set(20)  # every real token counts
+    assert not np.allclose(logits(later_word), logits(short))
+    first = build_model(dataclasses.replace(config.model, pooling="first"))
+    first_logits = lambda ids: first.apply({"params": params}, ids, deterministic=True)  # noqa: E731
+    assert not np.allclose(first_logits(short), logits(short))

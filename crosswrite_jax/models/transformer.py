@@ -255,9 +255,15 @@ class Encoder(nn.Module):
         if c.head in ("classification", "token_classification"):
             self.classifier = Dense((c.num_labels,), 1, ("embed", "labels"), dtype, use_bias=True, name="classifier")
 
-    def pooled(self, hidden_BSD: Array) -> Array:
-        """BERT's pooled vector: tanh(dense(first token))."""
-        return jnp.tanh(self.pooler(hidden_BSD[:, 0]))
+    def pooled(self, hidden_BSD: Array, inputs_BS: Array) -> Array:
+        """tanh(dense(h)) of the first token's state (BERT) or, with `model.pooling=mean`, of the mean state over
+        the non-pad tokens (an encoder trained without a [CLS] token, such as T5's)."""
+        if self.config.pooling == "mean":
+            real = (inputs_BS != PAD_ID)[..., None].astype(hidden_BSD.dtype)
+            h = jnp.sum(hidden_BSD * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+        else:
+            h = hidden_BSD[:, 0]
+        return jnp.tanh(self.pooler(h))
 
     def __call__(self, inputs: Array, deterministic: bool = True, token_types: Array | None = None,
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None) -> Array:
@@ -271,12 +277,12 @@ class Encoder(nn.Module):
             logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)
             return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
         if c.head == "classification":
-            pooled = self.dropout(self.pooled(hidden), deterministic=deterministic)
+            pooled = self.dropout(self.pooled(hidden, inputs), deterministic=deterministic)
             return self.classifier(pooled).astype(jnp.float32)
         if c.head == "token_classification":
             return self.classifier(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
         if c.pooler:  # keep the pooler's parameters in the tree (and in step with a BertModel checkpoint)
-            _ = self.pooled(hidden)
+            _ = self.pooled(hidden, inputs)
         return hidden
 
 
