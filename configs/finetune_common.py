@@ -59,3 +59,9 @@ def span_corruption_encoder(**head) -> "ModelConfig":  # noqa: F821
     seq2seq = pretrain_span_corruption.get_config().model
     return dataclasses.replace(seq2seq, family="encoder", num_decoder_layers=0, dropout_rate=0.1, pooling="mean",
                                **head)
+
+
+def on_span_corruption_encoder(base: "Config", name: str, steps: int, **head) -> "Config":  # noqa: F821
+    """A MiniLM labeling recipe moved onto the span-corruption T5's encoder: same data and schedule, AdamW at 5e-4."""
+    return dataclasses.replace(base, name=name, model=span_corruption_encoder(**head), optimizer=adamw(5e-4, steps),
+                               train=dataclasses.replace(base.train, init_from=SPAN_CORRUPTION_RUN))

@@ -6,8 +6,6 @@ Run (first `crosswrite train --config configs/pretrain_span_corruption.py --work
 Data, tags and schedule as finetune_ner_wnut17.py; inputs cut to the backbone's 128 positions.
 """
 
-import dataclasses
-
 import finetune_common as common
 import finetune_ner_wnut17
 
@@ -15,10 +13,5 @@ from crosswrite_jax.config import Config
 
 
 def get_config() -> Config:
-    base = finetune_ner_wnut17.get_config()
-    return dataclasses.replace(
-        base, name="finetune_ner_wnut17_t5",
-        model=common.span_corruption_encoder(head="token_classification", num_labels=13),
-        optimizer=common.adamw(5e-4, finetune_ner_wnut17.STEPS),
-        train=dataclasses.replace(base.train, init_from=common.SPAN_CORRUPTION_RUN),
-    )
+    return common.on_span_corruption_encoder(finetune_ner_wnut17.get_config(), "finetune_ner_wnut17_t5", finetune_ner_wnut17.STEPS,
+                                             head="token_classification", num_labels=13)

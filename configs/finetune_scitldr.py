@@ -4,8 +4,9 @@ Run (first `crosswrite train --config configs/pretrain_span_corruption.py --work
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr
     CROSSWRITE_DATA=../shared/data crosswrite eval --checkpoint runs/scitldr/best
 ROUGE-1/2/L (rouge-score, stemmed, best over each paper's references) on dev. Greedy decoding: beam 4
-(--config.decode.beam_size=4) preferred short generic sentences here and scored half the ROUGE. Abstracts are cut to the
-backbone's 128 positions. Parameter-efficient variants: --config.peft.method=lora (or bitfit, prompt, freeze).
+(--config.decode.beam_size=4) preferred short generic sentences here and scored half the ROUGE. Abstracts
+are cut to the backbone's 128 positions. Parameter-efficient variants: --config.peft.method=lora (or bitfit,
+prompt, freeze).
 """
 
 from crosswrite_jax.config import (CheckpointConfig, Config, DataConfig, EvalConfig, OptimizerConfig, PeftConfig,

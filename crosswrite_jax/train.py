@@ -52,6 +52,10 @@ def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
             "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
 
+def _zero_sums() -> dict[str, jax.Array]:
+    return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
+
+
 def chunked_token_losses(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
                          weights: jax.Array, label_smoothing: float, chunk_length: int) -> dict[str, jax.Array]:
     """`token_losses` of `project(hidden)` computed `chunk_length` positions at a time.
@@ -75,15 +79,14 @@ def chunked_token_losses(project: Callable[[jax.Array], jax.Array], hidden: jax.
         sums = token_losses(project(h), t, w, label_smoothing)
         return jax.tree.map(jnp.add, totals, sums), None
 
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
-    totals, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(weights)))
+    totals, _ = jax.lax.scan(body, _zero_sums(), (chunks(hidden), chunks(targets), chunks(weights)))
     return totals
 
 
 def task_losses(model: nn.Module, task: Task, variables: Any, batch: dict[str, jax.Array], deterministic: bool,
                 rngs: dict, label_smoothing: float, logits_chunk_length: int = 0) -> dict[str, jax.Array]:
     """Summed token losses of one batch under the task's forward pass, chunked over positions if asked."""
-    if logits_chunk_length and task.chunked_loss:
+    if logits_chunk_length and task.family != "encoder":
         hidden, targets, weights = task.forward(model, variables, batch, deterministic, rngs, return_hidden=True)
         project = lambda h: model.apply(variables, h, method="logits")  # noqa: E731
         return chunked_token_losses(project, hidden, targets, weights, label_smoothing, logits_chunk_length)
@@ -126,8 +129,7 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
-        (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums),
+        (grads, sums), _ = jax.lax.scan(body, (zeros, _zero_sums()),
                                         (jnp.arange(grad_accum_steps), microbatches(batch, grad_accum_steps)))
         scale = 1.0 / jnp.maximum(sums["tokens"], 1.0)
         return jax.tree.map(lambda g: g * scale, grads), sums

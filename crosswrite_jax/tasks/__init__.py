@@ -26,14 +26,13 @@ class Task:
 
     name: str
     family: str  # the model.family it trains
-    forward: Forward  # (model, variables, batch, deterministic, rngs) -> (logits, targets, weights)
+    # (model, variables, batch, deterministic, rngs) -> (logits, targets, weights); the decoder families' forwards
+    # also take return_hidden=True: final states instead of logits, for model.logits to project in chunks.
+    forward: Forward
     token_keys: tuple[str, ...]  # batch entries whose non-pad tokens count as throughput
     pretraining: bool  # reads raw text (data.sources) rather than sentence pairs
     head: str = "none"  # the model.head it needs (encoder family)
     labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
-    # forward(..., return_hidden=True) gives the decoder's final states for model.logits to project in chunks
-    # (train.logits_chunk_length): a vocabulary-sized output never materialises for the whole batch.
-    chunked_loss: bool = False
 
 
 def _seq2seq(model, variables, batch, deterministic, rngs, return_hidden=False):
@@ -69,21 +68,16 @@ def _language_model(model, variables, batch, deterministic, rngs, return_hidden=
 from crosswrite_jax.tasks import labeling  # noqa: E402  (after the shared pieces it builds on)
 
 TASKS = {
-    "translation": Task("translation", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False,
-                        chunked_loss=True),
-    "summarization": Task("summarization", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False,
-                          chunked_loss=True),
+    "translation": Task("translation", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
+    "summarization": Task("summarization", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=False),
     "classification": Task("classification", "encoder", labeling.classify, ("inputs",), pretraining=False,
                            head="classification", labeled=True),
     "tagging": Task("tagging", "encoder", labeling.tag, ("inputs",), pretraining=False, head="token_classification",
                     labeled=True),
-    "span_corruption": Task("span_corruption", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=True,
-                            chunked_loss=True),
+    "span_corruption": Task("span_corruption", "encoder_decoder", _seq2seq, ("inputs", "targets"), pretraining=True),
     "mlm": Task("mlm", "encoder", _masked_lm, ("inputs",), pretraining=True, head="mlm"),
-    "causal_lm": Task("causal_lm", "decoder", _language_model, ("targets",), pretraining=True,
-                      chunked_loss=True),
-    "prefix_lm": Task("prefix_lm", "decoder", _language_model, ("targets",), pretraining=True,
-                      chunked_loss=True),
+    "causal_lm": Task("causal_lm", "decoder", _language_model, ("targets",), pretraining=True),
+    "prefix_lm": Task("prefix_lm", "decoder", _language_model, ("targets",), pretraining=True),
 }
 
 
