@@ -40,14 +40,24 @@ log = logging.getLogger("crosswrite")
 
 def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                  label_smoothing: float) -> dict[str, jax.Array]:
-    """Summed (label-smoothed) loss, NLL, correct tokens and token count over the weighted targets."""
+    """Summed (label-smoothed) loss, NLL, correct tokens and token count over the weighted targets.
+
+    Written without a one-hot target matrix or an argmax (each a full [..., V] pass that XLA:CPU runs slowly):
+    the smoothed loss is (1 - e) NLL + (e / V) (V logsumexp - sum of logits), and a token is correct when no
+    logit beats the target's (nor equals it at a lower id: argmax's first-index rule).
+    """
     vocab = logits.shape[-1]
     on, off = 1.0 - label_smoothing, label_smoothing / vocab
-    soft = jax.nn.one_hot(targets, vocab) * on + off
-    log_probs = jax.nn.log_softmax(logits)
-    loss = -jnp.sum(soft * log_probs, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    logsumexp = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    is_target = ids == targets[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    nll = logsumexp - target_logit
+    loss = on * nll + off * (vocab * logsumexp - jnp.sum(logits, axis=-1)) if label_smoothing else nll
+    threshold = target_logit[..., None]
+    beaten = (logits > threshold) | ((logits == threshold) & (ids < targets[..., None]))
+    correct = jnp.logical_not(jnp.any(beaten, axis=-1)).astype(jnp.float32)
     return {"loss_sum": jnp.sum(loss * weights), "nll_sum": jnp.sum(nll * weights),
             "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
