@@ -59,3 +59,26 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
     reference, reference_params, _ = _model_and_params()
     np.testing.assert_allclose(out, reference.apply({"params": reference_params}, x, x), atol=0.1)
+
+
+def _initial_score_std(model_config) -> float:
+    """Standard deviation of the first encoder layer's initial attention scores q.k for unit-variance inputs."""
+    model = EncoderDecoder(model_config)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), ids, ids))["params"]
+    attention = params["encoder"]["layer_0"]["self_attention"]
+    x = jax.random.normal(jax.random.key(1), (256, model_config.d_model))
+    q = jnp.einsum("nd,dhk->nhk", x, attention["query"]["kernel"])
+    k = jnp.einsum("nd,dhk->nhk", x, attention["key"]["kernel"])
+    return float(jnp.std(jnp.einsum("nhk,mhk->hnm", q, k)))
+
+
+def test_unscaled_attention_starts_with_unit_scale_scores():
+    """T5 drops the 1/sqrt(head_dim) score scale; its query init carries it, so the softmax does not start saturated
+    (with plain fan-in init the scores' deviation is sqrt(head_dim), and a T5 v1.1 model learned far slower)."""
+    from crosswrite_jax.models.presets import t5
+
+    sizes = dict(vocab_size=64, d_model=128, num_heads=2, d_ff=64, num_encoder_layers=1, num_decoder_layers=1)
+    assert 0.7 < _initial_score_std(t5("1.1", **sizes)) < 1.4  # head_dim 64: sqrt(64) = 8 without the fix
+    scaled = _initial_score_std(t5("1.1", scale_attention=True, **sizes))  # the scale is applied to the scores
+    assert 5.6 < scaled < 11.3

@@ -160,12 +160,13 @@ class Dense(nn.Module):
     dtype: jnp.dtype = jnp.float32
     use_bias: bool = False
     lora: Lora | None = None
+    init_scale: float = 1.0  # variance of the kernel's init relative to 1 / fan_in
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n_in, n_out = self.num_in_axes, len(self.features)
         init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+            self.init_scale, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                             x.shape[-n_in:] + tuple(self.features), jnp.float32)
         y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
@@ -198,10 +199,10 @@ def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, alpha: float) -> 
     return kernel + (alpha / rank) * jnp.tensordot(lora_a, lora_b, axes=1)
 
 
-def _dense(features, axis, kernel_axes, dtype, name, use_bias=False, lora=None):
+def _dense(features, axis, kernel_axes, dtype, name, use_bias=False, lora=None, init_scale=1.0):
     features = features if isinstance(features, tuple) else (features,)
     num_in_axes = len(axis) if isinstance(axis, tuple) else 1
-    return Dense(features, num_in_axes, kernel_axes, dtype, use_bias, lora, name=name)
+    return Dense(features, num_in_axes, kernel_axes, dtype, use_bias, lora, init_scale, name=name)
 
 
 def head_dim(config: ModelConfig) -> int:
@@ -221,9 +222,11 @@ class MultiHeadAttention(nn.Module):
         dtype, n, h = DTYPES[c.dtype], c.num_heads, head_dim(c)
         kv_heads = c.num_kv_heads or n
         lora = lora_of(c)
-        project = lambda heads, axes, name: _dense(  # noqa: E731
-            (heads, h), -1, ("embed", axes, "kv"), dtype, name, c.use_bias, lora)
-        q = project(n, "heads", "query")(x_q)
+        project = lambda heads, axes, name, init_scale=1.0: _dense(  # noqa: E731
+            (heads, h), -1, ("embed", axes, "kv"), dtype, name, c.use_bias, lora, init_scale)
+        # Without the 1/sqrt(head_dim) score scale (T5), the query's init carries it, as in T5's own init:
+        # otherwise the initial scores have standard deviation sqrt(head_dim) and the softmax saturates.
+        q = project(n, "heads", "query", 1.0 if c.scale_attention else 1.0 / h)(x_q)
         if decode and self.cross:
             k, v = self._cross_cache(x_kv, project, kv_heads)
         else:
