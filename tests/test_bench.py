@@ -35,3 +35,28 @@ def test_profile_steps_write_a_trace(tmp_path):
 def test_profile_steps_must_not_be_negative():
     with pytest.raises(UserError, match="train.profile_steps"):
         tiny_config(train__profile_steps=-1)
+
+
+def test_op_profile_ranks_the_ops_of_a_real_trace(tmp_path):
+    """benchmarks/op_profile.py's parsing of this jax's Perfetto trace: the matmul of a jitted function shows up."""
+    import sys
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import op_profile
+
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())
+    a = jnp.ones((256, 256))
+    jax.block_until_ready(f(a, a))
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    for _ in range(3):
+        jax.block_until_ready(f(a, a))
+    jax.profiler.stop_trace()
+    summary = op_profile.summarize(op_profile.op_events(tmp_path), top=5)
+    kinds = [kind for kind, _, _ in summary["kinds"]]
+    assert summary["total_ms"] > 0 and abs(sum(share for _, _, share in summary["kinds"]) - 1) < 1e-6
+    assert any("dot" in kind or "ynn" in kind or "xnn" in kind for kind in kinds), kinds
+    assert op_profile.kind_of("copy_bitcast_fusion.80") == "copy_bitcast_fusion"

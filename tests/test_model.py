@@ -6,6 +6,7 @@ import numpy as np
 from flax import linen as nn
 
 from conftest import tiny_config
+from crosswrite_jax.models.layers import flat_matmul
 from crosswrite_jax.models.transformer import EncoderDecoder
 
 
@@ -82,3 +83,11 @@ def test_unscaled_attention_starts_with_unit_scale_scores():
     assert 0.7 < _initial_score_std(t5("1.1", **sizes)) < 1.4  # head_dim 64: sqrt(64) = 8 without the fix
     scaled = _initial_score_std(t5("1.1", scale_attention=True, **sizes))  # the scale is applied to the scores
     assert 5.6 < scaled < 11.3
+
+
+def test_flat_matmul_equals_dot_general_over_trailing_axes():
+    keys = jax.random.split(jax.random.key(1), 2)
+    x, kernel = jax.random.normal(keys[0], (2, 3, 4, 5)), jax.random.normal(keys[1], (4, 5, 6, 7))
+    expected = jax.lax.dot_general(x, kernel, (((2, 3), (0, 1)), ((), ())))
+    np.testing.assert_allclose(flat_matmul(x, kernel, 2), expected, rtol=1e-5, atol=1e-5)
+    assert flat_matmul(x, kernel[:, :, 0, 0], 2).shape == (2, 3)

@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-from crosswrite_jax.models.layers import flat_matmul
 from crosswrite_jax.train import token_losses
 
 
@@ -43,11 +42,3 @@ def test_ties_count_as_argmax_does():
     ours = token_losses(logits, targets, jnp.ones((2, 3)), 0.0)
     theirs = reference(logits, targets, jnp.ones((2, 3)), 0.0)
     assert float(ours["correct"]) == float(theirs["correct"]) == 3.0
-
-
-def test_flat_matmul_equals_dot_general_over_trailing_axes():
-    keys = jax.random.split(jax.random.key(1), 2)
-    x, kernel = jax.random.normal(keys[0], (2, 3, 4, 5)), jax.random.normal(keys[1], (4, 5, 6, 7))
-    expected = jax.lax.dot_general(x, kernel, (((2, 3), (0, 1)), ((), ())))
-    np.testing.assert_allclose(flat_matmul(x, kernel, 2), expected, rtol=1e-5, atol=1e-5)
-    assert flat_matmul(x, kernel[:, :, 0, 0], 2).shape == (2, 3)
