@@ -64,6 +64,9 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout on an adapter's input while training
     lora_targets: str = ".*/(query|key|value|out)"  # regex over module paths, e.g. 'encoder/layer_0/mlp/wi'
     prompt_length: int = 0  # > 0: learned soft-prompt vectors prepended to the encoder input (prompt tuning)
+    # MLM head: project only the first N masked positions of each row (BERT's max_predictions_per_seq), not every
+    # position; 0: every position. About 2x the expected count keeps the loss exact in practice.
+    mlm_max_predictions: int = 0
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,9 @@ def validate(config: Config) -> None:
         raise UserError(f"config keys 'decode.*': beam_size >= 1, temperature > 0, top_k >= 0 and top_p in (0, 1] "
                         f"are needed, got beam_size={dc.beam_size}, temperature={dc.temperature}, "
                         f"top_k={dc.top_k}, top_p={dc.top_p}")
+    if m.mlm_max_predictions < 0 or (m.mlm_max_predictions and m.head != "mlm"):
+        raise UserError(f"config key 'model.mlm_max_predictions' ({m.mlm_max_predictions}) must be >= 0 and is for "
+                        f"model.head=mlm (it is '{m.head}'); set it to 0")
     p = config.peft
     if p.lora_rank <= 0 or p.prompt_length <= 0 or m.lora_rank < 0 or m.prompt_length < 0:
         raise UserError(f"config keys 'peft.lora_rank' and 'peft.prompt_length' must be positive (and model.lora_rank, "

@@ -1,5 +1,6 @@
 """Pretraining: objective batches, packing without cross-example attention, mixtures, resumable iterators."""
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -357,3 +358,45 @@ def test_tokenizer_sources_widen_the_vocabulary_beyond_the_pretraining_text(corp
         lengths[name], decoded[name] = len(ids), run.tokenizer.decode_batch([ids])[0]
     assert decoded["widened"] == german and decoded["plain"] != german  # 'ß', 'ä' are unknown to the plain one
     assert lengths["widened"] < lengths["plain"], lengths
+
+
+def test_mlm_head_on_the_first_masked_positions_only(corpus, tokenizer):
+    """model.mlm_max_predictions: the same loss sums and gradients as projecting every position while the cap
+    covers each row's masked positions; beyond it, each row predicts its first `cap` positions."""
+    from crosswrite_jax.tasks import TASKS, first_positions
+    from crosswrite_jax.train import task_losses
+
+    batch = {k: jnp.asarray(v) for k, v in next(iter(_dataset(corpus, tokenizer, "mlm"))).items()}
+    masked_per_row = np.asarray(batch["targets"] != 0).sum(1)
+    assert masked_per_row.max() < 64 and masked_per_row.min() > 2
+    full = build_model(config_lib.ModelConfig(family="encoder", vocab_size=512, d_model=32, num_heads=4, d_ff=64,
+                                              num_encoder_layers=1, num_decoder_layers=0, max_length=64,
+                                              dropout_rate=0.0, position="learned", head="mlm"))
+    params = full.init(jax.random.key(0), batch["inputs"])
+
+    def sums(cap):
+        model = full.clone(config=dataclasses.replace(full.config, mlm_max_predictions=cap))
+
+        def loss(p):
+            out = task_losses(model, TASKS["mlm"], p, batch, True, {}, 0.0)
+            return out["loss_sum"], out
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, reference), reference_grads = sums(0)
+    (_, capped), capped_grads = sums(int(masked_per_row.max()))
+    for key in reference:
+        np.testing.assert_allclose(capped[key], reference[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(reference_grads), jax.tree.leaves(capped_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    cap = int(masked_per_row.min())
+    (_, short), _ = sums(cap)
+    assert float(short["tokens"]) == cap * len(masked_per_row) < float(reference["tokens"])
+
+    positions, real = first_positions(jnp.asarray([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0]], bool), 3)
+    assert positions[0].tolist() == [1, 3, 4] and real.tolist() == [[True] * 3, [True, False, False]]
+    assert positions[1, 0] == 0
+
+
+def test_mlm_max_predictions_is_for_the_mlm_head():
+    with pytest.raises(UserError, match="model.mlm_max_predictions"):
+        config_lib.override(config_lib.Config(), {"model.mlm_max_predictions": 8})

@@ -266,13 +266,17 @@ class Encoder(nn.Module):
         return jnp.tanh(self.pooler(h))
 
     def __call__(self, inputs: Array, deterministic: bool = True, token_types: Array | None = None,
-                 inputs_segments: Array | None = None, inputs_positions: Array | None = None) -> Array:
+                 inputs_segments: Array | None = None, inputs_positions: Array | None = None,
+                 predict_positions: Array | None = None) -> Array:
+        """`predict_positions` [B, K] (MLM head): logits [B, K, V] at these positions only."""
         c = self.config
         positions = default_positions(inputs) if inputs_positions is None else inputs_positions
         mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
         x = self.dropout(self.embedder(inputs, positions, token_types), deterministic=deterministic)
         hidden = _encode_tokens(c, self.prompt, self.encoder, x, mask, positions, deterministic)
         if c.head == "mlm":
+            if predict_positions is not None:
+                hidden = jnp.take_along_axis(hidden, predict_positions[..., None], axis=1)
             h = self.mlm_norm(ACTIVATIONS[c.activation](self.mlm_transform(hidden)))
             logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)
             return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)

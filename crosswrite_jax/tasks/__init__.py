@@ -43,12 +43,28 @@ def _seq2seq(model, variables, batch, deterministic, rngs, return_hidden=False):
     return logits, batch["targets"], (batch["targets"] != PAD_ID).astype(jnp.float32)
 
 
+def first_positions(chosen_BL: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """The first `count` positions of each row where `chosen_BL` holds, [B, count], and which of them are real."""
+    length = chosen_BL.shape[1]
+    earliest_first = jnp.where(chosen_BL, length - jax.lax.broadcasted_iota(jnp.int32, chosen_BL.shape, 1), 0)
+    scores, positions = jax.lax.top_k(earliest_first, count)
+    return positions, scores > 0
+
+
 def _masked_lm(model, variables, batch, deterministic, rngs):
-    """Encoder predicting the original token at each corrupted position (targets are pad elsewhere)."""
+    """Encoder predicting the original token at each corrupted position (targets are pad elsewhere).
+
+    With model.mlm_max_predictions = K, the head runs on the first K corrupted positions of each row only."""
     keys = ("inputs", "inputs_segments", "inputs_positions")
-    logits = model.apply(variables, **{k: batch[k] for k in keys if k in batch}, deterministic=deterministic,
-                         rngs=rngs)
-    return logits, batch["targets"], (batch["targets"] != PAD_ID).astype(jnp.float32)
+    kwargs = {k: batch[k] for k in keys if k in batch}
+    targets = batch["targets"]
+    cap = model.config.mlm_max_predictions
+    if 0 < cap < targets.shape[1]:
+        positions, real = first_positions(targets != PAD_ID, cap)
+        targets = jnp.where(real, jnp.take_along_axis(targets, positions, axis=1), PAD_ID)
+        kwargs["predict_positions"] = positions
+    logits = model.apply(variables, **kwargs, deterministic=deterministic, rngs=rngs)
+    return logits, targets, (targets != PAD_ID).astype(jnp.float32)
 
 
 def _language_model(model, variables, batch, deterministic, rngs, return_hidden=False):
