@@ -90,8 +90,9 @@ def step_flops(m: ModelConfig, batch: int, source_length: int = 0, target_length
         output = 2.0 * tokens * m.d_model * m.vocab_size
     if m.family == "encoder":
         tokens = batch * source_length
-        if m.head == "mlm":  # dense transform, then the tied vocabulary projection
-            output = 2.0 * tokens * (m.d_model * m.d_model + m.d_model * m.vocab_size)
+        if m.head == "mlm":  # dense transform, then the tied vocabulary projection (at most N positions a row)
+            predicted = batch * min(source_length, m.mlm_max_predictions or source_length)
+            output = 2.0 * predicted * (m.d_model * m.d_model + m.d_model * m.vocab_size)
         elif m.head == "token_classification":
             output = 2.0 * tokens * m.d_model * m.num_labels
         elif m.head == "classification":

@@ -61,3 +61,21 @@ def test_training_flops_from_a_batch_and_mfu():
     assert flops.training_flops(t5, "translation", batch) == flops.step_flops(t5, 8, 48, 40).training
     assert flops.mfu(1e9, 0.5, 4e9) == pytest.approx(0.5)
     assert flops.measure_matmul_peak(size=128, repeats=2) > 1e6  # a real, positive FLOP/s figure
+
+
+def test_mlm_head_on_masked_positions_counts_only_those():
+    import dataclasses
+
+    config = dataclasses.replace(CONFIGS["bert-mlm"], mlm_max_predictions=8)
+    model = build_model(config)
+    params = strip_boxes(model.init(jax.random.key(0), *example_inputs(config)))["params"]
+    source = jnp.ones((ROWS, SOURCE), jnp.int32)
+    positions = jnp.tile(jnp.arange(8) * 3, (ROWS, 1))
+
+    def forward(p):
+        return model.apply({"params": p}, source, predict_positions=positions)
+
+    counted = flops.step_flops(config, ROWS, source_length=SOURCE, target_length=0)
+    every = flops.step_flops(CONFIGS["bert-mlm"], ROWS, source_length=SOURCE, target_length=0)
+    assert counted.output == pytest.approx(every.output * 8 / SOURCE)
+    assert counted.forward == pytest.approx(_xla_flops(forward, params), rel=0.10)
