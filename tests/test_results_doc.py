@@ -25,3 +25,14 @@ def test_every_png_results_md_shows_exists():
     text = (ROOT / "docs" / "RESULTS.md").read_text()
     for name in [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]:
         assert (ROOT / "docs" / name).is_file(), name
+
+
+def test_side_by_side_section_shows_both_sides_or_is_listed_as_not_run():
+    make_results = _script()
+    result = {"steps": 432, "learning_rate": 1e-4, "ours_accuracy": 88.1, "pytorch_accuracy": 87.6,
+              "ours_seconds": 600.0, "pytorch_seconds": 900.0, "ratio": 1.5}
+    shown = make_results.render([], [], [], result)
+    assert "| crosswrite_jax | 88.10 | 10m 00s |" in shown and "**1.50x**" in shown
+    assert "## Not run yet" not in shown
+    absent = make_results.render([], [], [], None)
+    assert "## Not run yet" in absent and "sst2_vs_pytorch.py" in absent.split("## Not run yet")[1]
