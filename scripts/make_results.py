@@ -286,7 +286,11 @@ def _side_by_side_section(result: dict | None) -> list[str]:
             f"| crosswrite_jax | {result['ours_accuracy']:.2f} | {_minutes(result['ours_seconds'])} |",
             f"| transformers + PyTorch (eager, 2 threads) | {result['pytorch_accuracy']:.2f} | "
             f"{_minutes(result['pytorch_seconds'])} |", "",
-            f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", ""]
+            f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", "",
+            "Unlike the pretraining comparisons in docs/PERFORMANCE.md, this run has dropout 0.1, and our time "
+            "includes compiling each length bucket and the dev evaluations. Dropout's random bits cost our "
+            "quickstart 37% of a CPU step (README: 612 against 445 ms). This run has not been profiled yet, so "
+            "how its time splits between those costs is not measured.", ""]
 
 
 def render(found: list[dict], missing: list[Experiment], images: list[str], compared: dict | None = None) -> str:
