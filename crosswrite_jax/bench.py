@@ -64,12 +64,14 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
 
     The tokenizer is trained in a scratch directory unless data.tokenizer names one (a run's tokenizer/).
     """
-    from crosswrite_jax.train import Trainer, to_global_batch, training_batches
+    from crosswrite_jax import peft
+    from crosswrite_jax.train import Trainer, to_global_batch, training_batches, with_labels
 
     if steps < 1 or warmup < 0:
         raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     config_lib.check_task_model(config, head_too=True)
     with tempfile.TemporaryDirectory(prefix="crosswrite-bench-") as scratch:
+        config = with_labels(peft.resolve(config), scratch)  # as `crosswrite train` does: PEFT and label sets
         run = workdir_lib.prepare(config, scratch)
         config = run.config
         mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
@@ -152,6 +154,8 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
         "compiled_total_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes) if memory else None,
         "final_loss": loss,
+        **{f"{k}_parameters": v for k, v in trainer.parameter_report().items() if k != "optimizer_state_bytes"},
+        "optimizer_state_bytes": trainer.parameter_report()["optimizer_state_bytes"],
     }
     return result
 

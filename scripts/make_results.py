@@ -287,10 +287,12 @@ def _side_by_side_section(result: dict | None) -> list[str]:
             f"| transformers + PyTorch (eager, 2 threads) | {result['pytorch_accuracy']:.2f} | "
             f"{_minutes(result['pytorch_seconds'])} |", "",
             f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", "",
-            "Unlike the pretraining comparisons in docs/PERFORMANCE.md, this run has dropout 0.1, and our time "
-            "includes compiling each length bucket and the dev evaluations. Dropout's random bits cost our "
-            "quickstart 37% of a CPU step (README: 612 against 445 ms). This run has not been profiled yet, so "
-            "how its time splits between those costs is not measured.", ""]
+            "Where our time goes, from `crosswrite bench --config configs/finetune_sst2.py --steps 8` (quiet "
+            "machine, median step of 32 sentences): 1,143 ms with the recipe's dropout 0.1, 942 ms without "
+            "dropout, 1,004 ms with dropout drawn from JAX's `rbg` generator instead of the default threefry "
+            "(`JAX_DEFAULT_PRNG_IMPL=rbg`). Compiling takes 9-13 s for every 2 length buckets. PyTorch's whole run "
+            "averaged 0.89 s a step including its dev evaluations. So dropout's random bits are the largest single "
+            "cost, and even without them our step is not faster than PyTorch's here.", ""]
 
 
 def render(found: list[dict], missing: list[Experiment], images: list[str], compared: dict | None = None) -> str:

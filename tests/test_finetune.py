@@ -382,3 +382,14 @@ def test_mean_pooling_reads_every_real_token_and_ignores_padding():
     first = build_model(dataclasses.replace(config.model, pooling="first"))
     first_logits = lambda ids: first.apply({"params": params}, ids, deterministic=True)  # noqa: E731
     assert not np.allclose(first_logits(short), logits(short))
+
+
+def test_bench_resolves_labels_and_peft_as_train_does(tmp_path):
+    """`crosswrite bench` on a LoRA classification recipe: the label set from the data, only the adapters trained."""
+    from crosswrite_jax.bench import bench
+
+    data = _sentiment(tmp_path / "data")
+    config = _recipe("finetune_sst2.py", data, peft__method="lora")
+    result = bench(config, steps=1, warmup=1, measure_peak=False)
+    assert result["median_step_s"] > 0 and result["real_tokens_per_s"] > 0
+    assert 0 < result["trainable_parameters"] < result["total_parameters"]
