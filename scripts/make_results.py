@@ -291,8 +291,8 @@ def _side_by_side_section(result: dict | None) -> list[str]:
             "machine, median step of 32 sentences): 1,143 ms with the recipe's dropout 0.1, 942 ms without "
             "dropout, 1,004 ms with dropout drawn from JAX's `rbg` generator instead of the default threefry "
             "(`JAX_DEFAULT_PRNG_IMPL=rbg`). Compiling takes 9-13 s for every 2 length buckets. PyTorch's whole run "
-            "averaged 0.89 s a step including its dev evaluations. So dropout's random bits are the largest single "
-            "cost, and even without them our step is not faster than PyTorch's here.", ""]
+            "averaged 0.89 s a step including its dev evaluations. So dropout's random bits cost 18% of our step, "
+            "and even without them our step is not faster than PyTorch's here.", ""]
 
 
 def render(found: list[dict], missing: list[Experiment], images: list[str], compared: dict | None = None) -> str:
