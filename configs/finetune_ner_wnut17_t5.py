@@ -13,5 +13,5 @@ from crosswrite_jax.config import Config
 
 
 def get_config() -> Config:
-    return common.on_span_corruption_encoder(finetune_ner_wnut17.get_config(), "finetune_ner_wnut17_t5", finetune_ner_wnut17.STEPS,
-                                             head="token_classification", num_labels=13)
+    return common.on_span_corruption_encoder(finetune_ner_wnut17.get_config(), "finetune_ner_wnut17_t5",
+                                             finetune_ner_wnut17.STEPS, head="token_classification", num_labels=13)

@@ -131,6 +131,7 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
         peak, peak_source = flops.measure_matmul_peak(), "measured f32 matmul"
     peak_total = peak * jax.device_count() if peak and peak_source == "table" else peak
     flops_per_second = model_flops / total
+    parameters = trainer.parameter_report()
     result = {
         "command": "bench", "name": config.name, "task": config.task, "family": config.model.family,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
@@ -154,8 +155,8 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
         "compiled_total_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes) if memory else None,
         "final_loss": loss,
-        **{f"{k}_parameters": v for k, v in trainer.parameter_report().items() if k != "optimizer_state_bytes"},
-        "optimizer_state_bytes": trainer.parameter_report()["optimizer_state_bytes"],
+        "trainable_parameters": parameters["trainable"], "frozen_parameters": parameters["frozen"],
+        "total_parameters": parameters["total"], "optimizer_state_bytes": parameters["optimizer_state_bytes"],
     }
     return result
 

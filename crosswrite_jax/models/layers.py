@@ -165,8 +165,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n_in, n_out = self.num_in_axes, len(self.features)
-        init = nn.initializers.variance_scaling(
-            self.init_scale, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal",
+                                                in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                             x.shape[-n_in:] + tuple(self.features), jnp.float32)
         y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
