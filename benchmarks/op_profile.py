@@ -1,9 +1,11 @@
 """Where a training step's time goes: XLA ops ranked by their share of a few traced steady-state steps.
 
     CROSSWRITE_DATA=../shared/data python benchmarks/op_profile.py --model t5|bert [--steps 3] [--top 25]
+    python benchmarks/op_profile.py --config configs/finetune_sst2.py [--steps 3]
 
 Profiles the configurations of benchmarks/vs_pytorch.py (padded [64, 48] pairs; packed [32, 128] rows) at their
-compute-equivalent shapes, with any --config.KEY=VALUE overrides. The step runs under jax.profiler with a Perfetto trace;
+compute-equivalent shapes, or a recipe's own training batches with --config, with any --config.KEY=VALUE
+overrides. The step runs under jax.profiler with a Perfetto trace;
 the events of XLA's executable (one per HLO op or fusion) are summed by name and by kind (dot, fusion, gather,
 scatter, ...) and printed as shares of the traced time. The trace is kept in --out for TensorBoard.
 """
@@ -25,6 +27,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from crosswrite_jax import bench  # noqa: E402
 from crosswrite_jax import config as config_lib  # noqa: E402
 from crosswrite_jax import sharding  # noqa: E402
 from crosswrite_jax.train import Trainer, to_global_batch  # noqa: E402
@@ -67,6 +70,12 @@ def summarize(events: list[dict], top: int) -> dict:
 def build(args) -> tuple[Trainer, list]:
     import vs_pytorch
 
+    if args.config:
+        config = config_lib.override(config_lib.load(args.config), dict(a.split("=", 1) for a in args.overrides))
+        trainer, batches, _ = bench.trainer_and_batches(config, 8 * (args.steps + 2))
+        shape = {k: v.shape for k, v in batches[0].items()}
+        same = [b for b in batches if {k: v.shape for k, v in b.items()} == shape]  # one compiled shape
+        return trainer, same[:args.steps + 2]
     if not args.data:
         raise SystemExit("error: --model needs the data folder: set CROSSWRITE_DATA=../shared/data or pass --data")
     if args.model == "t5":
@@ -82,6 +91,7 @@ def build(args) -> tuple[Trainer, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("t5", "bert"), default="t5")
+    parser.add_argument("--config", help="profile this recipe's training batches instead of --model's")
     parser.add_argument("--steps", type=int, default=3, help="traced steps (after 2 warm-up steps)")
     parser.add_argument("--top", type=int, default=25, help="ops to list")
     parser.add_argument("--data", default=os.environ.get("CROSSWRITE_DATA", ""))

@@ -59,16 +59,14 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool = True) -> dict[str, Any]:
-    """Measures `steps` timed training steps after `warmup` untimed ones; returns the figures.
+def trainer_and_batches(config: Config, count: int) -> tuple[Any, list[dict[str, np.ndarray]], float]:
+    """A Trainer for `config` and its first `count` training batches (and the seconds they took), as `train` makes them.
 
     The tokenizer is trained in a scratch directory unless data.tokenizer names one (a run's tokenizer/).
     """
     from crosswrite_jax import peft
-    from crosswrite_jax.train import Trainer, to_global_batch, training_batches, with_labels
+    from crosswrite_jax.train import Trainer, training_batches, with_labels
 
-    if steps < 1 or warmup < 0:
-        raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     config_lib.check_task_model(config, head_too=True)
     with tempfile.TemporaryDirectory(prefix="crosswrite-bench-") as scratch:
         config = with_labels(peft.resolve(config), scratch)  # as `crosswrite train` does: PEFT and label sets
@@ -80,10 +78,21 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
                             f"data-parallel size x train.grad_accum_steps")
         trainer = Trainer.build(config, mesh)
         started = time.perf_counter()
-        batches = list(itertools.islice(iter(training_batches(run, trainer)), warmup + steps))
+        batches = list(itertools.islice(iter(training_batches(run, trainer)), count))
         data_seconds = time.perf_counter() - started
-    if len(batches) < warmup + steps:
-        raise UserError(f"the training data gives {len(batches)} batches; bench needs --warmup + --steps of them")
+    if len(batches) < count:
+        raise UserError(f"the training data gives {len(batches)} batches; {count} are needed (--warmup + --steps)")
+    return trainer, batches, data_seconds
+
+
+def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool = True) -> dict[str, Any]:
+    """Measures `steps` timed training steps after `warmup` untimed ones; returns the figures."""
+    from crosswrite_jax.train import to_global_batch
+
+    if steps < 1 or warmup < 0:
+        raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    trainer, batches, data_seconds = trainer_and_batches(config, warmup + steps)
+    config, mesh = trainer.config, trainer.mesh
 
     state = trainer.init_state()
     jitted = trainer.jit_train_step()

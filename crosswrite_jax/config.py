@@ -143,6 +143,10 @@ class TrainConfig:
     best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
     eval_decode_examples: int = 0  # translation / summarization: validation also decodes and scores this many
+    # JAX PRNG of the dropout masks. threefry4x32 draws the same masks on any mesh, like JAX's default threefry2x32,
+    # at about a third of its cost (docs/PERFORMANCE.md); rbg / unsafe_rbg are XLA's generator (same masks only
+    # on the same mesh).
+    dropout_rng: str = "threefry4x32"
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ _CHOICES = {
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
+    "train.dropout_rng": ("threefry2x32", "threefry4x32", "rbg", "unsafe_rbg"),
 }
 
 

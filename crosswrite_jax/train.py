@@ -118,7 +118,8 @@ def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array
 
 def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     label_smoothing: float, dropout_seed: int, grad_accum_steps: int = 1,
-                    logits_chunk_length: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    logits_chunk_length: int = 0, dropout_rng: str = "threefry4x32",
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact.
 
     A step whose loss or gradients are not finite leaves params and optimizer state unchanged
@@ -145,7 +146,7 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
         return jax.tree.map(lambda g: g * scale, grads), sums
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        rng = jax.random.fold_in(jax.random.key(dropout_seed, impl=dropout_rng), state.step)
 
         def loss_fn(params):
             loss_sum, sums = summed_loss(params, batch, rng)
@@ -263,7 +264,7 @@ class Trainer:
     def jit_train_step(self):
         step = make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
                                self.config.train.seed + 1, self.config.train.grad_accum_steps,
-                               self.config.train.logits_chunk_length)
+                               self.config.train.logits_chunk_length, self.config.train.dropout_rng)
         batch = sharding.batch_sharding(self.mesh)
         return jax.jit(step, in_shardings=(self.layout.shardings, batch),
                        out_shardings=(self.layout.shardings, sharding.replicated(self.mesh)), donate_argnums=0)

@@ -60,3 +60,22 @@ def test_op_profile_ranks_the_ops_of_a_real_trace(tmp_path):
     assert summary["total_ms"] > 0 and abs(sum(share for _, _, share in summary["kinds"]) - 1) < 1e-6
     assert any("dot" in kind or "ynn" in kind or "xnn" in kind for kind in kinds), kinds
     assert op_profile.kind_of("copy_bitcast_fusion.80") == "copy_bitcast_fusion"
+
+
+def test_op_profile_takes_a_recipes_batches_of_one_shape():
+    """op_profile --config: the recipe's own training batches, all of the first batch's shape (one compile)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    import op_profile
+
+    small = ["model.vocab_size=512", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
+             "model.num_encoder_layers=1", "model.num_decoder_layers=1", "train.batch_size=16"]
+    args = argparse.Namespace(config=str(root / "configs" / "quickstart.py"), steps=2, overrides=small, data="")
+    trainer, batches = op_profile.build(args)
+    assert trainer.config.model.d_model == 32 and len(batches) == 4
+    shapes = {tuple((k, v.shape) for k, v in sorted(b.items())) for b in batches}
+    assert len(shapes) == 1, shapes

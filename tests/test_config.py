@@ -20,6 +20,8 @@ def test_wrong_type_and_bad_choice_name_the_key():
         config_lib.override(Config(), {"train.steps": "many"})
     with pytest.raises(UserError, match=r"'mesh.rules' is 'zero3'; choose one of"):
         config_lib.override(Config(), {"mesh.rules": "zero3"})
+    with pytest.raises(UserError, match=r"'train.dropout_rng' is 'threefry'; choose one of .*threefry4x32"):
+        config_lib.override(Config(), {"train.dropout_rng": "threefry"})
     with pytest.raises(UserError, match=r"'train.batch_size' must be positive"):
         config_lib.override(Config(), {"train.batch_size": 0})
     with pytest.raises(UserError, match="unknown config key 'model'"):

@@ -46,6 +46,22 @@ def test_sharded_step_matches_one_device(preset):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_dropout_masks_follow_the_configured_prng_and_not_the_mesh():
+    """threefry4x32 (the default) and threefry2x32 draw mesh-independent masks; the setting changes the masks."""
+    batches = _batches(tiny_config().model.vocab_size, 2)
+    losses = {}
+    for impl in ("threefry4x32", "threefry2x32"):
+        config = tiny_config(model__dropout_rate=0.1, train__dropout_rng=impl)
+        _, sharded = _run(Trainer.build(config, sharding.make_mesh((2, 2, 2))), batches)
+        _, single = _run(Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1])), batches)
+        np.testing.assert_allclose(sharded, single, rtol=1e-5)
+        losses[impl] = single
+    _, plain = _run(Trainer.build(tiny_config(), sharding.make_mesh((1, 1, 1), jax.devices()[:1])), batches)
+    # Dropout is active under either PRNG, and the two draw different masks.
+    assert losses["threefry4x32"][0] != pytest.approx(plain[0], rel=1e-4)
+    assert losses["threefry4x32"][0] != pytest.approx(losses["threefry2x32"][0], rel=1e-4)
+
+
 def test_frozen_subtree_is_bit_identical_and_has_no_moments():
     config = tiny_config(optimizer__freeze=("encoder/.*", "embed/.*"), optimizer__weight_decay=0.1)
     trainer = Trainer.build(config, sharding.make_mesh((2, 2, 2)))
