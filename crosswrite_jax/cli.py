@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         from crosswrite_jax.config import parse_overrides
 
         overrides = parse_overrides(rest)
+        if args.command != "bench":  # bench measures compilation; everything else may reuse it
+            from crosswrite_jax import compile_cache
+
+            folder = compile_cache.enable_default()
+            if args.command in ("train", "quickstart"):
+                logging.getLogger("crosswrite_jax").info("XLA compilation cache: %s", folder or "off")
         handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
                    "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check, "bench": run_bench,

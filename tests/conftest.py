@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent XLA cache in ~/.cache (test_cli checks it)
 
 import jax  # noqa: E402
 

@@ -19,9 +19,12 @@ def _overrides(extra=None):
     return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in values.items()]
 
 
-def _run(*args, devices=2):
+def _run(*args, devices=2, cache_home=None):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    if cache_home:  # the CLI's default compilation cache, under cache_home; every program cached
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env.update(XDG_CACHE_HOME=str(cache_home), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.run([CROSSWRITE, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -32,8 +35,15 @@ def _last_json(stdout: str) -> dict:
 def test_train_then_eval_through_the_console_script(tmp_path):
     workdir = tmp_path / "run"
     trained = _run("train", "--config", str(QUICKSTART), "--workdir", str(workdir),
-                   *_overrides({"mesh.shape": "2,1,1", "train.steps": 6, "checkpoint.every": 3}))
+                   *_overrides({"mesh.shape": "2,1,1", "train.steps": 6, "checkpoint.every": 3}),
+                   cache_home=tmp_path / "cache")
     assert trained.returncode == 0, trained.stderr
+    # The compiled train step went to the default persistent cache (a later run loads it instead of compiling).
+    from crosswrite_jax import compile_cache
+
+    cached = [p.name for p in (tmp_path / "cache" / "crosswrite_jax" / "xla" / compile_cache.host_fingerprint()).iterdir()]
+    assert any(name.startswith("jit_train_step") for name in cached), cached
+    assert "XLA compilation cache:" in trained.stderr
     assert _last_json(trained.stdout)["command"] == "train"
     for name in ("config.json", "metrics.jsonl", "checkpoints", "tokenizer/tokenizer.json", "tensorboard"):
         assert (workdir / name).exists(), name
@@ -79,3 +89,17 @@ def test_bad_input_is_one_line_exit_2_and_keeps_checkpoints(tmp_path):
 
     debug = _run("--debug", "eval", "--workdir", str(tmp_path / "nowhere"))
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_compilation_cache_default_yields_to_jax_env(monkeypatch, tmp_path):
+    """JAX_COMPILATION_CACHE_DIR wins (empty: off); otherwise the cache lives under XDG_CACHE_HOME."""
+    from crosswrite_jax import compile_cache
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    assert compile_cache.enable_default() is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache.enable_default() == str(tmp_path / "mine")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = compile_cache.default_dir()
+    assert folder.parent == tmp_path / "crosswrite_jax" / "xla"
+    assert folder.name == compile_cache.host_fingerprint() and len(folder.name) == 12
