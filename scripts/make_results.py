@@ -287,12 +287,14 @@ def _side_by_side_section(result: dict | None) -> list[str]:
             f"| transformers + PyTorch (eager, 2 threads) | {result['pytorch_accuracy']:.2f} | "
             f"{_minutes(result['pytorch_seconds'])} |", "",
             f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", "",
-            "Where our time goes, from `crosswrite bench --config configs/finetune_sst2.py --steps 8` (quiet "
-            "machine, median step of 32 sentences): 1,143 ms with the recipe's dropout 0.1, 942 ms without "
-            "dropout, 1,004 ms with dropout drawn from JAX's `rbg` generator instead of the default threefry "
-            "(`JAX_DEFAULT_PRNG_IMPL=rbg`). Compiling takes 9-13 s for every 2 length buckets. PyTorch's whole run "
-            "averaged 0.89 s a step including its dev evaluations. So dropout's random bits cost 18% of our step, "
-            "and even without them our step is not faster than PyTorch's here.", ""]
+            "Where our time goes, from `python benchmarks/dropout_rng.py` (quiet machine, the same 8 batches of 32 "
+            "sentences, median of 3 alternating rounds): 982 ms a step with the recipe's dropout 0.1 drawn from "
+            "`threefry4x32` (`train.dropout_rng`, the default), 1,071 ms with JAX's default `threefry2x32`, 911 ms "
+            "without dropout. Compiling takes about 23 s for every 2 length buckets (5.5 s when the persistent "
+            "compilation cache has them). PyTorch's run averaged 0.90 s a step including its dev evaluations; even "
+            "without dropout our step is not faster than PyTorch's here (docs/PERFORMANCE.md: XLA's weight-gradient "
+            "matmuls are slower than MKL's). The previous run of this benchmark, with `threefry2x32` dropout: ours "
+            "88.19 in 9m 14s, PyTorch 86.58 in 6m 22s, 0.69x; the accuracy moved with the dropout masks.", ""]
 
 
 def render(found: list[dict], missing: list[Experiment], images: list[str], compared: dict | None = None) -> str:
