@@ -144,8 +144,9 @@ class TrainConfig:
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
     eval_decode_examples: int = 0  # translation / summarization: validation also decodes and scores this many
     # JAX PRNG of the dropout masks. threefry4x32 draws the same masks on any mesh, like JAX's default threefry2x32,
-    # at about a third of its cost (docs/PERFORMANCE.md); rbg / unsafe_rbg are XLA's generator (same masks only
-    # on the same mesh).
+    # and dropout costs the SST-2 step 71 ms with it instead of 160 (docs/PERFORMANCE.md); rbg / unsafe_rbg are
+    # XLA's generator (for TPU; JAX does not promise them the same masks on another mesh). Runs started before this
+    # key existed drew threefry2x32 masks.
     dropout_rng: str = "threefry4x32"
 
 

@@ -45,10 +45,16 @@ def with_environment(config: DistributedConfig, environ: Mapping[str, str] | Non
     return dataclasses.replace(config, **updates)
 
 
+def _tpu_value(value: str) -> bool:
+    """A real TPU_* setting: libtpu, loaded where there is no TPU, stores 'WARNING: could not determine ...' in them,
+    which processes started from that one inherit."""
+    return bool(value.strip()) and not value.startswith("WARNING")
+
+
 def detect_cluster(environ: Mapping[str, str] | None = None) -> str:
     """'cloud_tpu', 'slurm', 'openmpi' when such a multi-process environment is present; else ''."""
     environ = os.environ if environ is None else environ
-    if any(environ.get(name) for name in TPU_ENV) or _on_cloud_tpu_vm():
+    if any(_tpu_value(environ.get(name, "")) for name in TPU_ENV) or _on_cloud_tpu_vm():
         return "cloud_tpu"
     if environ.get("SLURM_JOB_ID") and _int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")) > 1:
         return "slurm"

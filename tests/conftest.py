@@ -36,6 +36,18 @@ def tiny_config(**overrides) -> config_lib.Config:
     return config_lib.override(config_lib.load(QUICKSTART), updates)
 
 
+@pytest.fixture(autouse=True)
+def _no_tpu_variables_from_libtpu():
+    """libtpu, once a compile-check test loads it here, writes placeholder TPU_* variables into this process's C
+    environment; subprocesses started without env= would inherit them. Drop the ones os.environ never had."""
+    yield
+    from crosswrite_jax.distributed import TPU_ENV
+
+    for name in TPU_ENV:
+        if name not in os.environ:
+            os.unsetenv(name)
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

@@ -190,6 +190,10 @@ def test_explicit_processes_from_config_or_environment():
     ({"TPU_WORKER_ID": "3"}, "cloud_tpu"), ({"TPU_ACCELERATOR_TYPE": "v5litepod-16"}, "cloud_tpu"),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "slurm"), ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, ""),
     ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4", "OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"), ({}, ""),
+    # What libtpu leaves behind on a machine without TPUs (inherited by child processes): not a TPU host.
+    ({"TPU_WORKER_HOSTNAMES": "WARNING: could not determine TPU worker hostnames or IP addresses, please set env var "
+      "`TPU_WORKER_HOSTNAMES` manually", "TPU_ACCELERATOR_TYPE": "WARNING: could not determine TPU accelerator type"},
+     ""),
 ])
 def test_detected_clusters_initialize_without_addresses(environ, cluster):
     assert detect_cluster(environ) == cluster
