@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_DROPOUT = "no dropout"
 
 
-def variants(base) -> dict[str, dict]:
+def variants() -> dict[str, dict]:
     out = {impl: {"train.dropout_rng": impl} for impl in config_lib._CHOICES["train.dropout_rng"]}
     out[NO_DROPOUT] = {"model.dropout_rate": 0.0}
     return out
@@ -46,7 +46,7 @@ def main() -> None:
 
     trainer, batches, _ = bench_lib.trainer_and_batches(base, args.steps)
     runs = {}
-    for name, overrides in variants(base).items():
+    for name, overrides in variants().items():
         t = Trainer.build(config_lib.override(trainer.config, overrides), trainer.mesh)
         with t.context():
             state, step = t.init_state(), t.jit_train_step()

@@ -51,7 +51,8 @@ def measure_jax(table, dtype: str, repeats: int) -> dict:
     key = jax.random.key(0)
     for name, (m, k, n) in table.items():
         x, w, g = (cast(jax.random.normal(key, s)) for s in ((m, k), (k, n), (m, n)))
-        runs = {"forward": lambda: dot(x, w).block_until_ready(), "input_grad": lambda: dot_bt(g, w).block_until_ready(),
+        runs = {"forward": lambda: dot(x, w).block_until_ready(),
+                "input_grad": lambda: dot_bt(g, w).block_until_ready(),
                 "weight_grad": lambda: dot_at(x, g).block_until_ready()}
         out[name] = {kind: 2 * m * k * n / _median_seconds(runs[kind], repeats) / 1e9 for kind in KINDS}
     return out

@@ -28,7 +28,8 @@ def host_fingerprint() -> str:
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crosswrite_jax" / "xla" / host_fingerprint()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "crosswrite_jax" / "xla" / host_fingerprint()
 
 
 def enable_default() -> str | None:

@@ -41,7 +41,8 @@ def test_train_then_eval_through_the_console_script(tmp_path):
     # The compiled train step went to the default persistent cache (a later run loads it instead of compiling).
     from crosswrite_jax import compile_cache
 
-    cached = [p.name for p in (tmp_path / "cache" / "crosswrite_jax" / "xla" / compile_cache.host_fingerprint()).iterdir()]
+    folder = tmp_path / "cache" / "crosswrite_jax" / "xla" / compile_cache.host_fingerprint()
+    cached = [p.name for p in folder.iterdir()]
     assert any(name.startswith("jit_train_step") for name in cached), cached
     assert "XLA compilation cache:" in trained.stderr
     assert _last_json(trained.stdout)["command"] == "train"
