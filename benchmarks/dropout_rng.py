@@ -29,7 +29,7 @@ NO_DROPOUT = "no dropout"
 
 
 def variants() -> dict[str, dict]:
-    out = {impl: {"train.dropout_rng": impl} for impl in config_lib._CHOICES["train.dropout_rng"]}
+    out = {impl: {"train.dropout_rng": impl} for impl in config_lib.DROPOUT_RNGS}
     out[NO_DROPOUT] = {"model.dropout_rate": 0.0}
     return out
 

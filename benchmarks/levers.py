@@ -12,11 +12,9 @@ Variants (each against the config as given, in this one process unless noted):
   accumulation   train.grad_accum_steps 1 vs 4 (same global batch; compiled temporaries)
   chunked_ce     train.logits_chunk_length 16: projection + cross-entropy 16 positions at a time (compiled
                  temporaries; try with a large --config.model.vocab_size=32000)
-  dropout_rng    train.dropout_rng: each PRNG of the dropout masks (needs a config with dropout, e.g.
-                 configs/finetune_sst2.py)
   async          reported by every run: blocking step time vs back-to-back dispatch
   --xla-flags    each of a few XLA CPU flags, in a subprocess `crosswrite bench` with XLA_FLAGS set
-Prints a table and one JSON line.
+Prints a table and one JSON line. Dropout's PRNGs are compared in benchmarks/dropout_rng.py (alternating rounds).
 """
 
 from __future__ import annotations
@@ -129,11 +127,6 @@ def main() -> None:
         results["grad_accum_steps 4"] = row("grad_accum_steps 4", run({"train.grad_accum_steps": 4}))
     if want("chunked_ce"):
         results["logits_chunk_length 16"] = row("logits_chunk_length 16", run({"train.logits_chunk_length": 16}))
-    if want("dropout_rng"):
-        for impl in config_lib._CHOICES["train.dropout_rng"]:
-            if impl != base.train.dropout_rng:
-                results[f"dropout_rng {impl}"] = row(f"dropout_rng {impl}", run({"train.dropout_rng": impl}))
-        results["dropout_rate 0 (no masks)"] = row("dropout_rate 0 (no masks)", run({"model.dropout_rate": 0.0}))
     if args.xla_flags:
         for flag in XLA_FLAGS:
             env = dict(os.environ, XLA_FLAGS=flag)

@@ -68,14 +68,17 @@ def summarize(events: list[dict], top: int) -> dict:
 
 
 def build(args) -> tuple[Trainer, list]:
-    import vs_pytorch
-
     if args.config:
         config = config_lib.override(config_lib.load(args.config), dict(a.split("=", 1) for a in args.overrides))
         trainer, batches, _ = bench.trainer_and_batches(config, 8 * (args.steps + 2))
         shape = {k: v.shape for k, v in batches[0].items()}
         same = [b for b in batches if {k: v.shape for k, v in b.items()} == shape]  # one compiled shape
+        if len(same) < args.steps + 2:
+            raise SystemExit(f"error: only {len(same)} of the first {len(batches)} batches have the first batch's shape; "
+                             f"lower --steps")
         return trainer, same[:args.steps + 2]
+    import vs_pytorch
+
     if not args.data:
         raise SystemExit("error: --model needs the data folder: set CROSSWRITE_DATA=../shared/data or pass --data")
     if args.model == "t5":

@@ -249,6 +249,8 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
+DROPOUT_RNGS = ("threefry2x32", "threefry4x32", "rbg", "unsafe_rbg")  # JAX PRNGs train.dropout_rng takes
+
 _CHOICES = {
     "model.family": ("encoder_decoder", "encoder", "decoder"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "silu"),
@@ -266,7 +268,7 @@ _CHOICES = {
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
-    "train.dropout_rng": ("threefry2x32", "threefry4x32", "rbg", "unsafe_rbg"),
+    "train.dropout_rng": DROPOUT_RNGS,
 }
 
 

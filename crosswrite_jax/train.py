@@ -118,7 +118,7 @@ def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array
 
 def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     label_smoothing: float, dropout_seed: int, grad_accum_steps: int = 1,
-                    logits_chunk_length: int = 0, dropout_rng: str = "threefry4x32",
+                    logits_chunk_length: int = 0, dropout_rng: str = config_lib.TrainConfig.dropout_rng,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)`; dropout keys derive from the step, so resume is exact.
 
