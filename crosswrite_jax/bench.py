@@ -6,7 +6,7 @@ Each distinct batch shape is compiled ahead of time (lower + compile, timed), th
     steady-state figure, and real (non-pad) and padded tokens/s are counted over the timed steps;
   - async pass: the same batches dispatched back to back, one wait at the end (what the training loop does).
 Model FLOPs come from crosswrite_jax.flops (a documented formula; XLA's count is printed beside it); MFU is
-against the measured float32 matmul peak on CPU, or the chip's table peak on TPU.
+against the measured float32 matmul peak on CPU, or the chip's table peak (dense bfloat16) on TPUs and NVIDIA GPUs.
 """
 
 from __future__ import annotations
@@ -135,10 +135,10 @@ def bench(config: Config, steps: int = 20, warmup: int = 3, measure_peak: bool =
     total = sum(times)
     median = statistics.median(times)
     peak = flops.device_peak_flops()
-    peak_source = "table" if peak else None
+    peak_total = peak * jax.device_count() if peak else None
+    peak_source = f"table: {jax.devices()[0].device_kind}, bf16 dense" if peak else None
     if peak is None and jax.devices()[0].platform == "cpu" and measure_peak:
-        peak, peak_source = flops.measure_matmul_peak(), "measured f32 matmul"
-    peak_total = peak * jax.device_count() if peak and peak_source == "table" else peak
+        peak_total, peak_source = flops.measure_matmul_peak(), "measured f32 matmul"
     flops_per_second = model_flops / total
     parameters = trainer.parameter_report()
     result = {

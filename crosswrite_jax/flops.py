@@ -18,7 +18,8 @@ so the default counts it whole; `causal_halving=True` counts half of it, as a ke
 blocks would do (the convention of some MFU reports). Embedding lookups, norms, activations, softmax and
 the optimizer update are not counted: they are memory-bound and a few percent of the total at d_model >= 256.
 
-On CPU the peak is measured, not looked up: `measure_matmul_peak` times a float32 matmul in this process.
+On CPU the peak is measured, not looked up: `measure_matmul_peak` times a float32 matmul in this process. On TPUs
+and NVIDIA GPUs it is the chip's dense bfloat16 peak from a table (`device_peak_flops`).
 """
 
 from __future__ import annotations
@@ -142,16 +143,28 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float
     return flops_per_step / max(step_seconds, 1e-12) / max(peak_flops_per_second, 1e-12)
 
 
+# Dense (no sparsity) bfloat16 tensor-core peaks from NVIDIA's data sheets, matched in order against a
+# lower-cased device_kind such as "nvidia h100 80gb hbm3" (more specific names first).
+GPU_PEAK_FLOPS = (
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h200 nvl", 835e12), ("h100", 989e12), ("h200", 989e12),
+    ("gh200", 989e12), ("a100", 312e12), ("l40s", 362e12), ("l40", 181e12), ("l4", 121e12), ("a10", 125e12),
+)
+_TPU_NAMES = {"tpuv4": "v4", "tpuv5lite": "v5e", "tpuv5e": "v5e", "tpuv5p": "v5p", "tpuv6lite": "v6e",
+              "tpuv6e": "v6e"}
+
+
 def device_peak_flops(device=None) -> float | None:
-    """Dense bf16 peak of a known accelerator (TPU chips from compile_check's table); None elsewhere."""
+    """Dense bf16 peak of a known accelerator (TPU chips from compile_check's table, NVIDIA GPUs from
+    GPU_PEAK_FLOPS); None for CPUs and unknown chips."""
     import jax
 
     device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    if device.platform == "gpu":
+        return next((peak for name, peak in GPU_PEAK_FLOPS if name in kind), None)
     if device.platform != "tpu":
         return None
     from crosswrite_jax.compile_check import CHIPS  # noqa: WPS433 (only for TPU runs)
 
-    kind = device.device_kind.lower().replace(" ", "")  # e.g. "TPU v5 lite", "TPU v4"
-    names = {"tpuv4": "v4", "tpuv5lite": "v5e", "tpuv5e": "v5e", "tpuv5p": "v5p", "tpuv6lite": "v6e", "tpuv6e": "v6e"}
-    chip = CHIPS.get(names.get(kind, ""))
+    chip = CHIPS.get(_TPU_NAMES.get(kind.replace(" ", ""), ""))  # e.g. "TPU v5 lite", "TPU v4"
     return chip.peak_flops if chip else None

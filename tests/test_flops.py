@@ -63,6 +63,18 @@ def test_training_flops_from_a_batch_and_mfu():
     assert flops.measure_matmul_peak(size=128, repeats=2) > 1e6  # a real, positive FLOP/s figure
 
 
+@pytest.mark.parametrize("platform, kind, peak", [
+    ("gpu", "NVIDIA H100 80GB HBM3", 989e12), ("gpu", "NVIDIA H100 PCIe", 756e12), ("gpu", "NVIDIA H200", 989e12),
+    ("gpu", "NVIDIA A100-SXM4-40GB", 312e12), ("gpu", "NVIDIA L40S", 362e12), ("gpu", "NVIDIA L4", 121e12),
+    ("gpu", "Some Future GPU", None), ("tpu", "TPU v5 lite", 197e12), ("tpu", "TPU v4", 275e12),
+    ("cpu", "cpu", None),
+])
+def test_device_peak_flops_by_kind(platform, kind, peak):
+    from types import SimpleNamespace
+
+    assert flops.device_peak_flops(SimpleNamespace(platform=platform, device_kind=kind)) == peak
+
+
 def test_mlm_head_on_masked_positions_counts_only_those():
     import dataclasses
 
