@@ -79,3 +79,58 @@ def test_op_profile_takes_a_recipes_batches_of_one_shape():
     assert trainer.config.model.d_model == 32 and len(batches) == 4
     shapes = {tuple((k, v.shape) for k, v in sorted(b.items())) for b in batches}
     assert len(shapes) == 1, shapes
+
+
+def _gpu_suite():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_suite
+
+    return gpu_suite
+
+
+def test_gpu_decoder_config_is_a_1b_bfloat16_llama():
+    import math
+
+    from conftest import ROOT
+    from crosswrite_jax import config as config_lib
+    from crosswrite_jax.models.transformer import param_shapes
+
+    path = ROOT / "configs" / "bench_decoder_1b.py"
+    config = config_lib.load(path)
+    parameters = sum(math.prod(s) for s in param_shapes(config.model).values())
+    assert abs(parameters - 1.04e9) / 1.04e9 < 0.02, f"{parameters:,}"
+    assert config.model.dtype == "bfloat16" and config.model.family == "decoder" and config.data.packing
+    assert "crosswrite bench --config configs/bench_decoder_1b.py" in path.read_text()
+
+
+def test_gpu_suite_runs_its_entries_tiny_on_cpu_and_tables_them(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path)]
+    refused = subprocess.run(script, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "--tiny" in refused.stderr  # no GPU: the real sizes are not attempted
+    done = subprocess.run(script + ["--tiny", "--only", "decoder_1b,quickstart_bf16", "--steps", "1", "--warmup", "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_suite.jsonl").read_text().splitlines()]
+    assert [r["entry"] for r in records] == ["decoder_1b", "quickstart_bf16"]
+    assert all("error" not in r and r["median_step_s"] > 0 and r["dtype"] == "bfloat16" for r in records)
+    assert records[0]["family"] == "decoder" and records[0]["total_parameters"] < 1e7  # shrunk by --tiny
+    table = (tmp_path / "gpu_suite.md").read_text().splitlines()
+    assert table[2].startswith("| entry | step ms") and len(table) == 6
+
+
+def test_gpu_suite_records_a_failing_entry_and_goes_on(monkeypatch):
+    gpu_suite = _gpu_suite()
+    monkeypatch.setitem(gpu_suite.ENTRIES, "broken", (gpu_suite.QUICKSTART, {"model.no_such_key": "1"}))
+    record = gpu_suite.run_entry("broken", tiny=True, steps=1, warmup=0, timeout=120)
+    assert record["entry"] == "broken" and "no_such_key" in record["error"]
+    assert "failed" in gpu_suite.table_row(record)[1]
