@@ -1,7 +1,11 @@
 """Decoding throughput (generated tokens/s): this project's cached greedy and beam search against transformers'
-PyTorch `generate`, on the same randomly initialized T5 (t5-small shapes) and the same inputs, offline.
+PyTorch `generate`, on the same randomly initialized model and the same inputs, offline.
 
-    python benchmarks/decode_throughput.py [--batch 8] [--source-length 32] [--new-tokens 32] [--repeats 3]
+    python benchmarks/decode_throughput.py [--model t5|llama] [--batch 8] [--source-length 32] [--new-tokens 32]
+        [--repeats 3]
+
+t5: t5-small shapes; the source is the encoder's input. llama: a small Llama (d_model 512, 8 layers, 8 query and
+4 key/value heads, d_ff 1,376, vocabulary 32,000); the source is the prompt, which both sides prefill in one pass.
 
 Generated tokens are counted per row up to and including EOS (or the limit), on each side's own output.
 Prints a table and a JSON line. Not a test.
@@ -32,13 +36,22 @@ T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS)
 
 
-def t5_pair(seed: int = 0):
-    """A random transformers T5 (t5-small shapes) and our (model, params) converted from its safetensors."""
+LLAMA_SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=2,
+                   eos_token_id=EOS, pad_token_id=0)
+
+
+def model_pair(kind: str, seed: int = 0):
+    """A random transformers model (T5 with t5-small shapes, or a small Llama) and our (model, params) converted
+    from its safetensors."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    torch_model = T5ForConditionalGeneration(T5Config(**T5_SMALL)).eval()
+    if kind == "t5":
+        torch_model = T5ForConditionalGeneration(T5Config(**T5_SMALL)).eval()
+    else:
+        torch_model = LlamaForCausalLM(LlamaConfig(**LLAMA_SMALL)).eval()
     with tempfile.TemporaryDirectory() as directory:
         torch_model.save_pretrained(directory)
         hf_config, tensors = hf.read_checkpoint(directory)
@@ -84,14 +97,16 @@ def theirs(torch_model, inputs: np.ndarray, new_tokens: int, beams: int, repeats
     def run():
         with torch.inference_mode():
             out = torch_model.generate(input_ids=ids, attention_mask=ids != 0, max_new_tokens=new_tokens,
-                                       do_sample=False, num_beams=beams, length_penalty=1.0)
-        return out[:, 1:].numpy()  # without the decoder start token
+                                       do_sample=False, num_beams=beams, length_penalty=1.0, pad_token_id=0)
+        # without the decoder start token (T5) or the prompt (Llama)
+        return out[:, 1 if torch_model.config.is_encoder_decoder else ids.shape[1]:].numpy()
 
     return timed(run, repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("t5", "llama"), default="t5")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--source-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -99,11 +114,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    torch_model, model, params = t5_pair()
+    torch_model, model, params = model_pair(args.model)
     rng = np.random.default_rng(0)
     inputs = rng.integers(3, T5_SMALL["vocab_size"], (args.batch, args.source_length)).astype(np.int32)
-    inputs[:, -1] = EOS
-    print(f"T5 t5-small shapes, random init; batch {args.batch}, source {args.source_length} tokens, up to "
+    if args.model == "t5":
+        inputs[:, -1] = EOS
+    shapes = "T5 t5-small shapes" if args.model == "t5" else "small Llama"
+    print(f"{shapes}, random init; batch {args.batch}, source {args.source_length} tokens, up to "
           f"{args.new_tokens} new; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
     print(f"{'method':8s} {'crosswrite tok/s':>17s} {'transformers tok/s':>19s} {'ratio':>6s} "

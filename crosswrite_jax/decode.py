@@ -1,10 +1,12 @@
 """Decoding with a key/value cache: greedy, sampling and beam search, for encoder-decoder and decoder-only models.
 
 The searches are model-agnostic: they drive a *step function* `(tokens [N], position, cache) -> (logits [N, V],
-cache)` over a token buffer that starts with each row's prompt (the start token for an encoder-decoder, the
-prompt moved to the left for a decoder-only LM). Prompt tokens are fed one position per step and forced; after
-a row's prompt the search chooses. Every loop is a `jax.lax.while_loop` over fixed shapes: it compiles once
-and stops early when every row is done.
+cache)` over a token buffer that starts with each row's prompt, from position `first` on. Prompt tokens before a
+row's last are forced; after it the search chooses. An encoder-decoder's prompt is the start token. A
+decoder-only LM's prompts are moved to the right end of the buffer and prefilled into the cache in one pass
+(causally, or bidirectionally for a prefix LM as it was trained); the search then starts at the last prompt
+token. Every loop is a `jax.lax.while_loop` over fixed shapes: it compiles once and stops early when every row
+is done.
 
 Beam scores are `sum of log-probs / length ** length_penalty`, where length counts the generated tokens,
 EOS included (HF's convention; T5X uses ((5 + length) / 6) ** alpha instead).
@@ -97,8 +99,9 @@ def repeat_rows(cache: Any, rows: int, times: int) -> Any:
 
 
 def search(step: StepFn, cache: Any, prompt_NP: Array, lengths_N: Array, max_new: int, eos_id: int,
-           choose: ChooseFn = argmax_choice) -> Array:
-    """Greedy or sampled continuations [N, max_new] of left-aligned prompts; PAD after each row's EOS."""
+           choose: ChooseFn = argmax_choice, first: int = 0) -> Array:
+    """Greedy or sampled continuations [N, max_new] of the prompts (row n's are its first lengths_N[n] tokens);
+    PAD after each row's EOS. The loop starts by feeding position `first` (the cache holds the ones before)."""
     rows, width = prompt_NP.shape
     total = width + max_new
     tokens = jnp.full((rows, total), PAD_ID, jnp.int32).at[:, :width].set(prompt_NP.astype(jnp.int32))
@@ -118,7 +121,7 @@ def search(step: StepFn, cache: Any, prompt_NP: Array, lengths_N: Array, max_new
         i, _, _, done = carry
         return (i < total - 1) & ~jnp.all(done)
 
-    init = (jnp.zeros((), jnp.int32), tokens, cache, jnp.zeros((rows,), bool))
+    init = (jnp.asarray(first, jnp.int32), tokens, cache, jnp.zeros((rows,), bool))
     _, tokens, _, _ = jax.lax.while_loop(keep_going, body, init)
     return _continuations(tokens, lengths_N, max_new)
 
@@ -134,9 +137,9 @@ def _score(logprob: Array, length: Array, length_penalty: float) -> Array:
 
 
 def beam_search(step: StepFn, cache: Any, prompt_BP: Array, lengths_B: Array, max_new: int, eos_id: int,
-                beam_size: int, length_penalty: float = 1.0) -> tuple[Array, Array]:
+                beam_size: int, length_penalty: float = 1.0, first: int = 0) -> tuple[Array, Array]:
     """Best continuations [B, max_new] and their scores [B]; `cache` holds B * beam_size rows (row b's beams
-    at b * beam_size ...).
+    at b * beam_size ...) and the positions before `first`.
 
     Each step extends the live beams by their 2K best tokens (K = beam_size). A candidate ending in EOS (or
     reaching max_new tokens) is finished if it ranks among the K best, and the K best finished hypotheses are
@@ -186,7 +189,7 @@ def beam_search(step: StepFn, cache: Any, prompt_BP: Array, lengths_B: Array, ma
         done = (upcoming > max_new) | ((upcoming > 0) & (bound <= finished_scores[:, -1]))
         return (i < total - 1) & ~jnp.all(done)
 
-    init = (jnp.zeros((), jnp.int32), tokens, live_logprob, cache, tokens, finished_scores)
+    init = (jnp.asarray(first, jnp.int32), tokens, live_logprob, cache, tokens, finished_scores)
     _, tokens, live_logprob, _, finished_tokens, finished_scores = jax.lax.while_loop(keep_going, body, init)
     found = finished_scores[:, 0] > NEG_INF
     best = jnp.where(found[:, None], finished_tokens[:, 0], tokens[:, 0])
@@ -198,8 +201,9 @@ def beam_search(step: StepFn, cache: Any, prompt_BP: Array, lengths_B: Array, ma
 
 
 def encoder_decoder_start(model: EncoderDecoder, params: Any, inputs_BS: Array, max_new: int,
-                          copies: int = 1) -> tuple[StepFn, Any, Array, Array]:
-    """Step function, cache (each row `copies` times), prompt (the start token) and prompt lengths."""
+                          copies: int = 1) -> tuple[StepFn, Any, Array, Array, int]:
+    """Step function, cache (each row `copies` times), prompt (the start token), prompt lengths and the first
+    position to feed (0)."""
     batch = inputs_BS.shape[0]
     variables = {"params": params}
     encoded = model.apply(variables, inputs_BS, method=model.encode)
@@ -223,90 +227,120 @@ def encoder_decoder_start(model: EncoderDecoder, params: Any, inputs_BS: Array, 
         return logits[:, -1], updated["cache"]
 
     prompt = jnp.full((batch, 1), PAD_ID, jnp.int32)
-    return step, cache, prompt, jnp.ones((batch,), jnp.int32)
+    return step, cache, prompt, jnp.ones((batch,), jnp.int32), 0
 
 
-def compact_prompts(prompts_BT: Array, padding_BT: Array) -> tuple[Array, Array]:
-    """Each row's real tokens moved to the left (so left and right padding mean the same) and their counts."""
-    order = jnp.argsort(~padding_BT, axis=1, stable=True)
+def right_align(prompts_BT: Array, padding_BT: Array) -> tuple[Array, Array]:
+    """Each row's real tokens moved to the right end (so left and right padding mean the same) and their counts."""
+    order = jnp.argsort(padding_BT, axis=1, stable=True)  # padding first, real tokens after in their order
     lengths = jnp.sum(padding_BT, axis=1).astype(jnp.int32)
     moved = jnp.take_along_axis(prompts_BT, order, axis=1)
-    return jnp.where(jnp.arange(prompts_BT.shape[1]) < lengths[:, None], moved, PAD_ID), lengths
+    width = prompts_BT.shape[1]
+    return jnp.where(jnp.arange(width) >= width - lengths[:, None], moved, PAD_ID), lengths
+
+
+def _rewind(cache: Any, slot: int) -> Any:
+    """The cache with its write index moved back to `slot` (what follows is overwritten)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, slot) if _name(path) == "cache_index" else x, cache)
 
 
 def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_BT: Array | None, max_new: int,
-                       copies: int = 1) -> tuple[StepFn, Any, Array, Array]:
-    """Step function, empty cache (each row `copies` times), left-aligned prompts and their lengths.
+                       copies: int = 1, prefix_lm: bool = False) -> tuple[StepFn, Any, Array, Array, int]:
+    """Step function, prefilled cache (each row `copies` times), right-aligned prompts, their width (every
+    row's prompt length) and the first position to feed (the prompts' last).
 
-    An empty prompt starts from PAD, the start token causal-LM training feeds first.
+    Row n's tokens sit in cache slots from offset n = width - its prompt length on, at positions 0, 1, ...;
+    the slots before are masked. The prefill runs every prompt token in one pass, causally or, with
+    `prefix_lm`, each seeing the whole prompt (the prefix-LM objective's attention). The search then feeds the
+    last prompt token again: its keys and values come out the same, and its logits choose the first new
+    token. An empty prompt is PAD, the start token causal-LM training feeds first.
     """
     padding = prompts_BT != PAD_ID if padding_BT is None else padding_BT.astype(bool)
-    prompt, lengths = compact_prompts(prompts_BT.astype(jnp.int32), padding)
-    lengths = jnp.maximum(lengths, 1)
+    prompt, lengths = right_align(prompts_BT.astype(jnp.int32), padding)
     batch, width = prompt.shape
     cache_length = width + max_new - 1
     c = model.config
     if c.position in ("learned", "sinusoidal") and cache_length > c.max_length:
         raise UserError(f"a prompt of {width} tokens plus {max_new} new ones needs {cache_length} positions but "
                         f"model.max_length is {c.max_length}; shorten the prompts or lower eval.max_decode_length")
-    ids = jax.ShapeDtypeStruct((batch * copies, cache_length), jnp.int32)
+    offset = width - jnp.maximum(lengths, 1)  # [B]
+    slots = jnp.arange(cache_length)
+    keys = slots[None, :] >= offset[:, None]  # [B, S] real slots
+    prefix = jnp.broadcast_to(slots < width, keys.shape) if prefix_lm else None
+    ids = jax.ShapeDtypeStruct((batch, cache_length), jnp.int32)
     allocate = lambda x: model.apply({"params": params}, x, decode=True, mutable=["cache"])[1]["cache"]  # noqa: E731
-    shapes = jax.eval_shape(allocate, ids)
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(allocate, ids))
 
-    def step(tokens_N: Array, position: Array, cache: Any) -> tuple[Array, Any]:
-        logits, updated = model.apply({"params": params, "cache": cache}, tokens_N[:, None], decode=True,
-                                      position=position, cache_length=cache_length, mutable=["cache"])
+    def run(tokens_NT: Array, position: Array | int, cache: Any, offset: Array, keys: Array,
+            prefix: Array | None) -> tuple[Array, Any]:
+        places = jnp.maximum(position + jnp.arange(tokens_NT.shape[1])[None, :] - offset[:, None], 0)
+        logits, updated = model.apply({"params": params, "cache": cache}, tokens_NT, decode=True, position=position,
+                                      inputs_positions=places, cache_length=cache_length, padding=keys,
+                                      inputs_prefix=prefix, mutable=["cache"])
         return logits[:, -1], updated["cache"]
 
-    return step, cache, prompt, lengths
+    _, cache = run(prompt, 0, cache, offset, keys, prefix)
+    cache = repeat_rows(_rewind(cache, width - 1), batch, copies)
+    offset, keys = jnp.repeat(offset, copies, axis=0), jnp.repeat(keys, copies, axis=0)
+    prefix = None if prefix is None else jnp.repeat(prefix, copies, axis=0)
+
+    def step(tokens_N: Array, position: Array, cache: Any) -> tuple[Array, Any]:
+        return run(tokens_N[:, None], position, cache, offset, keys, prefix)
+
+    return step, cache, prompt, jnp.full((batch,), width, jnp.int32), width - 1
 
 
 def start(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_new: int, copies: int = 1,
-          padding: Array | None = None) -> tuple[StepFn, Any, Array, Array]:
-    """The step function, cache, prompts and prompt lengths of either family."""
+          padding: Array | None = None, prefix_lm: bool = False) -> tuple[StepFn, Any, Array, Array, int]:
+    """The step function, cache, prompts, prompt lengths and first position of either family."""
     if isinstance(model, EncoderDecoder):
         return encoder_decoder_start(model, params, inputs, max_new, copies)
     if isinstance(model, Decoder):
-        return decoder_only_start(model, params, inputs, padding, max_new, copies)
+        return decoder_only_start(model, params, inputs, padding, max_new, copies, prefix_lm)
     raise UserError(f"model.family '{model.config.family}' does not generate text; decode an encoder_decoder "
                     f"or decoder model")
 
 
 def greedy_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
-                  padding: Array | None = None) -> Array:
+                  padding: Array | None = None, prefix_lm: bool = False) -> Array:
     """Token ids [B, max_length] chosen by argmax at every step; PAD after each row's EOS."""
-    step, cache, prompt, lengths = start(model, params, inputs, max_length, padding=padding)
-    return search(step, cache, prompt, lengths, max_length, eos_id)
+    step, cache, prompt, lengths, first = start(model, params, inputs, max_length, padding=padding,
+                                                prefix_lm=prefix_lm)
+    return search(step, cache, prompt, lengths, max_length, eos_id, first=first)
 
 
 def sample_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
                   rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  padding: Array | None = None) -> Array:
+                  padding: Array | None = None, prefix_lm: bool = False) -> Array:
     """Token ids [B, max_length] sampled from the temperature/top-k/top-p filtered distribution."""
-    step, cache, prompt, lengths = start(model, params, inputs, max_length, padding=padding)
-    return search(step, cache, prompt, lengths, max_length, eos_id, sampling_choice(rng, temperature, top_k, top_p))
+    step, cache, prompt, lengths, first = start(model, params, inputs, max_length, padding=padding,
+                                                prefix_lm=prefix_lm)
+    return search(step, cache, prompt, lengths, max_length, eos_id, sampling_choice(rng, temperature, top_k, top_p),
+                  first)
 
 
 def beam_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
-                beam_size: int, length_penalty: float = 1.0, padding: Array | None = None) -> tuple[Array, Array]:
+                beam_size: int, length_penalty: float = 1.0, padding: Array | None = None,
+                prefix_lm: bool = False) -> tuple[Array, Array]:
     """The best beam's token ids [B, max_length] and its score [B]."""
-    step, cache, prompt, lengths = start(model, params, inputs, max_length, beam_size, padding)
-    return beam_search(step, cache, prompt, lengths, max_length, eos_id, beam_size, length_penalty)
+    step, cache, prompt, lengths, first = start(model, params, inputs, max_length, beam_size, padding, prefix_lm)
+    return beam_search(step, cache, prompt, lengths, max_length, eos_id, beam_size, length_penalty, first)
 
 
 def generate(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
              config: DecodeConfig = DecodeConfig(), rng: Array | None = None,
-             padding: Array | None = None) -> Array:
-    """Token ids [B, max_length] by the method `config` names: beam search, sampling or greedy."""
+             padding: Array | None = None, prefix_lm: bool = False) -> Array:
+    """Token ids [B, max_length] by the method `config` names: beam search, sampling or greedy. `prefix_lm`: a
+    decoder-only model's prompts attend to each other both ways (a model trained with task prefix_lm)."""
     if config.beam_size > 1:
         return beam_decode(model, params, inputs, max_length, eos_id, config.beam_size, config.length_penalty,
-                           padding)[0]
+                           padding, prefix_lm)[0]
     if config.sample:
         rng = jax.random.key(config.seed) if rng is None else rng
         return sample_decode(model, params, inputs, max_length, eos_id, rng, config.temperature, config.top_k,
-                             config.top_p, padding)
-    return greedy_decode(model, params, inputs, max_length, eos_id, padding)
+                             config.top_p, padding, prefix_lm)
+    return greedy_decode(model, params, inputs, max_length, eos_id, padding, prefix_lm)
 
 
 def describe(config: DecodeConfig) -> str:
@@ -319,7 +353,7 @@ def describe(config: DecodeConfig) -> str:
 
 
 def make_decoder(model: EncoderDecoder | Decoder, decode_config: DecodeConfig, max_length: int, eos_id: int,
-                 param_shardings: Any, batch_sharding: NamedSharding) -> Callable[..., Array]:
+                 param_shardings: Any, batch_sharding: NamedSharding, prefix_lm: bool = False) -> Callable[..., Array]:
     """A jitted `(params, inputs, rng=None, padding=None) -> ids [B, max_length]`, sharded like training.
 
     Encoder-decoder inputs are source ids; decoder-only inputs are prompts, padded on either side (`padding`
@@ -328,7 +362,7 @@ def make_decoder(model: EncoderDecoder | Decoder, decode_config: DecodeConfig, m
     """
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     run = jax.jit(lambda params, inputs, padding, rng: generate(model, params, inputs, max_length, eos_id,
-                                                                 decode_config, rng, padding),
+                                                                 decode_config, rng, padding, prefix_lm),
                   in_shardings=(param_shardings, batch_sharding, batch_sharding, replicated),
                   out_shardings=batch_sharding)
 

@@ -50,7 +50,8 @@ class Restored:
     def decoder(self, max_length: int):
         """The jitted decoder `run.config.decode` describes, sharded like training."""
         return make_decoder(self.model, self.run.config.decode, max_length, self.run.tokenizer.eos_id,
-                            self.param_shardings, sharding.batch_sharding(self.mesh))
+                            self.param_shardings, sharding.batch_sharding(self.mesh),
+                            prefix_lm=self.run.config.task == "prefix_lm")
 
 
 def resolve(workdir: str | Path | None, checkpoint_path: str | Path | None,

@@ -87,6 +87,57 @@ def test_cached_greedy_equals_uncached_argmax():
     assert len({tuple(r) for r in expected}) > 1 and len(set(expected[0])) > 2  # a non-trivial case
 
 
+@pytest.mark.parametrize("position, prefix_lm", [("rope", False), ("rope", True), ("learned", False),
+                                               ("learned", True)])
+def test_decoder_only_prefill_greedy_equals_uncached_argmax(position, prefix_lm):
+    """Prompts of different lengths, padded on either side, prefilled in one pass: each row's greedy ids equal
+    argmax over full forward passes of that row alone (a prefix LM's prompt marked as its prefix). Learned
+    positions check that each row's positions start at 0 whatever its padding (RoPE would not notice)."""
+    from crosswrite_jax.models.presets import llama
+
+    config = llama(vocab_size=40, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, num_decoder_layers=2,
+                   max_length=32, position=position)
+    model = build_model(config)
+    rows = [[5, 6, 7, 8, 9], [13, 14], [20, 21, 22, 23], []]
+    right = np.array([r + [0] * (5 - len(r)) for r in rows])
+    left = np.array([[0] * (5 - len(r)) + r for r in rows])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(3), jnp.asarray(right)))["params"]
+    params["output"]["kernel"] = params["output"]["kernel"] * 8.0
+    steps = 6
+    greedy = jax.jit(lambda p, x: greedy_decode(model, p, x, steps, EOS, prefix_lm=prefix_lm))
+    ours = np.asarray(greedy(params, right))
+    np.testing.assert_array_equal(np.asarray(greedy(params, left)), ours)
+
+    forward = jax.jit(lambda ids, prefix: model.apply({"params": params}, ids, inputs_prefix=prefix))
+    for row, generated in zip(rows, ours.tolist()):
+        sequence = list(row) or [0]  # an empty prompt starts from PAD
+        expected = []
+        for _ in range(steps):
+            ids = jnp.asarray([sequence])
+            prefix = (jnp.arange(len(sequence)) < len(row))[None].astype(jnp.int32) if prefix_lm else None
+            token = int(jnp.argmax(forward(ids, prefix)[0, -1]))
+            expected.append(token)
+            sequence.append(token)
+            if token == EOS:
+                break
+        assert generated == expected + [0] * (steps - len(expected))
+
+
+def test_prefix_lm_decoding_differs_from_causal():
+    """The flag reaches the model: a prefix LM's prompt tokens see each other both ways, so the ids change."""
+    from crosswrite_jax.models.presets import llama
+
+    config = llama(vocab_size=40, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, num_decoder_layers=2,
+                   max_length=32)
+    model = build_model(config)
+    prompts = jnp.asarray([[5, 6, 7, 8, 9], [13, 14, 15, 0, 0], [20, 21, 22, 23, 0]])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(3), prompts))["params"]
+    params["output"]["kernel"] = params["output"]["kernel"] * 8.0
+    causal, prefix = (np.asarray(jax.jit(lambda p, x, flag=flag: greedy_decode(model, p, x, 6, EOS, prefix_lm=flag))(
+        params, prompts)) for flag in (False, True))
+    assert (causal != prefix).any()
+
+
 def test_beam_of_one_is_greedy_and_beams_score_what_the_model_scores():
     model, params, inputs = _tiny_seq2seq()
     greedy = _tiny_seq2seq_greedy()

@@ -311,10 +311,21 @@ class Decoder(nn.Module):
 
         `inputs_prefix` [B, T] (non-zero on each example's prefix) makes attention to prefix keys
         bidirectional: a prefix LM.
+
+        With `decode`, the T tokens fill the cache from slot `position` on (T > 1: a prompt's prefill), each
+        attending to the slots up to its own, and `padding` and `inputs_prefix` cover the cache's slots
+        [B, cache_length]; `inputs_positions` then gives the tokens' positions when they are not their slots.
         """
         positions = default_positions(inputs, position) if inputs_positions is None else inputs_positions
         if decode:
             mask = None
+            if inputs.shape[1] > 1 or padding is not None or inputs_prefix is not None:
+                slots = jnp.arange(cache_length or inputs.shape[1])
+                mask = (slots[None, :] <= (position + jnp.arange(inputs.shape[1]))[:, None])[None, None]
+                if inputs_prefix is not None:
+                    mask = mask | (inputs_prefix != 0)[:, None, None, :]
+                if padding is not None:
+                    mask = mask & padding[:, None, None, :]
         else:
             mask = causal_mask(inputs.shape[1])
             if inputs_prefix is not None:
