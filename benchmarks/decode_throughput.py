@@ -116,7 +116,8 @@ def main() -> None:
 
     torch_model, model, params = model_pair(args.model)
     rng = np.random.default_rng(0)
-    inputs = rng.integers(3, T5_SMALL["vocab_size"], (args.batch, args.source_length)).astype(np.int32)
+    vocab = (T5_SMALL if args.model == "t5" else LLAMA_SMALL)["vocab_size"]
+    inputs = rng.integers(3, vocab, (args.batch, args.source_length)).astype(np.int32)
     if args.model == "t5":
         inputs[:, -1] = EOS
     shapes = "T5 t5-small shapes" if args.model == "t5" else "small Llama"
