@@ -273,14 +273,14 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(allocate, ids))
 
     def run(tokens_NT: Array, position: Array | int, cache: Any, offset: Array, keys: Array,
-            prefix: Array | None) -> tuple[Array, Any]:
+            prefix: Array | None, prefill: bool = False) -> tuple[Array, Any]:
         places = jnp.maximum(position + jnp.arange(tokens_NT.shape[1])[None, :] - offset[:, None], 0)
-        logits, updated = model.apply({"params": params, "cache": cache}, tokens_NT, decode=True, position=position,
-                                      inputs_positions=places, cache_length=cache_length, padding=keys,
-                                      inputs_prefix=prefix, mutable=["cache"])
-        return logits[:, -1], updated["cache"]
+        out, updated = model.apply({"params": params, "cache": cache}, tokens_NT, decode=True, position=position,
+                                   inputs_positions=places, cache_length=cache_length, padding=keys,
+                                   inputs_prefix=prefix, return_hidden=prefill, mutable=["cache"])
+        return out[:, -1], updated["cache"]
 
-    _, cache = run(prompt, 0, cache, offset, keys, prefix)
+    _, cache = run(prompt, 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is what it fills
     cache = repeat_rows(_rewind(cache, width - 1), batch, copies)
     offset, keys = jnp.repeat(offset, copies, axis=0), jnp.repeat(keys, copies, axis=0)
     prefix = None if prefix is None else jnp.repeat(prefix, copies, axis=0)
