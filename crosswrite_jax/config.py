@@ -137,7 +137,8 @@ class TrainConfig:
     eval_at_start: bool = False  # validate before the first step of a fresh run (held-out loss before training)
     grad_accum_steps: int = 1  # > 1: the batch runs as this many microbatches (a scan), gradients summed
     # > 0: the output projection and cross-entropy run over this many target positions at a time (a rematerialised
-    # scan), so [batch, length, vocab] logits never exist at once; for large vocabularies. Decoder-side tasks.
+    # scan), so [batch, length, vocab] logits never exist at once; for large vocabularies. Decoder tasks and mlm
+    # (over its predicted positions).
     logits_chunk_length: int = 0
     profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
     best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
@@ -399,9 +400,9 @@ def validate(config: Config) -> None:
                         f"({config.train.batch_size})")
     if config.train.logits_chunk_length < 0:
         raise UserError(f"config key 'train.logits_chunk_length' must be >= 0, got {config.train.logits_chunk_length}")
-    if config.train.logits_chunk_length and TASK_MODELS[config.task][0] == "encoder":
-        raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's vocabulary outputs; task "
-                        f"'{config.task}' has none: set it to 0")
+    if config.train.logits_chunk_length and TASK_MODELS[config.task][0] == "encoder" and config.task != "mlm":
+        raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's or MLM head's vocabulary outputs; "
+                        f"task '{config.task}' has none: set it to 0")
     if config.train.profile_steps < 0:
         raise UserError(f"config key 'train.profile_steps' must be >= 0, got {config.train.profile_steps}")
     if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):

@@ -96,7 +96,7 @@ def chunked_token_losses(project: Callable[[jax.Array], jax.Array], hidden: jax.
 def task_losses(model: nn.Module, task: Task, variables: Any, batch: dict[str, jax.Array], deterministic: bool,
                 rngs: dict, label_smoothing: float, logits_chunk_length: int = 0) -> dict[str, jax.Array]:
     """Summed token losses of one batch under the task's forward pass, chunked over positions if asked."""
-    if logits_chunk_length and task.family != "encoder":
+    if logits_chunk_length and task.vocabulary_outputs:
         hidden, targets, weights = task.forward(model, variables, batch, deterministic, rngs, return_hidden=True)
         project = lambda h: model.apply(variables, h, method="logits")  # noqa: E731
         return chunked_token_losses(project, hidden, targets, weights, label_smoothing, logits_chunk_length)

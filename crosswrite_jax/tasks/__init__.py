@@ -26,13 +26,19 @@ class Task:
 
     name: str
     family: str  # the model.family it trains
-    # (model, variables, batch, deterministic, rngs) -> (logits, targets, weights); the decoder families' forwards
-    # also take return_hidden=True: final states instead of logits, for model.logits to project in chunks.
+    # (model, variables, batch, deterministic, rngs) -> (logits, targets, weights); the forwards of the tasks with
+    # vocabulary outputs (decoders and MLM) also take return_hidden=True: final states instead of logits, for
+    # model.logits to project in chunks.
     forward: Forward
     token_keys: tuple[str, ...]  # batch entries whose non-pad tokens count as throughput
     pretraining: bool  # reads raw text (data.sources) rather than sentence pairs
     head: str = "none"  # the model.head it needs (encoder family)
     labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
+
+    @property
+    def vocabulary_outputs(self) -> bool:
+        """Whether the loss is over vocabulary logits (decoders and the MLM head): what logits chunking splits."""
+        return self.family != "encoder" or self.head == "mlm"
 
 
 def _seq2seq(model, variables, batch, deterministic, rngs, return_hidden=False):
@@ -51,7 +57,7 @@ def first_positions(chosen_BL: jax.Array, count: int) -> tuple[jax.Array, jax.Ar
     return positions, scores > 0
 
 
-def _masked_lm(model, variables, batch, deterministic, rngs):
+def _masked_lm(model, variables, batch, deterministic, rngs, return_hidden=False):
     """Encoder predicting the original token at each corrupted position (targets are pad elsewhere).
 
     With model.mlm_max_predictions = K, the head runs on the first K corrupted positions of each row only."""
@@ -63,7 +69,7 @@ def _masked_lm(model, variables, batch, deterministic, rngs):
         positions, real = first_positions(targets != PAD_ID, cap)
         targets = jnp.where(real, jnp.take_along_axis(targets, positions, axis=1), PAD_ID)
         kwargs["predict_positions"] = positions
-    logits = model.apply(variables, **kwargs, deterministic=deterministic, rngs=rngs)
+    logits = model.apply(variables, **kwargs, deterministic=deterministic, rngs=rngs, return_hidden=return_hidden)
     return logits, targets, (targets != PAD_ID).astype(jnp.float32)
 
 
