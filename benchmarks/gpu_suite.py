@@ -94,8 +94,9 @@ def environment() -> dict:
 
     device = jax.devices()[0]
     peak = flops.device_peak_flops(device)
-    return {"jax": jax.__version__, "flax": flax.__version__, "platform": device.platform, "device_kind": device.device_kind,
-            "devices": jax.device_count(), "peak_tflops": round(peak / 1e12, 1) if peak else None}
+    return {"jax": jax.__version__, "flax": flax.__version__, "platform": device.platform,
+            "device_kind": device.device_kind, "devices": jax.device_count(),
+            "peak_tflops": round(peak / 1e12, 1) if peak else None}
 
 
 def main() -> None:
