@@ -1,6 +1,6 @@
 """The GPU checks in one run: MFU of a 1B bfloat16 decoder and the levers that matter on an accelerator.
 
-    python benchmarks/gpu_suite.py [--out DIR] [--only NAME,NAME] [--tiny] [--timeout 240]
+    python benchmarks/gpu_suite.py [--out DIR] [--only NAME,NAME] [--tiny] [--timeout 240] [--budget 540]
 
 Each entry is one `crosswrite bench` in its own subprocess (an out-of-memory entry fails alone), in this order:
   decoder_1b            configs/bench_decoder_1b.py: 1.04B parameters, bfloat16 compute, 4 rows of 2,048
@@ -106,7 +106,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="shrink every model (a CPU smoke test)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=240, help="seconds per entry")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per entry at most")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for the whole suite (default 540: one 10-minute device call); entries that "
+                             "would start with less than 30 s left are recorded as skipped")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(ENTRIES)
     unknown = sorted(set(names) - set(ENTRIES))
@@ -120,9 +123,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    deadline = time.monotonic() + args.budget
     with open(out / "gpu_suite.jsonl", "a") as log:
         for name in names:
-            record = run_entry(name, args.tiny, args.steps, args.warmup, args.timeout)
+            left = deadline - time.monotonic()
+            if left < 30:
+                record = {"entry": name, "error": f"skipped: {args.budget:.0f} s budget spent"}
+            else:
+                record = run_entry(name, args.tiny, args.steps, args.warmup, min(args.timeout, left))
             records.append(record)
             log.write(json.dumps({**record, "environment": env}) + "\n")
             log.flush()

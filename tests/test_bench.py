@@ -126,6 +126,10 @@ def test_gpu_suite_runs_its_entries_tiny_on_cpu_and_tables_them(tmp_path):
     assert records[0]["family"] == "decoder" and records[0]["total_parameters"] < 1e7  # shrunk by --tiny
     table = (tmp_path / "gpu_suite.md").read_text().splitlines()
     assert table[2].startswith("| entry | step ms") and len(table) == 6
+    # A spent budget skips what is left (a device call must end inside its limit) and still writes the table.
+    spent = subprocess.run(script + ["--tiny", "--only", "quickstart", "--budget", "0"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert spent.returncode == 0 and "skipped: 0 s budget spent" in (tmp_path / "gpu_suite.md").read_text()
 
 
 def test_gpu_suite_records_a_failing_entry_and_goes_on(monkeypatch):
