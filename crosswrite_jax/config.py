@@ -400,7 +400,8 @@ def validate(config: Config) -> None:
                         f"({config.train.batch_size})")
     if config.train.logits_chunk_length < 0:
         raise UserError(f"config key 'train.logits_chunk_length' must be >= 0, got {config.train.logits_chunk_length}")
-    if config.train.logits_chunk_length and TASK_MODELS[config.task][0] == "encoder" and config.task != "mlm":
+    family, head = TASK_MODELS.get(config.task, (None, None))
+    if config.train.logits_chunk_length and family == "encoder" and head != "mlm":  # as Task.vocabulary_outputs
         raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's or MLM head's vocabulary outputs; "
                         f"task '{config.task}' has none: set it to 0")
     if config.train.profile_steps < 0:

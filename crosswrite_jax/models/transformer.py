@@ -255,16 +255,13 @@ class Encoder(nn.Module):
         if c.head in ("classification", "token_classification"):
             self.classifier = Dense((c.num_labels,), 1, ("embed", "labels"), dtype, use_bias=True, name="classifier")
 
-    def mlm_logits(self, hidden_BKD: Array) -> Array:
-        """The MLM head: dense, activation, norm, then the tied output projection plus a bias -> float32 logits."""
+    def logits(self, hidden_BKD: Array) -> Array:
+        """The MLM head: dense, activation, norm, then the tied output projection plus a bias -> float32 logits
+        (what `return_hidden` leaves out, as Decoder.logits, for chunked losses)."""
         c = self.config
         h = self.mlm_norm(ACTIVATIONS[c.activation](self.mlm_transform(hidden_BKD)))
         logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)
         return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
-
-    def logits(self, hidden_BKD: Array) -> Array:
-        """What `return_hidden` left out: the MLM head (as Decoder.logits, for chunked losses)."""
-        return self.mlm_logits(hidden_BKD)
 
     def pooled(self, hidden_BSD: Array, inputs_BS: Array) -> Array:
         """tanh(dense(h)) of the first token's state (BERT) or, with `model.pooling=mean`, of the mean state over
@@ -280,7 +277,7 @@ class Encoder(nn.Module):
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None,
                  predict_positions: Array | None = None, return_hidden: bool = False) -> Array:
         """`predict_positions` [B, K] (MLM head): logits [B, K, V] at these positions only; `return_hidden`
-        (MLM head): the states [B, K or S, D] the head would read, for `mlm_logits` to project in chunks."""
+        (MLM head): the states [B, K or S, D] the head would read, for `logits` to project in chunks."""
         c = self.config
         positions = default_positions(inputs) if inputs_positions is None else inputs_positions
         mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
@@ -289,7 +286,7 @@ class Encoder(nn.Module):
         if c.head == "mlm":
             if predict_positions is not None:
                 hidden = jnp.take_along_axis(hidden, predict_positions[..., None], axis=1)
-            return hidden if return_hidden else self.mlm_logits(hidden)
+            return hidden if return_hidden else self.logits(hidden)
         if c.head == "classification":
             pooled = self.dropout(self.pooled(hidden, inputs), deterministic=deterministic)
             return self.classifier(pooled).astype(jnp.float32)
