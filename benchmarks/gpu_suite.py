@@ -3,7 +3,9 @@
     python benchmarks/gpu_suite.py [--out DIR] [--only NAME,NAME] [--tiny] [--timeout 240] [--budget 540]
 
 Each entry is one `crosswrite bench` in its own subprocess (an out-of-memory entry fails alone), in this order:
-  decoder_1b            configs/bench_decoder_1b.py: 1.04B parameters, bfloat16 compute, 4 rows of 2,048
+  decoder_1b_cudnn      configs/bench_decoder_1b.py: 1.04B parameters, bfloat16 compute, 4 rows of 2,048, with
+                        cuDNN's fused flash attention (model.attention_kernel=cudnn; a CPU fails it, --tiny or not)
+  decoder_1b            the same with XLA's attention (the config as it is: the flash-attention lever)
   decoder_1b_remat      the same with model.remat=full and 8 rows (twice the tokens a step, recomputed forward)
   decoder_1b_float32    the same model in float32 compute (the bfloat16 lever; its MFU is against the bf16 peak)
   quickstart            configs/quickstart.py as it is (float32), and
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DECODER = "configs/bench_decoder_1b.py"
 QUICKSTART = "configs/quickstart.py"
 ENTRIES = {
+    "decoder_1b_cudnn": (DECODER, {"model.attention_kernel": "cudnn"}),
     "decoder_1b": (DECODER, {}),
     "decoder_1b_remat": (DECODER, {"model.remat": "full", "train.batch_size": "8"}),
     "decoder_1b_float32": (DECODER, {"model.dtype": "float32"}),

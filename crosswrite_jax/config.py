@@ -58,6 +58,9 @@ class ModelConfig:
     scale_tied_output: bool = True  # multiply by d_model**-0.5 before a tied output projection (T5)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
     remat: str = "none"  # rematerialise each block in the backward pass: none | full | dots | dots_no_batch
+    # Attention kernel: xla (any device) | cudnn (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16 compute,
+    # head_dim a multiple of 8 up to 256; causal self-attention skips the blocks above the diagonal).
+    attention_kernel: str = "xla"
     # Parameter-efficient additions (set from the `peft` section by crosswrite_jax.peft.resolve):
     lora_rank: int = 0  # > 0: low-rank adapters B·A beside the Dense layers lora_targets names
     lora_alpha: float = 16.0  # adapter output scale is lora_alpha / lora_rank
@@ -262,6 +265,7 @@ _CHOICES = {
     "model.pooling": ("first", "mean"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_kernel": ("xla", "cudnn"),
     "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "causal_lm",
              "prefix_lm"),
     "peft.method": ("full", "freeze", "lora", "bitfit", "prompt"),
@@ -388,6 +392,14 @@ def validate(config: Config) -> None:
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:
         raise UserError(f"config key 'model.num_kv_heads' ({m.num_kv_heads}) must divide model.num_heads "
                         f"({m.num_heads})")
+    if m.attention_kernel == "cudnn":
+        if m.dtype != "bfloat16":
+            raise UserError("config key 'model.attention_kernel' is 'cudnn', whose fused attention has no float32 "
+                            "kernel; set --config.model.dtype=bfloat16 (or model.attention_kernel=xla)")
+        dim = m.head_dim or m.d_model // m.num_heads
+        if dim % 8 or dim > 256:
+            raise UserError(f"config key 'model.attention_kernel' is 'cudnn', which needs a head dimension that is a "
+                            f"multiple of 8 up to 256, but it is {dim}; set model.head_dim or model.attention_kernel=xla")
     positive = ["model.vocab_size", "model.d_model", "model.num_heads", "model.d_ff", "train.steps",
                 "train.batch_size", "train.log_every", "train.max_nonfinite_steps", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
                 "checkpoint.max_to_keep", "data.max_source_length", "data.max_target_length"]

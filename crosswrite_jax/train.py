@@ -226,6 +226,10 @@ class Trainer:
 
     @classmethod
     def build(cls, config: Config, mesh: Mesh) -> "Trainer":
+        platform = mesh.devices.flat[0].platform
+        if config.model.attention_kernel == "cudnn" and platform != "gpu":
+            raise UserError(f"config key 'model.attention_kernel' is 'cudnn', a GPU kernel, but this run's devices "
+                            f"are {platform}; set --config.model.attention_kernel=xla")
         rules = sharding.logical_rules(config.mesh.rules)
         task = get_task(config.task)
         model = build_model(config.model)

@@ -104,7 +104,7 @@ def _check_compatible(saved: Config, new: Config, path: Path) -> None:
     """Resuming with another architecture would corrupt the run: refuse it, naming the key."""
     old_model, new_model = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
     for key, value in old_model.items():
-        if new_model[key] != value and key not in ("dropout_rate", "dtype", "remat"):
+        if new_model[key] != value and key not in ("dropout_rate", "dtype", "remat", "attention_kernel"):
             raise UserError(
                 f"{path}: the checkpoints here were trained with model.{key}={value!r}, not {new_model[key]!r};"
                 f" use a new --workdir or drop the override")

@@ -99,3 +99,11 @@ def test_predict_continues_prompts_with_a_decoder_only_run(trained, tmp_path):
     assert len(lines) == 5 and summary["lines"] == 5 and summary["decoding"].startswith("sample") and any(lines)
     with pytest.raises(UserError, match="data.eval_sources' is empty"):  # held-out text is what eval scores
         evaluate(tmp_path / "lm")
+
+    # A run trained with cuDNN attention on a GPU decodes here too, with XLA's kernel (the same math).
+    saved["model"].update(attention_kernel="cudnn", dtype="bfloat16")
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(saved))
+    out = io.StringIO()
+    assert predict(tmp_path / "lm", input_path=tmp_path / "prompts.txt", out=out,
+                   overrides={"eval.max_decode_length": "6"})["lines"] == 5
+    assert len(out.getvalue().splitlines()) == 5

@@ -37,10 +37,17 @@ def constrain(x: Array, *axes: str | None) -> Array:
 
 
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BNTS: Array | None, bias_BNTS: Array | None = None,
-              scale: float | None = None) -> Array:
-    """Softmax(scale * q k + bias) v with K <= N key/value heads; `jax.nn.dot_product_attention` picks fused
-    kernels where they exist."""
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale)
+              scale: float | None = None, kernel: str = "xla", causal: bool = False) -> Array:
+    """Softmax(scale * q k + bias) v with K <= N key/value heads, through `jax.nn.dot_product_attention`.
+
+    `kernel` 'cudnn' is cuDNN's fused flash attention (GPU); `causal` (the mask allows nothing above the
+    diagonal) lets it skip those blocks instead of computing and masking them.
+    """
+    if kernel == "cudnn":
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale,
+                                            is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale,
+                                        implementation="xla")
 
 
 def sinusoidal_positions(max_length: int, features: int) -> np.ndarray:
@@ -217,7 +224,8 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, bias: Array | None = None,
-                 positions: Array | None = None, decode: bool = False) -> Array:
+                 positions: Array | None = None, decode: bool = False, causal: bool = False) -> Array:
+        """`causal`: the mask allows no key after its query (a fused kernel may skip those blocks)."""
         c = self.config
         dtype, n, h = DTYPES[c.dtype], c.num_heads, head_dim(c)
         kv_heads = c.num_kv_heads or n
@@ -237,7 +245,8 @@ class MultiHeadAttention(nn.Module):
             if decode:
                 k, v, mask = self._self_cache(k, v, mask)
         q = constrain(q, "batch", "length", "heads", "kv")
-        out = attention(q, k, v, mask, bias, scale=None if c.scale_attention else 1.0)
+        kernel = "xla" if decode else c.attention_kernel  # decoding attends from a few queries to the cache
+        out = attention(q, k, v, mask, bias, None if c.scale_attention else 1.0, kernel, causal)
         return _dense(x_q.shape[-1], (-2, -1), ("heads", "kv", "embed"), dtype, "out", c.use_bias, lora)(out)
 
     def _self_cache(self, k, v, mask):
@@ -294,7 +303,8 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, self_mask: Array | None, encoded: Array | None = None,
                  cross_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
-                 self_bias: Array | None = None, positions: Array | None = None) -> Array:
+                 self_bias: Array | None = None, positions: Array | None = None, causal: bool = False) -> Array:
+        """`causal`: self_mask allows no key after its query."""
         c = self.config
         dtype = DTYPES[c.dtype]
         norm = lambda name: Norm(c.norm, c.norm_epsilon, dtype, name=name)  # noqa: E731
@@ -307,7 +317,7 @@ class TransformerBlock(nn.Module):
             return constrain(x + drop(run(norm(f"{name}_norm")(x))), "batch", "length", "embed")
 
         x = sublayer(x, "self_attention", lambda h: MultiHeadAttention(c, name="self_attention")(
-            h, h, self_mask, self_bias, positions, decode))
+            h, h, self_mask, self_bias, positions, decode, causal))
         if self.cross_attention:
             x = sublayer(x, "cross_attention", lambda h: MultiHeadAttention(c, cross=True, name="cross_attention")(
                 h, encoded, cross_mask, None, None, decode))

@@ -54,8 +54,9 @@ def remat_block(policy: str) -> type[nn.Module]:
     """TransformerBlock, rematerialised under a `model.remat` policy (the class itself for 'none')."""
     if policy == "none":
         return TransformerBlock
-    # Arguments: self 0, x 1, self_mask 2, encoded 3, cross_mask 4, deterministic 5, decode 6, ...
-    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(5, 6))
+    # Arguments: self 0, x 1, self_mask 2, encoded 3, cross_mask 4, deterministic 5, decode 6, self_bias 7,
+    # positions 8, causal 9.
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(5, 6, 9))
 
 
 class Stack(nn.Module):
@@ -69,7 +70,8 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, self_mask: Array | None, positions_BT: Array, encoded: Array | None = None,
                  cross_mask: Array | None = None, deterministic: bool = True, decode: bool = False,
-                 cache_length: int = 0) -> Array:
+                 cache_length: int = 0, mask_is_causal: bool = False) -> Array:
+        """`mask_is_causal`: self_mask allows no key after its query (not so for a prefix LM's prompt)."""
         c = self.config
         bias = None
         if c.position == "relative":
@@ -79,9 +81,9 @@ class Stack(nn.Module):
             bias = RelativePositionBias(c, bidirectional=not self.causal, name="relative_attention_bias")(
                 positions_BT, keys)
         block = TransformerBlock if decode else remat_block(c.remat)
-        for i in range(self.num_layers):  # positional arguments: nn.remat marks deterministic and decode static
+        for i in range(self.num_layers):  # positional arguments: nn.remat marks deterministic, decode, causal static
             x = block(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
-                x, self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT)
+                x, self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT, mask_is_causal)
         if c.norm_position == "pre":
             x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
@@ -210,7 +212,7 @@ class EncoderDecoder(nn.Module):
         positions = default_positions(decoder_inputs_BT, position) if positions_BT is None else positions_BT
         x = self.dropout(self.embedder(decoder_inputs_BT, positions), deterministic=deterministic)
         y = self.decoder(x, self_mask, positions, encoded, cross_mask, deterministic=deterministic, decode=decode,
-                         cache_length=cache_length or decoder_inputs_BT.shape[1])
+                         cache_length=cache_length or decoder_inputs_BT.shape[1], mask_is_causal=True)
         return y if return_hidden else self.logits(y)
 
     def logits(self, hidden_BTD: Array) -> Array:
@@ -343,7 +345,7 @@ class Decoder(nn.Module):
                 mask = mask & padding[:, None, None, :]
         x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
         y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
-                         cache_length=cache_length or inputs.shape[1])
+                         cache_length=cache_length or inputs.shape[1], mask_is_causal=inputs_prefix is None)
         return y if return_hidden else self.logits(y)
 
     def logits(self, hidden_BTD: Array) -> Array:
