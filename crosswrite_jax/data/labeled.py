@@ -372,43 +372,17 @@ def _encode(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequenc
     return _Rows({"inputs": ids, "tags": tag_rows, "word_index": word_rows}), None
 
 
-class _TaskBatches:
-    """Maps a step k to the process-local rows of global batch k (same plan as pipeline's translation batches)."""
+class _TaskBatches(pipeline.LengthGroupedBatches):
+    """Labeled rows (the same plan as translation batches): inputs with labels or tags."""
 
-    def __init__(self, rows: _Rows, label_ids: np.ndarray | None, *, global_batch_size: int,
-                 buckets: tuple[int, ...], seed: int, window: int, process_index: int, process_count: int,
-                 pad_id: int) -> None:
-        self.rows, self.label_ids, self.buckets = rows, label_ids, buckets
-        self.batch_size, self.seed, self.window, self.pad_id = global_batch_size, seed, window, pad_id
-        self.local = global_batch_size // process_count
-        self.start = process_index * self.local
-        self.lengths = rows.lengths
-        self.batches_per_epoch = len(self.lengths) // global_batch_size
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def plan(self, epoch: int) -> np.ndarray:
-        """Example indices of every global batch of an epoch, [batches_per_epoch, global_batch_size]."""
-        cached = self._cache
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        rng = np.random.default_rng([epoch, self.seed & (2**64 - 1)])
-        order = rng.permutation(len(self.lengths))
-        span = self.window * self.batch_size
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = order[start:start + span]
-            if self.window > 1:
-                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            full = len(chunk) // self.batch_size * self.batch_size
-            batches.append(chunk[:full].reshape(-1, self.batch_size))
-        plan = np.concatenate(batches)[rng.permutation(self.batches_per_epoch)]
-        self._cache = (epoch, plan)
-        return plan
+    def __init__(self, rows: _Rows, label_ids: np.ndarray | None, **kwargs) -> None:
+        super().__init__(rows.lengths, **kwargs)
+        self.rows, self.label_ids = rows, label_ids
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rows = self.plan(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+        rows = self.global_rows(step)
         width = pipeline._bucket(int(self.lengths[rows].max()), self.buckets)
-        local = rows[self.start:self.start + self.local]
+        local = self.local_rows(rows)
         batch = {"inputs": self.rows.pad("inputs", local, width, self.pad_id)}
         if self.label_ids is not None:
             batch["labels"] = self.label_ids[local]

@@ -44,16 +44,19 @@ def _bucket(longest: int, buckets: tuple[int, ...]) -> int:
     return buckets[int(np.searchsorted(buckets, longest))]
 
 
-class _TrainBatches:
-    """Maps a step k to the process-local part of global batch k (picklable, epoch plan cached)."""
+class LengthGroupedBatches:
+    """Maps a step k to the process-local part of global batch k (picklable, epoch plan cached).
 
-    def __init__(self, sources: _Packed, targets: _Packed, *, global_batch_size: int, buckets: tuple[int, ...],
-                 seed: int, window: int, process_index: int, process_count: int, pad_id: int) -> None:
-        self.sources, self.targets, self.buckets = sources, targets, buckets
+    Each epoch shuffles the examples, sorts every window of `window` batches by `lengths` (so a batch pads
+    little) and shuffles the batches. Subclasses build a batch from the rows `local_rows` picks.
+    """
+
+    def __init__(self, lengths: np.ndarray, *, global_batch_size: int, buckets: tuple[int, ...], seed: int,
+                 window: int, process_index: int, process_count: int, pad_id: int) -> None:
+        self.lengths, self.buckets = lengths, buckets
         self.batch_size, self.seed, self.window, self.pad_id = global_batch_size, seed, window, pad_id
         self.local = global_batch_size // process_count
         self.start = process_index * self.local
-        self.lengths = sources.lengths + targets.lengths
         self.batches_per_epoch = len(self.lengths) // global_batch_size
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -76,11 +79,27 @@ class _TrainBatches:
         self._cache = (epoch, plan)
         return plan
 
+    def global_rows(self, step: int) -> np.ndarray:
+        """Example indices of global batch `step`."""
+        return self.plan(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+
+    def local_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This process's share of a global batch's rows."""
+        return rows[self.start:self.start + self.local]
+
+
+class _TrainBatches(LengthGroupedBatches):
+    """Translation pairs: inputs and targets, each padded to its own bucket."""
+
+    def __init__(self, sources: _Packed, targets: _Packed, **kwargs) -> None:
+        super().__init__(sources.lengths + targets.lengths, **kwargs)
+        self.sources, self.targets = sources, targets
+
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rows = self.plan(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+        rows = self.global_rows(step)
         source_width = _bucket(int(self.sources.lengths[rows].max()), self.buckets)
         target_width = _bucket(int(self.targets.lengths[rows].max()), self.buckets)
-        local = rows[self.start:self.start + self.local]
+        local = self.local_rows(rows)
         return {"inputs": self.sources.pad(local, source_width, self.pad_id),
                 "targets": self.targets.pad(local, target_width, self.pad_id)}
 
