@@ -413,14 +413,8 @@ def train_dataset(task: str, examples: Sequence, tokenizer: Tokenizer, labels: S
                                       bucket_lengths=bucket_lengths, seed=seed,
                                       length_grouping_window=length_grouping_window, process_index=process_index,
                                       process_count=process_count)
-    buckets = pipeline._check_buckets(bucket_lengths)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
-                        f"the process count ({process_count})")
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index {process_index} is outside [0, {process_count})")
-    if length_grouping_window < 1:
-        raise UserError(f"config key 'data.length_grouping_window' must be >= 1, got {length_grouping_window}")
+    buckets = pipeline.check_batching(bucket_lengths, global_batch_size, length_grouping_window, process_index,
+                                      process_count)
     if len(examples) < global_batch_size:
         raise UserError(f"only {len(examples)} training examples, fewer than one batch of {global_batch_size}; "
                         f"lower train.batch_size or use a larger split")

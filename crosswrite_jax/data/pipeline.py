@@ -44,6 +44,20 @@ def _bucket(longest: int, buckets: tuple[int, ...]) -> int:
     return buckets[int(np.searchsorted(buckets, longest))]
 
 
+def check_batching(bucket_lengths: Sequence[int], global_batch_size: int, window: int, process_index: int,
+                   process_count: int) -> tuple[int, ...]:
+    """The bucket lengths as a tuple, after checking them and how batches split over processes."""
+    buckets = _check_buckets(bucket_lengths)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
+                        f"the process count ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} is outside [0, {process_count})")
+    if window < 1:
+        raise UserError(f"config key 'data.length_grouping_window' must be >= 1, got {window}")
+    return buckets
+
+
 class LengthGroupedBatches:
     """Maps a step k to the process-local part of global batch k (picklable, epoch plan cached).
 
@@ -109,14 +123,8 @@ def train_dataset(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, glo
                   length_grouping_window: int = 16, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
     """Endless random-access dataset: element k is this process's rows of global training batch k."""
-    buckets = _check_buckets(bucket_lengths)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
-                        f"the process count ({process_count})")
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index {process_index} is outside [0, {process_count})")
-    if length_grouping_window < 1:
-        raise UserError(f"config key 'data.length_grouping_window' must be >= 1, got {length_grouping_window}")
+    buckets = check_batching(bucket_lengths, global_batch_size, length_grouping_window, process_index,
+                             process_count)
     source_ids = tokenizer.encode_batch([s for s, _ in pairs])
     target_ids = tokenizer.encode_batch([t for _, t in pairs])
     keep = [i for i, (s, t) in enumerate(zip(source_ids, target_ids)) if s and t]
