@@ -50,6 +50,9 @@ from crosswrite_jax.train import Trainer, make_dataset, to_global_batch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES = dict(vocab_size=8000, d_model=256, num_heads=4, d_ff=1024, dropout_rate=0.0)
+# Ours projects and scores 8 positions at a time (train.logits_chunk_length): the same math and FLOPs as one
+# projection over all positions, with each chunk's logits and their gradient taken while they are in cache.
+LOGITS_CHUNK = 8
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.01,
                             grad_clip_norm=1.0, b1=0.9, b2=0.98, eps=1e-9)
 
@@ -63,7 +66,7 @@ def t5_config(data_dir: str, steps: int) -> Config:
                       bucket_lengths=(48,), packing=False)
     return Config(name="vs_pytorch_t5", task="translation", model=model, data=data, optimizer=OPTIMIZER,
                   train=TrainConfig(steps=steps, batch_size=64, label_smoothing=0.1, eval_every=0,
-                                    progress_bar=False))
+                                    progress_bar=False, logits_chunk_length=LOGITS_CHUNK))
 
 
 def bert_config(data_dir: str, steps: int) -> Config:
@@ -71,7 +74,8 @@ def bert_config(data_dir: str, steps: int) -> Config:
     model = presets.bert(num_encoder_layers=4, max_length=128, head="mlm", pooler=False, **SIZES)
     data = dataclasses.replace(recipe.data, data_dir=data_dir, max_source_length=128)
     return Config(name="vs_pytorch_bert", task="mlm", model=model, data=data, optimizer=OPTIMIZER,
-                  train=TrainConfig(steps=steps, batch_size=32, label_smoothing=0.0, eval_every=0, progress_bar=False))
+                  train=TrainConfig(steps=steps, batch_size=32, label_smoothing=0.0, eval_every=0, progress_bar=False,
+                                    logits_chunk_length=LOGITS_CHUNK))
 
 
 def t5_batches(config: Config, count: int) -> dict[str, list[dict[str, np.ndarray]]]:

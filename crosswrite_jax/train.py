@@ -27,7 +27,7 @@ from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.data import labeled, pipeline, pretraining
-from crosswrite_jax.models.transformer import PAD_ID, build_model, example_inputs
+from crosswrite_jax.models.transformer import LAYER_STACKS, PAD_ID, build_model, example_inputs
 from crosswrite_jax.tasks import Task, get_task, labeling
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.profiling import StepProfiler
@@ -66,31 +66,65 @@ def _zero_sums() -> dict[str, jax.Array]:
     return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "nll_sum", "correct", "tokens")}
 
 
-def chunked_token_losses(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
-                         weights: jax.Array, label_smoothing: float, chunk_length: int) -> dict[str, jax.Array]:
-    """`token_losses` of `project(hidden)` computed `chunk_length` positions at a time.
+def chunked_token_losses(project: Callable[[Any, jax.Array], jax.Array], params: Any, hidden: jax.Array,
+                         targets: jax.Array, weights: jax.Array, label_smoothing: float,
+                         chunk_length: int) -> dict[str, jax.Array]:
+    """`token_losses` of `project(params, hidden)` computed `chunk_length` positions at a time.
 
-    A scan over position chunks, each rematerialised: the forward and backward passes hold one chunk's
-    [B, chunk, V] logits instead of the whole [B, T, V]. Sums equal the unchunked ones up to float rounding.
+    A scan over position chunks that holds one chunk's [B, chunk, V] logits at a time, never the whole
+    [B, T, V]. Under differentiation the same scan also takes each chunk's gradients with respect to the head's
+    parameters and to `hidden` as it goes (a custom VJP whose backward pass only scales them), so the output
+    projection runs once forward and once backward, as without chunks, instead of being recomputed. Sums and
+    gradients equal the unchunked ones up to float rounding. Only `loss_sum` is differentiable (it is what
+    training minimises); the other sums are metrics. The layer stacks' parameters are not the head's:
+    `project` must not use them.
     """
     rows, length = targets.shape
     count = -(-length // chunk_length)
     pad = count * chunk_length - length
-    if pad:  # padded positions carry zero weight
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    head = {k: v for k, v in params.items() if k not in LAYER_STACKS}
+    stacks = {k: jax.lax.stop_gradient(v) for k, v in params.items() if k in LAYER_STACKS}
 
-    def chunks(x):  # [B, T, ...] -> [count, B, chunk, ...]
+    def chunks(x):  # [B, T, ...] -> [count, B, chunk, ...]; padded positions carry zero weight
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.swapaxes(x.reshape((rows, count, chunk_length) + x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def body(totals, chunk):
-        h, t, w = chunk
-        sums = token_losses(project(h), t, w, label_smoothing)
-        return jax.tree.map(jnp.add, totals, sums), None
+    def sweep(head, hidden, gradients: bool):
+        def chunk_loss(head, h, t, w):
+            sums = token_losses(project({**stacks, **head}, h), t, w, label_smoothing)
+            return sums["loss_sum"], sums
 
-    totals, _ = jax.lax.scan(body, _zero_sums(), (chunks(hidden), chunks(targets), chunks(weights)))
-    return totals
+        def body(carry, chunk):
+            totals, head_grads = carry
+            if not gradients:
+                return (jax.tree.map(jnp.add, totals, chunk_loss(head, *chunk)[1]), None), None
+            _, vjp, sums = jax.vjp(lambda p, h: chunk_loss(p, h, *chunk[1:]), head, chunk[0], has_aux=True)
+            grads, hidden_grad = vjp(jnp.ones((), jnp.float32))
+            return (jax.tree.map(jnp.add, totals, sums), jax.tree.map(jnp.add, head_grads, grads)), hidden_grad
+
+        init = (_zero_sums(), jax.tree.map(jnp.zeros_like, head) if gradients else None)
+        (totals, head_grads), hidden_grads = jax.lax.scan(body, init, (chunks(hidden), chunks(targets),
+                                                                       chunks(weights)))
+        return totals, head_grads, hidden_grads
+
+    @jax.custom_vjp
+    def losses(head, hidden):
+        return sweep(head, hidden, gradients=False)[0]
+
+    def forward(head, hidden):
+        totals, head_grads, hidden_grads = sweep(head, hidden, gradients=True)
+        hidden_grads = jnp.swapaxes(hidden_grads, 0, 1).reshape((rows, count * chunk_length) + hidden.shape[2:])
+        return totals, (head_grads, hidden_grads[:, :length])
+
+    def backward(residuals, cotangents):
+        head_grads, hidden_grad = residuals
+        scale = cotangents["loss_sum"]
+        return (jax.tree.map(lambda g: (scale * g).astype(g.dtype), head_grads),
+                (scale * hidden_grad).astype(hidden_grad.dtype))
+
+    losses.defvjp(forward, backward)
+    return losses(head, hidden)
 
 
 def task_losses(model: nn.Module, task: Task, variables: Any, batch: dict[str, jax.Array], deterministic: bool,
@@ -98,8 +132,9 @@ def task_losses(model: nn.Module, task: Task, variables: Any, batch: dict[str, j
     """Summed token losses of one batch under the task's forward pass, chunked over positions if asked."""
     if logits_chunk_length and task.vocabulary_outputs:
         hidden, targets, weights = task.forward(model, variables, batch, deterministic, rngs, return_hidden=True)
-        project = lambda h: model.apply(variables, h, method="logits")  # noqa: E731
-        return chunked_token_losses(project, hidden, targets, weights, label_smoothing, logits_chunk_length)
+        project = lambda params, h: model.apply({**variables, "params": params}, h, method="logits")  # noqa: E731
+        return chunked_token_losses(project, variables["params"], hidden, targets, weights, label_smoothing,
+                                    logits_chunk_length)
     logits, targets, weights = task.forward(model, variables, batch, deterministic, rngs)
     return token_losses(logits, targets, weights, label_smoothing)
 

@@ -15,15 +15,17 @@ from crosswrite_jax.train import Trainer, task_losses, to_global_batch
 from test_grad_accumulation import _batch, _step
 
 
-@pytest.mark.parametrize("mesh_shape,chunk", [((2, 2, 2), 5), ((1, 1, 1), 8)])
-def test_chunked_step_equals_the_full_step(mesh_shape, chunk):
-    """5 does not divide the 16 target positions: the padded tail chunk must carry no weight."""
+@pytest.mark.parametrize("mesh_shape,chunk,accumulation", [((2, 2, 2), 5, 1), ((1, 1, 1), 8, 1), ((1, 1, 1), 5, 4)])
+def test_chunked_step_equals_the_full_step(mesh_shape, chunk, accumulation):
+    """5 does not divide the 16 target positions: the padded tail chunk must carry no weight. With gradient
+    accumulation the chunked loss's custom gradient runs inside the scan over microbatches."""
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
     config = tiny_config(mesh__rules="fsdp_tp", train__label_smoothing=0.1)
     batch = _batch(config.model.vocab_size, rows=16 if mesh_shape[0] == 1 else 32)
     full_params, full = _step(config, batch, mesh)
     chunked_params, chunked = _step(tiny_config(mesh__rules="fsdp_tp", train__label_smoothing=0.1,
-                                                train__logits_chunk_length=chunk), batch, mesh)
+                                                train__logits_chunk_length=chunk,
+                                                train__grad_accum_steps=accumulation), batch, mesh)
     for key in ("loss_sum", "nll_sum", "correct", "tokens"):
         np.testing.assert_allclose(chunked[key], full[key], rtol=1e-5)
     np.testing.assert_allclose(chunked["grad_norm"], full["grad_norm"], rtol=1e-5)
@@ -49,6 +51,12 @@ def test_chunked_loss_and_gradients_of_an_untied_decoder_match():
     (chunked, chunked_sums), chunked_grads = jax.value_and_grad(loss, has_aux=True)(params, 5)
     np.testing.assert_allclose(chunked, full, rtol=1e-5)
     assert chunked_sums["tokens"] == full_sums["tokens"] == (targets != 0).sum()
+    # One pass over the chunks takes the gradients too: no second (backward) scan recomputing the projection,
+    # and in it the three matmuls of the untied projection (forward, kernel gradient, input gradient).
+    gradient = jax.make_jaxpr(jax.grad(lambda p: loss(p, 5)[0]))(params)
+    scans = [e for e in gradient.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    assert sum(e.primitive.name == "dot_general" for e in scans[0].params["jaxpr"].jaxpr.eqns) == 3
     for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

@@ -12,6 +12,7 @@ from crosswrite_jax.models.layers import (ACTIVATIONS, DTYPES, Dense, Embed, Nor
 
 Array = jax.Array
 PAD_ID = 0  # also the decoder's start token
+LAYER_STACKS = ("encoder", "decoder")  # the top-level names of the layer stacks; no output head uses them
 
 
 def padding_mask(ids_BS: Array) -> Array:
