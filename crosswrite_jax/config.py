@@ -139,9 +139,10 @@ class TrainConfig:
     init_exclude: tuple[str, ...] = ()  # path regexes of params not taken from init_from (new heads): fresh init
     eval_at_start: bool = False  # validate before the first step of a fresh run (held-out loss before training)
     grad_accum_steps: int = 1  # > 1: the batch runs as this many microbatches (a scan), gradients summed
-    # > 0: the output projection and cross-entropy run over this many target positions at a time (a rematerialised
-    # scan), so [batch, length, vocab] logits never exist at once; for large vocabularies. Decoder tasks and mlm
-    # (over its predicted positions).
+    # > 0: the output projection and cross-entropy run over this many target positions at a time (a scan that also
+    # takes each chunk's gradients), so [batch, length, vocab] logits never exist at once. Decoder tasks and mlm
+    # (over its predicted positions). Each chunk adds into a head-sized gradient: on accelerators, a few large
+    # chunks (e.g. length / 8); on CPU, 8-16 positions keep a chunk's logits in cache.
     logits_chunk_length: int = 0
     profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
     best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
