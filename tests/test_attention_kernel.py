@@ -27,6 +27,9 @@ def calls(monkeypatch):
 
     def recording(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None, **kw):
         seen.append((implementation, is_causal, q.shape[1], k.shape[1]))
+        if implementation == "cudnn":  # cuDNN turns the mask into a bias, which must span [T, S] (jax checks it)
+            for extra in (mask, bias):
+                assert extra is None or extra.shape[-2:] == (q.shape[1], k.shape[1]), extra.shape
         out = REAL_ATTENTION(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla", **kw)
         if is_causal:
             with_hint = REAL_ATTENTION(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=True,

@@ -44,6 +44,8 @@ def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BNTS: Array | No
     diagonal) lets it skip those blocks instead of computing and masking them.
     """
     if kernel == "cudnn":
+        if mask_BNTS is not None:  # cuDNN takes the mask as an additive bias, which must span [T, S]
+            mask_BNTS = jnp.broadcast_to(mask_BNTS, mask_BNTS.shape[:2] + (q_BTNH.shape[1], k_BSKH.shape[1]))
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale,
                                             is_causal=causal, implementation="cudnn")
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BNTS, scale=scale,
