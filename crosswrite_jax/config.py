@@ -178,6 +178,9 @@ class DecodeConfig:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int = 0
+    # > 0: a decoder-only model's prompts are prefilled into the cache this many tokens at a time, so a long
+    # prompt's activations and attention scores exist one chunk at a time; 0: in one pass. Not for prefix LMs.
+    prefill_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -480,6 +483,11 @@ def validate(config: Config) -> None:
         raise UserError("config key 'train.early_stopping_patience' needs train.best_metric (e.g. accuracy, f1, loss)")
     if dc.sample and dc.beam_size > 1:
         raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
+    if dc.prefill_chunk < 0:
+        raise UserError(f"config key 'decode.prefill_chunk' must be >= 0, got {dc.prefill_chunk}")
+    if dc.prefill_chunk and config.task == "prefix_lm":
+        raise UserError("config key 'decode.prefill_chunk' splits a causal prompt, but a prefix LM's prompt "
+                        "attends both ways and needs one pass; set --config.decode.prefill_chunk=0")
 
 
 def _check_types(obj: Any, prefix: str) -> None:

@@ -246,13 +246,16 @@ def _rewind(cache: Any, slot: int) -> Any:
 
 
 def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_BT: Array | None, max_new: int,
-                       copies: int = 1, prefix_lm: bool = False) -> tuple[StepFn, Any, Array, Array, int]:
+                       copies: int = 1, prefix_lm: bool = False,
+                       prefill_chunk: int = 0) -> tuple[StepFn, Any, Array, Array, int]:
     """Step function, prefilled cache (each row `copies` times), right-aligned prompts, their width (every
     row's prompt length) and the first position to feed (the prompts' last).
 
     Row n's tokens sit in cache slots from offset n = width - its prompt length on, at positions 0, 1, ...;
     the slots before are masked. The prefill runs every prompt token in one pass, causally or, with
-    `prefix_lm`, each seeing the whole prompt (the prefix-LM objective's attention). The search then feeds the
+    `prefix_lm`, each seeing the whole prompt (the prefix-LM objective's attention); with `prefill_chunk`, a
+    causal prompt goes in that many tokens at a time (a loop), so one chunk's activations and attention scores
+    exist at once instead of the whole prompt's. The search then feeds the
     last prompt token again: its keys and values come out the same, and its logits choose the first new
     token. An empty prompt is PAD, the start token causal-LM training feeds first.
     """
@@ -280,7 +283,22 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
                                    inputs_prefix=prefix, return_hidden=prefill, mutable=["cache"])
         return out[:, -1], updated["cache"]
 
-    _, cache = run(prompt, 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is what it fills
+    if prefill_chunk and prefill_chunk < width:
+        if prefix_lm:
+            raise UserError("config key 'decode.prefill_chunk' splits a causal prompt, but a prefix LM's prompt "
+                            "attends both ways and needs one pass; set --config.decode.prefill_chunk=0")
+        head = width % prefill_chunk  # a shorter first chunk, then a loop over equal ones
+        if head:
+            _, cache = run(prompt[:, :head], 0, cache, offset, keys, prefix, prefill=True)
+
+        def prefill(i, cache):
+            begin = head + i * prefill_chunk
+            chunk = jax.lax.dynamic_slice_in_dim(prompt, begin, prefill_chunk, axis=1)
+            return run(chunk, begin, cache, offset, keys, prefix, prefill=True)[1]
+
+        cache = jax.lax.fori_loop(0, width // prefill_chunk, prefill, cache)
+    else:
+        _, cache = run(prompt, 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is all it fills
     cache = repeat_rows(_rewind(cache, width - 1), batch, copies)
     offset, keys = jnp.repeat(offset, copies, axis=0), jnp.repeat(keys, copies, axis=0)
     prefix = None if prefix is None else jnp.repeat(prefix, copies, axis=0)
@@ -292,39 +310,41 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
 
 
 def start(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_new: int, copies: int = 1,
-          padding: Array | None = None, prefix_lm: bool = False) -> tuple[StepFn, Any, Array, Array, int]:
+          padding: Array | None = None, prefix_lm: bool = False,
+          prefill_chunk: int = 0) -> tuple[StepFn, Any, Array, Array, int]:
     """The step function, cache, prompts, prompt lengths and first position of either family."""
     if isinstance(model, EncoderDecoder):
         return encoder_decoder_start(model, params, inputs, max_new, copies)
     if isinstance(model, Decoder):
-        return decoder_only_start(model, params, inputs, padding, max_new, copies, prefix_lm)
+        return decoder_only_start(model, params, inputs, padding, max_new, copies, prefix_lm, prefill_chunk)
     raise UserError(f"model.family '{model.config.family}' does not generate text; decode an encoder_decoder "
                     f"or decoder model")
 
 
 def greedy_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
-                  padding: Array | None = None, prefix_lm: bool = False) -> Array:
+                  padding: Array | None = None, prefix_lm: bool = False, prefill_chunk: int = 0) -> Array:
     """Token ids [B, max_length] chosen by argmax at every step; PAD after each row's EOS."""
     step, cache, prompt, lengths, first = start(model, params, inputs, max_length, padding=padding,
-                                                prefix_lm=prefix_lm)
+                                                prefix_lm=prefix_lm, prefill_chunk=prefill_chunk)
     return search(step, cache, prompt, lengths, max_length, eos_id, first=first)
 
 
 def sample_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
                   rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  padding: Array | None = None, prefix_lm: bool = False) -> Array:
+                  padding: Array | None = None, prefix_lm: bool = False, prefill_chunk: int = 0) -> Array:
     """Token ids [B, max_length] sampled from the temperature/top-k/top-p filtered distribution."""
     step, cache, prompt, lengths, first = start(model, params, inputs, max_length, padding=padding,
-                                                prefix_lm=prefix_lm)
+                                                prefix_lm=prefix_lm, prefill_chunk=prefill_chunk)
     return search(step, cache, prompt, lengths, max_length, eos_id, sampling_choice(rng, temperature, top_k, top_p),
                   first)
 
 
 def beam_decode(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_length: int, eos_id: int,
                 beam_size: int, length_penalty: float = 1.0, padding: Array | None = None,
-                prefix_lm: bool = False) -> tuple[Array, Array]:
+                prefix_lm: bool = False, prefill_chunk: int = 0) -> tuple[Array, Array]:
     """The best beam's token ids [B, max_length] and its score [B]."""
-    step, cache, prompt, lengths, first = start(model, params, inputs, max_length, beam_size, padding, prefix_lm)
+    step, cache, prompt, lengths, first = start(model, params, inputs, max_length, beam_size, padding, prefix_lm,
+                                                prefill_chunk)
     return beam_search(step, cache, prompt, lengths, max_length, eos_id, beam_size, length_penalty, first)
 
 
@@ -333,14 +353,15 @@ def generate(model: EncoderDecoder | Decoder, params: Any, inputs: Array, max_le
              padding: Array | None = None, prefix_lm: bool = False) -> Array:
     """Token ids [B, max_length] by the method `config` names: beam search, sampling or greedy. `prefix_lm`: a
     decoder-only model's prompts attend to each other both ways (a model trained with task prefix_lm)."""
+    chunk = config.prefill_chunk
     if config.beam_size > 1:
         return beam_decode(model, params, inputs, max_length, eos_id, config.beam_size, config.length_penalty,
-                           padding, prefix_lm)[0]
+                           padding, prefix_lm, chunk)[0]
     if config.sample:
         rng = jax.random.key(config.seed) if rng is None else rng
         return sample_decode(model, params, inputs, max_length, eos_id, rng, config.temperature, config.top_k,
-                             config.top_p, padding, prefix_lm)
-    return greedy_decode(model, params, inputs, max_length, eos_id, padding, prefix_lm)
+                             config.top_p, padding, prefix_lm, chunk)
+    return greedy_decode(model, params, inputs, max_length, eos_id, padding, prefix_lm, chunk)
 
 
 def describe(config: DecodeConfig) -> str:

@@ -1,6 +1,7 @@
 """Decoding: cached greedy equals uncached argmax, beam search and sampling behave as specified, and greedy
 decoding of converted Hugging Face T5 / Llama models gives transformers' `generate` ids."""
 
+import dataclasses
 import functools
 
 import jax
@@ -121,6 +122,34 @@ def test_decoder_only_prefill_greedy_equals_uncached_argmax(position, prefix_lm)
             if token == EOS:
                 break
         assert generated == expected + [0] * (steps - len(expected))
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 8])
+def test_chunked_prefill_decodes_the_same(chunk):
+    """Prompts of 7 slots prefilled 2 or 3 tokens at a time (a shorter first chunk for 2 and 3; 8 is one pass)
+    give the one-pass prefill's greedy, sampled and beam ids; a prefix LM's prompt cannot be split."""
+    from crosswrite_jax.decode import generate
+    from crosswrite_jax.errors import UserError
+    from crosswrite_jax.models.presets import llama
+
+    config = llama(vocab_size=40, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, num_decoder_layers=2,
+                   max_length=32)
+    model = build_model(config)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [13, 14], [20, 21, 22, 23], []]
+    left = jnp.asarray([[0] * (7 - len(r)) + r for r in rows])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(3), left))["params"]
+    params["output"]["kernel"] = params["output"]["kernel"] * 8.0
+    for how in (DecodeConfig(), DecodeConfig(sample=True, temperature=1.5), DecodeConfig(beam_size=3)):
+        run = lambda c: np.asarray(jax.jit(lambda p, x: generate(model, p, x, 6, EOS, c))(params, left))  # noqa: E731
+        whole = run(how)
+        np.testing.assert_array_equal(run(dataclasses.replace(how, prefill_chunk=chunk)), whole)
+        assert len({tuple(r) for r in whole.tolist()}) > 1
+    with pytest.raises(UserError, match="decode.prefill_chunk"):
+        greedy_decode(model, params, left, 6, EOS, prefix_lm=True, prefill_chunk=3)
+    with pytest.raises(UserError, match="prefix LM's prompt attends both ways"):
+        tiny_config(task="prefix_lm", model__family="decoder", decode__prefill_chunk=4)
+    with pytest.raises(UserError, match="'decode.prefill_chunk' must be >= 0"):
+        tiny_config(decode__prefill_chunk=-1)
 
 
 def test_prefix_lm_decoding_differs_from_causal():
