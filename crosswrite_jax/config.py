@@ -257,6 +257,8 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
+PREFIX_LM_PREFILL_CHUNK = ("config key 'decode.prefill_chunk' splits a causal prompt, but a prefix LM's prompt "
+                           "attends both ways and needs one pass; set --config.decode.prefill_chunk=0")
 DROPOUT_RNGS = ("threefry2x32", "threefry4x32", "rbg", "unsafe_rbg")  # JAX PRNGs train.dropout_rng takes
 
 _CHOICES = {
@@ -486,8 +488,7 @@ def validate(config: Config) -> None:
     if dc.prefill_chunk < 0:
         raise UserError(f"config key 'decode.prefill_chunk' must be >= 0, got {dc.prefill_chunk}")
     if dc.prefill_chunk and config.task == "prefix_lm":
-        raise UserError("config key 'decode.prefill_chunk' splits a causal prompt, but a prefix LM's prompt "
-                        "attends both ways and needs one pass; set --config.decode.prefill_chunk=0")
+        raise UserError(PREFIX_LM_PREFILL_CHUNK)
 
 
 def _check_types(obj: Any, prefix: str) -> None:

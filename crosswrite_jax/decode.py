@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from crosswrite_jax.config import DecodeConfig
+from crosswrite_jax.config import PREFIX_LM_PREFILL_CHUNK, DecodeConfig
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import PAD_ID, Decoder, EncoderDecoder
 
@@ -283,22 +283,18 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
                                    inputs_prefix=prefix, return_hidden=prefill, mutable=["cache"])
         return out[:, -1], updated["cache"]
 
-    if prefill_chunk and prefill_chunk < width:
-        if prefix_lm:
-            raise UserError("config key 'decode.prefill_chunk' splits a causal prompt, but a prefix LM's prompt "
-                            "attends both ways and needs one pass; set --config.decode.prefill_chunk=0")
-        head = width % prefill_chunk  # a shorter first chunk, then a loop over equal ones
-        if head:
-            _, cache = run(prompt[:, :head], 0, cache, offset, keys, prefix, prefill=True)
+    chunk = prefill_chunk if 0 < prefill_chunk < width else width
+    if chunk < width and prefix_lm:
+        raise UserError(PREFIX_LM_PREFILL_CHUNK)
+    lead = width - (-(-width // chunk) - 1) * chunk  # 1..chunk tokens first, then a loop over equal chunks
+    _, cache = run(prompt[:, :lead], 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is all
 
-        def prefill(i, cache):
-            begin = head + i * prefill_chunk
-            chunk = jax.lax.dynamic_slice_in_dim(prompt, begin, prefill_chunk, axis=1)
-            return run(chunk, begin, cache, offset, keys, prefix, prefill=True)[1]
+    def prefill(i, cache):
+        begin = lead + i * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, begin, chunk, axis=1)
+        return run(tokens, begin, cache, offset, keys, prefix, prefill=True)[1]
 
-        cache = jax.lax.fori_loop(0, width // prefill_chunk, prefill, cache)
-    else:
-        _, cache = run(prompt, 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is all it fills
+    cache = jax.lax.fori_loop(0, (width - lead) // chunk, prefill, cache)
     cache = repeat_rows(_rewind(cache, width - 1), batch, copies)
     offset, keys = jnp.repeat(offset, copies, axis=0), jnp.repeat(keys, copies, axis=0)
     prefix = None if prefix is None else jnp.repeat(prefix, copies, axis=0)
