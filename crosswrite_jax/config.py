@@ -47,6 +47,13 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     rope_theta: float = 10000.0
+    # RoPE frequency scaling: default (none) | llama3 (Llama 3.1+: low frequencies divided by rope_factor, high ones
+    # kept, a smooth ramp between, set by the two factors and the pretraining context rope_original_max_length)
+    rope_type: str = "default"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_length: int = 8192
     scale_attention: bool = True  # softmax(q k / sqrt(head_dim)); T5 folds the scale into its weights
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings (BERT)
     pooler: bool = False  # encoder: dense + tanh over the first token (BERT's pooler)
@@ -103,7 +110,9 @@ class DataConfig:
     # "jsonl:summarization/scitldr/{split}.jsonl?source=source&target=target" (see crosswrite_jax/data/labeled.py).
     examples: str = ""
     labels: tuple[str, ...] = ()  # classes or tags, in id order; empty: found in the training split
-    max_train_examples: int = 0  # > 0: train on the first N examples (pairs) of the training split only
+    max_train_examples: int = 0  # > 0: train on N examples (pairs) of the training split only: the first N, or
+    # with train_subset_seed >= 0 N drawn at random with that seed (the same N for every model and learning rate)
+    train_subset_seed: int = -1
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("sinusoidal", "learned", "relative", "rope"),
+    "model.rope_type": ("default", "llama3"),
     "model.head": ("none", "mlm", "classification", "token_classification"),
     "model.pooling": ("first", "mean"),
     "model.dtype": ("float32", "bfloat16"),
@@ -532,10 +542,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load(path: str | Path) -> Config:
-    """Loads a python config file whose `get_config()` returns a Config."""
+    """Loads a python config file whose `get_config()` returns a Config, or a run's saved config.json."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass --config with a file under configs/")
+    if path.suffix == ".json":  # a run's saved config.json: the whole resolved config, reused as it is
+        return load_json(path)
     spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
     module = types.ModuleType(spec.name)
     module.__file__ = str(path)
@@ -590,7 +602,9 @@ def load_json(path: str | Path) -> Config:
     """Reads a config saved by `save_json`."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: unreadable config ({error})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds {type(data).__name__}, not a config object; pass a run's config.json")
     return from_dict(data, str(path))

@@ -1,6 +1,7 @@
 """Model behaviour: packed rows equal separate examples; the padding and dtype options."""
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -74,15 +75,49 @@ def _initial_score_std(model_config) -> float:
     return float(jnp.std(jnp.einsum("nhk,mhk->hnm", q, k)))
 
 
-def test_unscaled_attention_starts_with_unit_scale_scores():
-    """T5 drops the 1/sqrt(head_dim) score scale; its query init carries it, so the softmax does not start saturated
-    (with plain fan-in init the scores' deviation is sqrt(head_dim), and a T5 v1.1 model learned far slower)."""
+def test_attention_starts_with_unit_scale_scores_with_the_scale_folded_in_or_applied():
+    """T5 folds the 1/sqrt(head_dim) score scale into its query (scale_attention=False, as imported T5 runs of
+    older versions have it); this project's T5 preset applies it in attention instead. Either way the softmax does
+    not start saturated (with plain fan-in init and no scale, the scores' deviation is sqrt(head_dim))."""
     from crosswrite_jax.models.presets import t5
 
     sizes = dict(vocab_size=64, d_model=128, num_heads=2, d_ff=64, num_encoder_layers=1, num_decoder_layers=1)
-    assert 0.7 < _initial_score_std(t5("1.1", **sizes)) < 1.4  # head_dim 64: sqrt(64) = 8 without the fix
-    scaled = _initial_score_std(t5("1.1", scale_attention=True, **sizes))  # the scale is applied to the scores
-    assert 5.6 < scaled < 11.3
+    assert 0.7 < _initial_score_std(t5("1.1", scale_attention=False, **sizes)) < 1.4  # head_dim 64: 8 if unfolded
+    applied = _initial_score_std(t5("1.1", **sizes))  # q.k before the applied 1/sqrt(head_dim)
+    assert 5.6 < applied < 11.3
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_t5_starts_like_the_quickstart_transformer(version):
+    """The T5 init fix: tokens enter at unit scale, logits start at unit scale, and every projection starts at
+    fan-in scale (so Adam's fixed step sizes move each weight at the same rate relative to its size).
+
+    Before the fix, T5 v1.1's tied, unscaled output shrank the token table to d_model**-0.5 (tokens entered 16x
+    below the sublayer outputs, and the table moved 16x faster than the projections), its query carried the score
+    scale (8x faster), and the relative bias started at std 1 (16x slower)."""
+    from crosswrite_jax.models.presets import t5
+    from crosswrite_jax.models.transformer import output_norm_scale
+
+    config = t5(version, vocab_size=512, d_model=256, num_heads=4, d_ff=256, num_encoder_layers=2,
+                num_decoder_layers=2, dropout_rate=0.0)
+    model = EncoderDecoder(config)
+    ids = jax.random.randint(jax.random.key(2), (8, 16), 2, config.vocab_size)
+    params = nn.unbox(model.init(jax.random.key(0), ids, ids))["params"]
+    embedded = model.apply({"params": params}, ids, jnp.broadcast_to(jnp.arange(16), ids.shape),
+                           method=lambda m, x, p: m.embedder(x, p))
+    assert 0.9 < float(jnp.sqrt(jnp.mean(embedded ** 2))) < 1.1
+    assert 0.8 < float(jnp.std(model.apply({"params": params}, ids, ids))) < 1.25
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.endswith("/kernel"):
+            fan_in = int(np.prod(leaf.shape[:-1] if "/out/" in name else leaf.shape[:1]))
+            assert 0.8 < float(jnp.std(leaf)) * fan_in ** 0.5 < 1.1, name
+    for stack in ("encoder", "decoder"):
+        table = params[stack]["relative_attention_bias"]["embedding"]
+        assert 0.5 < float(jnp.std(table)) * config.d_model ** 0.5 < 1.5
+    gain = params["decoder"]["final_norm"]["scale"]
+    assert np.allclose(gain, output_norm_scale(config))
+    assert output_norm_scale(config) == (1.0 if version == "1.0" else config.d_model ** -0.5)
 
 
 def test_flat_matmul_equals_dot_general_over_trailing_axes():

@@ -30,6 +30,8 @@ BERT_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForSequenceCla
 def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, ModelConfig]:
     """The architecture kind ('bert', 't5', 'llama') and the ModelConfig of a HF config.json dict."""
     kind = hf.get("model_type")
+    if kind in _FIELDS:
+        check_fields(kind, hf)
     if kind == "bert":
         architecture = (hf.get("architectures") or ["BertModel"])[0]
         if architecture not in BERT_HEADS:
@@ -59,16 +61,85 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
             # scale_decoder_outputs, older configs as tie_word_embeddings=false with a separate lm_head).
             scale_tied_output=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
     if kind == "llama":
-        rope = hf.get("rope_parameters") or {}
         return kind, presets.llama(
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
             d_ff=hf["intermediate_size"], num_decoder_layers=hf["num_hidden_layers"],
             use_bias=bool(hf.get("attention_bias", False)), norm_epsilon=hf.get("rms_norm_eps", 1e-6),
             max_length=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            tie_output_embedding=hf.get("tie_word_embeddings", False))
+            tie_output_embedding=hf.get("tie_word_embeddings", False), **_llama_rope(hf))
     raise UserError(f"config.json has model_type {kind!r}; import-hf supports bert, t5 and llama")
+
+
+def _llama_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE settings from transformers 5's `rope_parameters` or the older `rope_scaling` +
+    `rope_theta`; a RoPE variant this project does not implement is refused."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError("config.json: rope 'partial_rotary_factor' below 1 is not supported by import-hf")
+    rope.pop("partial_rotary_factor", None)
+    if rope_type == "default":
+        if rope:
+            raise UserError(f"config.json: rope field '{sorted(rope)[0]}' has no meaning for the default RoPE; "
+                            f"remove it or give rope_type")
+        return {"rope_theta": theta}
+    if rope_type != "llama3":
+        raise UserError(f"config.json: rope_type '{rope_type}' is not supported by import-hf (default and llama3 "
+                        f"are); such a checkpoint would import with wrong positions")
+    names = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+             "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_length"}
+    unknown = sorted(set(rope) - set(names))
+    if unknown:
+        raise UserError(f"config.json: rope field '{unknown[0]}' is not one llama3 scaling uses; import-hf refuses it")
+    missing = sorted(set(names) - set(rope))
+    if missing:
+        raise UserError(f"config.json: llama3 rope scaling needs '{missing[0]}'; add it to rope_parameters")
+    return {"rope_theta": theta, "rope_type": "llama3", **{ours: type(getattr(ModelConfig, ours))(rope[key])
+                                                           for key, ours in names.items()}}
+
+
+# Fields of a transformers config.json that do not change the converted model (bookkeeping, generation, training
+# settings), per architecture besides the fields config_from_hf reads. Any other field is refused by name: it
+# may change the outputs, and silently ignoring it would import a different model.
+_BOOKKEEPING = {"_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+                "id2label", "label2id", "problem_type", "return_dict", "output_attentions", "output_hidden_states",
+                "use_cache", "chunk_size_feed_forward", "is_encoder_decoder", "bos_token_id", "eos_token_id",
+                "pad_token_id", "decoder_start_token_id", "sep_token_id", "initializer_range", "initializer_factor",
+                "tokenizer_class", "prefix", "task_specific_params", "finetuning_task", "gradient_checkpointing",
+                "output_past", "classifier_dropout", "tie_encoder_decoder", "max_length", "n_positions"}
+_FIELDS = {
+    "bert": {"vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+             "hidden_act", "layer_norm_eps", "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob",
+             "attention_probs_dropout_prob", "tie_word_embeddings", "position_embedding_type", "is_decoder",
+             "add_cross_attention"},
+    "t5": {"vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+           "feed_forward_proj", "dense_act_fn", "is_gated_act", "layer_norm_epsilon", "relative_attention_num_buckets",
+           "relative_attention_max_distance", "dropout_rate", "tie_word_embeddings", "scale_decoder_outputs",
+           "is_decoder"},
+    "llama": {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "num_hidden_layers", "attention_bias", "attention_dropout", "rms_norm_eps",
+              "max_position_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "tie_word_embeddings",
+              "hidden_act", "mlp_bias", "pretraining_tp"},
+}
+# Fields read or known whose other values this project's layers do not implement.
+_ONLY = {"bert": {"position_embedding_type": ("absolute",), "is_decoder": (False,), "add_cross_attention": (False,),
+                  "hidden_act": ("gelu", "gelu_new", "relu")},
+         "t5": {"is_decoder": (False,)},
+         "llama": {"hidden_act": ("silu",), "mlp_bias": (False,)}}
+
+
+def check_fields(kind: str, hf: dict[str, Any]) -> None:
+    """Refuses, by name, a config.json field that import-hf would otherwise ignore or cannot honour."""
+    for key in sorted(hf):
+        if key not in _FIELDS[kind] and key not in _BOOKKEEPING:
+            raise UserError(f"config.json field '{key}' is not one import-hf knows for {kind} checkpoints; it may "
+                            f"change the model, so it is refused (remove it if it has no effect)")
+        allowed = _ONLY[kind].get(key)
+        if allowed is not None and hf[key] not in allowed:
+            raise UserError(f"config.json field '{key}' is {hf[key]!r}; import-hf supports only "
+                            f"{', '.join(repr(a) for a in allowed)} for {kind} checkpoints")
 
 
 def config_to_hf(kind: str, c: ModelConfig) -> dict[str, Any]:
@@ -105,9 +176,17 @@ def config_to_hf(kind: str, c: ModelConfig) -> dict[str, Any]:
             num_hidden_layers=c.num_decoder_layers, num_attention_heads=c.num_heads,
             num_key_value_heads=c.num_kv_heads or c.num_heads, head_dim=head_dim(c), rms_norm_eps=c.norm_epsilon,
             max_position_embeddings=c.max_length, tie_word_embeddings=c.tie_output_embedding,
-            attention_bias=c.use_bias, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            attention_bias=c.use_bias, rope_parameters=_rope_parameters(c),
             architectures=["LlamaForCausalLM"]).to_dict()
     raise UserError(f"no Hugging Face export for {kind!r}")
+
+
+def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
+    if c.rope_type == "default":
+        return {"rope_type": "default", "rope_theta": c.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": c.rope_factor,
+            "low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor,
+            "original_max_position_embeddings": c.rope_original_max_length}
 
 
 def kind_of(c: ModelConfig) -> str:
@@ -134,6 +213,8 @@ def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
         "same": (lambda w: w, lambda w: w),
         "linear": (lambda w: w.T, lambda w: w.T),
         "q": (lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T),
+        # T5 folds the 1/sqrt(head_dim) score scale into its query; a model with scale_attention keeps it apart.
+        "q_folded": (lambda w: w.T.reshape(d, n, h) * h ** 0.5, lambda w: (w / h ** 0.5).reshape(d, n * h).T),
         "kv": (lambda w: w.T.reshape(d, k, h), lambda w: w.reshape(d, k * h).T),
         "q_bias": (lambda b: b.reshape(n, h), lambda b: b.reshape(n * h)),
         "kv_bias": (lambda b: b.reshape(k, h), lambda b: b.reshape(k * h)),
@@ -192,6 +273,7 @@ def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
     if not c.tie_output_embedding:
         rules["output/kernel"] = ("lm_head.weight", "linear")
     mlp = ("wi_0", "wi_1", "wo") if c.gated_mlp else ("wi", "wo")
+    query = "q_folded" if c.scale_attention else "q"
     for stack, layers in (("encoder", c.num_encoder_layers), ("decoder", c.num_decoder_layers)):
         for i in range(layers):
             ours, hf = f"{stack}/layer_{i}", f"{stack}.block.{i}.layer"
@@ -199,7 +281,7 @@ def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
             if stack == "decoder":
                 attention.append(("cross_attention", f"{hf}.1.EncDecAttention", f"{hf}.1.layer_norm"))
             for name, module, norm in attention:
-                rules.update({f"{ours}/{name}/query/kernel": (f"{module}.q.weight", "q"),
+                rules.update({f"{ours}/{name}/query/kernel": (f"{module}.q.weight", query),
                               f"{ours}/{name}/key/kernel": (f"{module}.k.weight", "kv"),
                               f"{ours}/{name}/value/kernel": (f"{module}.v.weight", "kv"),
                               f"{ours}/{name}/out/kernel": (f"{module}.o.weight", "out"),
@@ -316,13 +398,16 @@ def params_to_hf(kind: str, config: ModelConfig, params: dict) -> dict[str, np.n
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """config.json and every tensor of a HF model directory (safetensors only, sharded index too)."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"'{directory}' has no config.json; pass a Hugging Face model directory")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{config_path}: not a readable JSON config ({error})") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: holds {type(hf_config).__name__}, not a JSON object")
     if (directory / INDEX).is_file():
         files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
     elif (directory / SAFETENSORS).is_file():
@@ -334,8 +419,19 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, np
         raise UserError(f"'{directory}': {why}")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        tensors.update(load_file(str(directory / name)))
+        tensors.update(_load_safetensors(directory / name))
     return hf_config, tensors
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """One safetensors file's tensors; a missing, truncated or corrupt file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error}); copy it again from its source") from None
 
 
 def write_checkpoint(directory: str | Path, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

@@ -62,11 +62,26 @@ def sinusoidal_positions(max_length: int, features: int) -> np.ndarray:
     return table
 
 
-def rotary(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig, head_dim: int) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2], with Llama 3's scaling when model.rope_type is llama3."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # float32, as transformers
+    inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
+    if config.rope_type == "default":
+        return inv_freq.astype(np.float32)
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    context = config.rope_original_max_length
+    wavelength = 2 * math.pi / inv_freq
+    scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Array:
     """Rotary position embedding (Su et al., 2021) in the half-split layout Llama checkpoints use."""
     half = x_BTNH.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1]))
-    angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)
     first, second = x[..., :half], x[..., half:]
@@ -113,9 +128,12 @@ class Embed(nn.Module):
         return flat_matmul(x_BTD, self.embedding.astype(self.dtype).T, 1)
 
 
-def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32, name: str | None = None):
-    """LayerNorm or RMSNorm over the embedding axis; its small vectors are replicated (logical axis 'norm')."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32, name: str | None = None,
+         scale: float = 1.0):
+    """LayerNorm or RMSNorm over the embedding axis, its gain initialised to `scale`; its small vectors are
+    replicated (logical axis 'norm')."""
+    gain = nn.initializers.ones if scale == 1.0 else nn.initializers.constant(scale)
+    scale_init = nn.with_logical_partitioning(gain, ("norm",))
     if kind == "rmsnorm":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
@@ -243,7 +261,8 @@ class MultiHeadAttention(nn.Module):
             k = project(kv_heads, "kv_heads", "key")(x_kv)
             v = project(kv_heads, "kv_heads", "value")(x_kv)
             if c.position == "rope" and not self.cross:
-                q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
+                inv_freq = rope_frequencies(c, h)
+                q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
             if decode:
                 k, v, mask = self._self_cache(k, v, mask)
         q = constrain(q, "batch", "length", "heads", "kv")
@@ -335,9 +354,11 @@ class RelativePositionBias(nn.Module):
     @nn.compact
     def __call__(self, query_positions_BT: Array, key_positions_BS: Array) -> Array:
         c = self.config
+        # transformers' T5 init (std d_model**-0.5): under Adam, a unit-scale table would move 16x slower,
+        # relative to its size, than the projections beside it (at d_model 256).
         table = self.param("embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("relative_buckets", "heads")), (c.relative_buckets, c.num_heads),
-            jnp.float32)
+            nn.initializers.normal(c.d_model ** -0.5), ("relative_buckets", "heads")),
+            (c.relative_buckets, c.num_heads), jnp.float32)
         relative = key_positions_BS[:, None, :] - query_positions_BT[:, :, None]  # [B, T, S]
         buckets = relative_position_bucket(relative, self.bidirectional, c.relative_buckets, c.relative_max_distance)
         return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2).astype(DTYPES[c.dtype])

@@ -16,9 +16,15 @@ def bert(**sizes) -> ModelConfig:
 
 
 def t5(version: str = "1.1", **sizes) -> ModelConfig:
-    """T5: RMSNorm pre-norm, bucketed relative position bias, unscaled attention; v1.0 ReLU, v1.1 gated GELU."""
+    """T5: RMSNorm pre-norm, bucketed relative position bias; v1.0 ReLU, v1.1 gated GELU.
+
+    T5 folds the 1/sqrt(head_dim) score scale into its query weights, which suits Adafactor's updates relative
+    to each weight's size. Under AdamW's fixed step sizes that query, 8x smaller than its neighbours at head_dim
+    64, would move 8x faster relative to its size; here the scale stays in the attention (scale_attention) and
+    Hugging Face import / export folds it in and out of the query.
+    """
     base = ModelConfig(family="encoder_decoder", norm="rmsnorm", norm_position="pre", norm_epsilon=1e-6,
-                       position="relative", max_length=512, scale_attention=False, use_bias=False,
+                       position="relative", max_length=512, scale_attention=True, use_bias=False,
                        activation="relu" if version == "1.0" else "gelu_tanh", gated_mlp=version != "1.0",
                        tie_output_embedding=True, scale_tied_output=version == "1.0")
     return replace(base, **sizes)

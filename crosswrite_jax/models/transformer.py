@@ -67,6 +67,7 @@ class Stack(nn.Module):
     num_layers: int
     causal: bool
     cross_attention: bool = False
+    final_norm_scale: float = 1.0  # initial gain of the final norm (see output_norm_scale)
 
     @nn.compact
     def __call__(self, x: Array, self_mask: Array | None, positions_BT: Array, encoded: Array | None = None,
@@ -86,8 +87,21 @@ class Stack(nn.Module):
             x = block(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
                 x, self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT, mask_is_causal)
         if c.norm_position == "pre":
-            x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm")(x)
+            x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm", scale=self.final_norm_scale)(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+
+
+def output_norm_scale(config: ModelConfig) -> float:
+    """Initial gain of the norm before a tied, unscaled output projection (T5 v1.1, tied Llama): d_model**-0.5.
+
+    Such a model multiplies its final states by the token table itself. transformers' T5 init (table std 1)
+    then starts with logits of std sqrt(d_model) (a loss of 132 at d 256); shrinking the table instead
+    (std d_model**-0.5, this project's choice until this fix) starts tokens 16x below the sublayer outputs they
+    are added to, and under Adam the table moves 16x faster, relative to its size, than any projection. A
+    unit-scale table with this gain gives unit-scale logits and leaves both alone; the gain then trains.
+    """
+    tied_unscaled = config.tie_output_embedding and not config.scale_tied_output and not config.embedding_norm
+    return config.d_model ** -0.5 if tied_unscaled else 1.0
 
 
 class Embedder(nn.Module):
@@ -98,9 +112,10 @@ class Embedder(nn.Module):
     def setup(self):
         c = self.config
         self.dtype = DTYPES[c.dtype]
-        # A tied, unscaled output projection (BERT, T5 v1.1) needs small embeddings for unit-scale logits.
-        unscaled_tied = c.tie_output_embedding and not c.scale_tied_output
-        self.tokens = Embed(c.vocab_size, c.d_model, self.dtype, stddev=c.d_model ** -0.5 if unscaled_tied else 1.0,
+        # BERT's tied, unscaled MLM output reads its embeddings directly: small ones give unit-scale logits (its
+        # embedding norm makes their scale irrelevant on the way in). Elsewhere tokens enter at unit scale.
+        bert_like = c.tie_output_embedding and not c.scale_tied_output and c.embedding_norm
+        self.tokens = Embed(c.vocab_size, c.d_model, self.dtype, stddev=c.d_model ** -0.5 if bert_like else 1.0,
                             name="token_embed")
         if c.position == "learned":
             self.learned = Embed(c.max_length, c.d_model, self.dtype, ("length_table", "embed"), 0.02,
@@ -146,9 +161,8 @@ class SoftPrompt(nn.Module):
     def __call__(self, x_BSD: Array, mask: Array, positions_BS: Array) -> tuple[Array, Array, Array]:
         c = self.config
         length, batch = c.prompt_length, x_BSD.shape[0]
-        unscaled_tied = c.tie_output_embedding and not c.scale_tied_output and not c.embedding_norm
-        stddev = c.d_model ** -0.5 if unscaled_tied else 1.0  # the scale of the embedded tokens beside it
-        prompt = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev), (None, "embed")),
+        # Unit scale, as the embedded tokens beside it (BERT's are normalised to it).
+        prompt = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
                             (length, c.d_model), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x_BSD.dtype), (batch, length, c.d_model)), x_BSD], 1)
         mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (length,), bool), mask], -1)
@@ -185,7 +199,8 @@ class EncoderDecoder(nn.Module):
         c = self.config
         self.embedder = Embedder(c, name="embed")
         self.encoder = Stack(c, c.num_encoder_layers, causal=False, name="encoder")
-        self.decoder = Stack(c, c.num_decoder_layers, causal=True, cross_attention=True, name="decoder")
+        self.decoder = Stack(c, c.num_decoder_layers, causal=True, cross_attention=True,
+                             final_norm_scale=output_norm_scale(c), name="decoder")
         self.output = _untied_output(c)
         self.dropout = nn.Dropout(c.dropout_rate)
         self.prompt = SoftPrompt(c, name="prompt") if c.prompt_length else None
@@ -308,7 +323,8 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         self.embedder = Embedder(c, name="embed")
-        self.decoder = Stack(c, c.num_decoder_layers, causal=True, name="decoder")
+        self.decoder = Stack(c, c.num_decoder_layers, causal=True, final_norm_scale=output_norm_scale(c),
+                             name="decoder")
         self.output = _untied_output(c)
         self.dropout = nn.Dropout(c.dropout_rate)
 
