@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from crosswrite_jax.errors import UserError
+
+log = logging.getLogger("crosswrite")
 
 
 class MetricsWriter:
@@ -16,6 +21,7 @@ class MetricsWriter:
         self._tensorboard = None
         if enabled:
             workdir = Path(workdir)
+            drop_torn_tail(workdir / "metrics.jsonl")
             self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
             from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
@@ -47,9 +53,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cuts an unfinished last line (a run killed mid-write) so that appended records start on their own line."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: dropped an unfinished last line left by a stopped run", path)
+
+
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
+    """All records of a run's metrics.jsonl. A torn last line (what a killed run leaves) is skipped with a
+    warning; a bad line anywhere else is an error naming FILE:LINE."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: unreadable ({error})") from None
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "split" not in record or "step" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError as error:
+            if number == numbered[-1][0]:
+                log.warning("%s:%d: skipped a torn last line (a run stopped mid-write)", path, number)
+                break
+            raise UserError(f"{path}:{number}: not a metrics record ({error}); remove the line or restore "
+                            f"the file") from None
+        records.append(record)
+    return records

@@ -12,7 +12,7 @@ import jax
 
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
-from crosswrite_jax.data import sources, text_sources
+from crosswrite_jax.data import sources, subsets, text_sources
 from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
 from crosswrite_jax.errors import UserError
 
@@ -38,9 +38,17 @@ class Run:
         """(source, target) pairs: data.dataset's parallel files, or data.examples (one pair per reference)."""
         d = self.config.data
         if not d.examples:
+            if self._seeded(split, max_examples):
+                pairs = sources.read_parallel(self.dataset_path(), split, d.source_lang, d.target_lang)
+                return subsets.seeded_subset(pairs, max_examples, d.train_subset_seed)
             return sources.read_parallel(self.dataset_path(), split, d.source_lang, d.target_lang, max_examples)
         return [(source, reference) for source, references in self.read_examples(split, max_examples)
                 for reference in references]
+
+    def _seeded(self, split: str, max_examples: int) -> bool:
+        """Whether the N examples kept of this split are drawn with data.train_subset_seed (else the first N)."""
+        d = self.config.data
+        return max_examples > 0 and d.train_subset_seed >= 0 and split == d.train_split
 
     def dataset_path(self) -> str:
         """data.dataset, a relative folder found under data.data_dir or $CROSSWRITE_DATA when not in the cwd."""
@@ -67,6 +75,9 @@ class Run:
         if not d.examples:
             raise UserError(f"task '{self.config.task}' reads labeled examples, but config key 'data.examples' is "
                             f"empty; name them there, e.g. --config.data.examples='tsv:sst2/{{split}}.tsv?text=0&label=1'")
+        if self._seeded(split, max_examples):
+            examples = labeled.read_examples(self.config.task, d.examples, split, d.data_dir or None)
+            return subsets.seeded_subset(examples, max_examples, d.train_subset_seed)
         return labeled.read_examples(self.config.task, d.examples, split, d.data_dir or None, max_examples)
 
     def documents(self, spec: str):
