@@ -1,9 +1,18 @@
-"""README's results table is the one scripts/make_results.py wrote into docs/RESULTS.md: no figure drifts."""
+"""docs/RESULTS.md and README's table are what scripts/make_results.py renders from docs/results/summary.json,
+and every current row's command still builds the config its run recorded: no figure or default drifts."""
 
+import dataclasses
 import importlib.util
+import json
+import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+from crosswrite_jax import config as config_lib
+
+FIELDS = ("section", "run", "metric", "mean", "std", "seeds", "labeled_examples", "wall_seconds", "command")
 
 
 def _script():
@@ -14,11 +23,27 @@ def _script():
     return module
 
 
-def test_readme_results_table_matches_results_md():
+def _summary():
+    return json.loads((ROOT / "docs" / "results" / "summary.json").read_text())
+
+
+def test_results_md_and_readme_are_rendered_from_the_summary_rows():
     make_results = _script()
-    block = make_results.readme_block((ROOT / "docs" / "RESULTS.md").read_text())
+    text = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert text == make_results.render_stored(_summary())
+    block = make_results.readme_block(text)
     assert block.count("\n|") >= 3  # a header, a rule and at least one measured row
     assert block in (ROOT / "README.md").read_text()
+
+
+def test_every_row_has_the_machine_readable_fields():
+    rows = _summary()["rows"]
+    assert rows
+    for row in rows:
+        missing = [f for f in FIELDS if f not in row]
+        assert not missing, (row["run"], missing)
+        assert row["mean"] == row["scores"][row["metric"]]
+        assert (row["std"] is None) == (row.get("seeds_found", 1) < 2), row["run"]
 
 
 def test_every_png_results_md_shows_exists():
@@ -27,12 +52,64 @@ def test_every_png_results_md_shows_exists():
         assert (ROOT / "docs" / name).is_file(), name
 
 
-def test_side_by_side_section_shows_both_sides_or_is_listed_as_not_run():
+def _flat(config) -> dict:
+    return config_lib._flatten(json.loads(json.dumps(config_lib.to_dict(config))))
+
+
+DISPLAY_ONLY = ("train.progress_bar",)  # keys that change what a run prints, never what it computes
+
+
+def _current_rows():
+    return [r for r in _summary()["rows"] if not r.get("legacy") and not r.get("code_commit")]
+
+
+def test_rows_of_older_code_name_a_commit_of_this_repository():
+    for row in _summary()["rows"]:
+        if row.get("code_commit"):
+            assert row["command"].startswith(f"git checkout {row['code_commit']} && ")
+            done = subprocess.run(["git", "cat-file", "-e", f"{row['code_commit']}^{{commit}}"], cwd=ROOT)
+            assert done.returncode == 0, row["code_commit"]
+
+
+@pytest.mark.parametrize("row", _current_rows(), ids=lambda r: f"{r['run']}-beam{r.get('beam_size', 1)}")
+def test_current_rows_commands_rebuild_the_config_their_run_recorded(row):
+    """A default that changes after a row was measured must be stated in its command, or this fails."""
+    make_results = _script()
+    assert row["config"], f"{row['run']}: no saved config"
+    built = _flat(make_results.command_config(row["command"], row["seeds"][0]))
+    saved = config_lib._flatten(row["config"])
+    for key in DISPLAY_ONLY:
+        saved.pop(key), built.pop(key)
+    if not built["data.labels"]:  # labels found in the training split are recorded by training
+        saved.pop("data.labels"), built.pop("data.labels")
+    differing = {k: (built.get(k), saved.get(k)) for k in set(built) | set(saved) if built.get(k) != saved.get(k)}
+    assert not differing, f"{row['run']}: command builds (built, saved) {differing}"
+
+
+def test_rows_over_seeds_are_means_with_sample_deviation_and_before_values(tmp_path):
+    make_results = _script()
+    e = make_results.Experiment("s", "run", "what", "crosswrite train --config configs/quickstart.py "
+                                "--workdir runs/run_s{seed} --config.train.seed={seed}", "", ("bleu",),
+                                seeds=(0, 1, 2), labeled_examples=290)
+    for seed, (before, best) in enumerate([(1.0, 10.0), (2.0, 12.0), (3.0, 14.0)]):
+        folder = tmp_path / f"run_s{seed}"
+        folder.mkdir()
+        records = [{"step": 0, "split": "val", "bleu": before}, {"step": 50, "split": "val", "bleu": best},
+                   {"step": 100, "split": "val", "bleu": best - 5},
+                   {"step": 100, "split": "summary", "seconds": 60.0 * (seed + 1)}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        config = dataclasses.replace(config_lib.Config(), train=config_lib.TrainConfig(seed=seed))
+        config_lib.save_json(config, folder / "config.json")
+    row = make_results.measure(e, tmp_path)
+    assert (row["mean"], row["std"], row["seeds_found"]) == (12.0, 2.0, 3)
+    assert row["before"] == {"bleu": 2.0} and row["wall_seconds"] == 120.0 and row["labeled_examples"] == 290
+    assert "bleu 12.00 ± 2.00 (3 seeds)" in make_results.render([row], [], None, {})
+
+
+def test_side_by_side_section_shows_both_sides_or_is_left_out():
     make_results = _script()
     result = {"steps": 432, "learning_rate": 1e-4, "ours_accuracy": 88.1, "pytorch_accuracy": 87.6,
               "ours_seconds": 600.0, "pytorch_seconds": 900.0, "ratio": 1.5}
-    shown = make_results.render([], [], [], result)
+    shown = make_results.render([], [], result, {})
     assert "| crosswrite_jax | 88.10 | 10m 00s |" in shown and "**1.50x**" in shown
-    assert "## Not run yet" not in shown
-    absent = make_results.render([], [], [], None)
-    assert "## Not run yet" in absent and "sst2_vs_pytorch.py" in absent.split("## Not run yet")[1]
+    assert "Side by side" not in make_results.render([], [], None, {})
