@@ -65,3 +65,22 @@ def on_span_corruption_encoder(base: "Config", name: str, steps: int, **head) ->
     """A MiniLM labeling recipe moved onto the span-corruption T5's encoder: same data and schedule, AdamW at 5e-4."""
     return dataclasses.replace(base, name=name, model=span_corruption_encoder(**head), optimizer=adamw(5e-4, steps),
                                train=dataclasses.replace(base.train, init_from=SPAN_CORRUPTION_RUN))
+
+
+MLM_RUN = "runs/pretrain_mlm"
+
+
+def mlm_encoder(**head) -> "ModelConfig":  # noqa: F821
+    """The encoder of this project's masked-LM pretraining run (configs/pretrain_mlm.py) with a task head."""
+    import pretrain_mlm
+
+    return dataclasses.replace(pretrain_mlm.get_config().model, mlm_max_predictions=0, dropout_rate=0.1, **head)
+
+
+def on_mlm_encoder(base: "Config", name: str, steps: int, learning_rate: float, **head) -> "Config":  # noqa: F821
+    """A MiniLM labeling recipe moved onto the masked-LM run's encoder: same data and schedule, AdamW at
+    `learning_rate`, a fresh pooler and classifier, and a validation every eighth of the run (patience 3)."""
+    train = dataclasses.replace(base.train, init_from=MLM_RUN, init_exclude=("pooler/.*", "classifier/.*"),
+                                eval_every=steps // 8, early_stopping_patience=3)
+    return dataclasses.replace(base, name=name, model=mlm_encoder(**head), optimizer=adamw(learning_rate, steps),
+                               train=train)

@@ -26,7 +26,7 @@ def get_config() -> Config:
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=40, schedule="cosine"),
         train=TrainConfig(steps=400, batch_size=32, label_smoothing=0.1, eval_every=100, eval_batches=8,
                           log_every=50, best_metric="rougeL", eval_decode_examples=100,
-                          init_from="runs/pretrain_span_corruption"),
+                          init_from="runs/pretrain_span_corruption", eval_at_start=True, early_stopping_patience=2),
         peft=PeftConfig(learning_rate=3e-3),
         eval=EvalConfig(split="dev", batch_size=128, max_decode_length=48),
         checkpoint=CheckpointConfig(every=400, max_to_keep=1),

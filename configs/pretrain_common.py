@@ -21,15 +21,16 @@ def data(tokenizer_model: str, inputs_length: int = 128, targets_length: int = 1
                       tokenizer_model=tokenizer_model)
 
 
-def optimizer() -> OptimizerConfig:
-    return OptimizerConfig(learning_rate=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.01)
+def optimizer(learning_rate: float = 1e-3, warmup_steps: int = 100) -> OptimizerConfig:
+    return OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup_steps, schedule="cosine",
+                           weight_decay=0.01)
 
 
-def train(steps: int = 400) -> TrainConfig:
-    """A CPU-sized run: 16 rows a step, held-out loss before, every 200 steps and at the end."""
-    return TrainConfig(steps=steps, batch_size=16, label_smoothing=0.0, eval_every=200, eval_batches=40,
-                       eval_at_start=True, log_every=50)
+def train(steps: int = 400, batch_size: int = 16, eval_every: int = 200) -> TrainConfig:
+    """A CPU-sized run: held-out loss before, every `eval_every` steps and at the end."""
+    return TrainConfig(steps=steps, batch_size=batch_size, label_smoothing=0.0, eval_every=eval_every,
+                       eval_batches=40, eval_at_start=True, log_every=50)
 
 
-def checkpoint() -> CheckpointConfig:
-    return CheckpointConfig(every=200, max_to_keep=2)
+def checkpoint(every: int = 200) -> CheckpointConfig:
+    return CheckpointConfig(every=every, max_to_keep=2)
