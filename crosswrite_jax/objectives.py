@@ -10,9 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from crosswrite_jax.data.tokenizer import PAD_ID
 from crosswrite_jax.errors import UserError
-
-PAD_ID = 0
 
 
 def _require(condition: bool, message: str) -> None:

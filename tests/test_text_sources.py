@@ -133,6 +133,26 @@ def test_glob_order_is_sorted_and_skips_directories(tmp_path):
     assert read_documents("text:**/*.txt", str(tmp_path)) == ["a.txt", "b10.txt", "b2.txt", "sub/z.txt"]
 
 
+def test_documents_sentence_pairs_and_tokenizer_input_read_lines_alike(tmp_path, monkeypatch):
+    from crosswrite_jax.data import tokenizer
+    from crosswrite_jax.data.sources import read_parallel
+
+    data = "\ufefffirst\r\nsecond\rthird\n".encode("utf-8")  # a BOM, CRLF, a lone CR
+    write(tmp_path / "train.en", data)
+    write(tmp_path / "train.de.gz", data, gz=True)
+    lines = ["first", "second", "third"]
+    assert read_documents("text:train.en", str(tmp_path)) == lines
+    assert read_parallel(str(tmp_path), "train", "en", "de") == list(zip(lines, lines))
+    monkeypatch.setenv("CROSSWRITE_DATA", str(tmp_path / "elsewhere"))  # tokenizer input is relative to the cwd
+    monkeypatch.chdir(tmp_path)
+    assert tokenizer.read_lines(["train.*"]) == lines * 2  # train.de.gz, then train.en
+    assert tokenizer.read_lines(["train.en", "./train.en"], max_lines=2) == lines[:2]  # one file, read once
+    write(tmp_path / "bad.txt", b"ok\ncaf\xe9\n")
+    for call in (lambda: tokenizer.read_lines(["bad.txt"]), lambda: read_documents("text:bad.txt", str(tmp_path))):
+        with pytest.raises(UserError, match=r"bad.txt:2: not UTF-8 text \(byte 0xe9 at column 4"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
 
 

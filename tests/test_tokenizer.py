@@ -224,7 +224,7 @@ def test_cli_tokenizer_train_bad_input_is_one_line_exit_2(tmp_path, monkeypatch,
     (tmp_path / "latin1.txt").write_bytes("fine\nCafé crème\n".encode("latin-1"))
     assert cli.main([*base, "--input", "*.txt"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "latin1.txt: line 2 is not UTF-8" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "latin1.txt:2: not UTF-8" in err and "Traceback" not in err
 
     (tmp_path / "blank.text").write_text("\n  \n", encoding="utf-8")
     assert cli.main([*base, "--input", "blank.text"]) == 2

@@ -32,9 +32,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from crosswrite_jax.data import pipeline
-from crosswrite_jax.data.text_sources import (_BOOLEANS, _as_text, _field, _missing_field, read_conll, read_delimited,
-                                              read_jsonl, resolve_paths)
+from crosswrite_jax.data import pipeline, specs
+from crosswrite_jax.data.files import resolve_paths
+from crosswrite_jax.data.text_sources import (_as_text, _field, _missing_field, read_conll, read_delimited,
+                                              read_jsonl)
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
 
@@ -64,56 +65,35 @@ def _check_task(task: str) -> None:
         raise UserError(f"config key 'task' is {task!r}; choose one of {', '.join(TASKS)}")
 
 
+def _grammar(task: str) -> specs.Grammar:
+    """The formats and options a labeled source for `task` accepts."""
+    first, second = _FIELDS[task]
+    options: dict[str, dict[str, str]] = {}
+    for fmt in _TASK_FORMATS[task]:
+        if fmt == "jsonl":
+            options[fmt] = {first: first, second: second, "encoding": "utf-8"}
+        elif fmt == "conll":
+            options[fmt] = {first: "0", second: "-1", "encoding": "utf-8"}
+        else:
+            options[fmt] = {first: "0", second: "1", "header": "true" if fmt == "csv" else "false",
+                            "encoding": "utf-8"}
+    hints = {key: " / ".join(t for t, f in _FIELDS.items() if key in f)
+             for key in {k for f in _FIELDS.values() for k in f} - {first, second}}
+    return specs.Grammar(options=options, examples={fmt: _EXAMPLES[task] for fmt in options}, purpose=task,
+                         refused={fmt: f"cannot hold {task} examples" for fmt in FORMATS if fmt not in options},
+                         option_hints=hints)
+
+
 def _parse(task: str, spec: str) -> tuple[str, str, dict[str, str]]:
     """(format, path pattern, options with defaults) of a spec whose {split} is already filled in."""
-    example = _EXAMPLES[task]
-    fmt, colon, rest = spec.strip().partition(":")
-    fmt = fmt.strip().lower()
-    if not colon or fmt not in FORMATS:
-        raise UserError(f"source '{spec}': {'no format prefix' if not colon else f'unknown format {fmt!r}'}; "
-                        f"write FORMAT:PATH with FORMAT one of {', '.join(_TASK_FORMATS[task])} for {task} "
-                        f"(e.g. '{example}')")
-    if fmt not in _TASK_FORMATS[task]:
-        raise UserError(f"source '{spec}': format {fmt} cannot hold {task} examples; use one of "
-                        f"{', '.join(_TASK_FORMATS[task])} (e.g. '{example}')")
-    pattern, query = rest, ""
-    head, question, tail = rest.rpartition("?")
-    if question and tail and all("=" in part for part in tail.split("&")):
-        pattern, query = head, tail
-    pattern = pattern.strip()
-    if not pattern:
-        raise UserError(f"source '{spec}' names no file; e.g. '{example}'")
-    first, second = _FIELDS[task]
-    if fmt == "jsonl":
-        defaults = {first: first, second: second}
-    elif fmt == "conll":
-        defaults = {first: "0", second: "-1"}
-    else:
-        defaults = {first: "0", second: "1", "header": "true" if fmt == "csv" else "false"}
-    defaults["encoding"] = "utf-8"
-    options: dict[str, str] = {}
-    for part in query.split("&") if query else ():
-        key, _, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if key not in defaults:
-            other = [t for t, f in _FIELDS.items() if key in f]
-            why = f" ('{key}' is for {' / '.join(other)})" if other else ""
-            raise UserError(f"source '{spec}': unknown option '{key}' for {task} from {fmt}{why}; valid options: "
-                            f"{', '.join(defaults)} (e.g. '{example}')")
-        if key in options:
-            raise UserError(f"source '{spec}': option '{key}' is given twice; keep one")
-        if not value:
-            raise UserError(f"source '{spec}': option '{key}' is empty; give a value (e.g. '{example}')")
-        options[key] = value
-    options = {**defaults, **options}
-    if "header" in options and options["header"].lower() not in _BOOLEANS:
-        raise UserError(f"source '{spec}': header={options['header']!r} is not true or false")
-    if fmt == "conll":
-        for key in (first, second):
+    source = specs.parse(spec, _grammar(task))
+    options = source.options
+    if source.format == "conll":
+        for key in _FIELDS[task]:
             if not _is_int(options[key]):
                 raise UserError(f"source '{spec}': {key}={options[key]!r} is not a column index (0 is the first, "
                                 f"-1 the last)")
-    return fmt, pattern, options
+    return source.format, source.pattern, options
 
 
 def _is_int(value: str) -> bool:
@@ -142,7 +122,7 @@ def _read_delimited(task: str, path: str, fmt: str, options: dict[str, str], lim
     rows = read_delimited(path, "\t" if fmt == "tsv" else ",", encoding=options["encoding"])
     count = len(rows[0][1])
     names = None
-    if _BOOLEANS[options["header"].lower()]:
+    if specs.flag(options, "header"):
         number, header = rows[0]
         names = [n.strip() for n in header]
         rows = rows[1:]
@@ -254,7 +234,7 @@ def read_examples(task: str, spec: str, split: str, data_dir: str | None = None,
     filled = spec.replace("{split}", split)
     fmt, pattern, options = _parse(task, filled)
     examples: list = []
-    for path in resolve_paths(pattern, data_dir, filled):
+    for path in resolve_paths(pattern, data_dir, label=f"source '{filled}'"):
         limit = max_examples - len(examples) if max_examples else 0
         if fmt in ("tsv", "csv"):
             examples.extend(_read_delimited(task, path, fmt, options, limit))

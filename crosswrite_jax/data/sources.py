@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib.resources
 from pathlib import Path
 from typing import Any
 
+from crosswrite_jax.data.files import read_lines
 from crosswrite_jax.errors import UserError
 
 BUNDLED = "multi30k_sample"
 _SPLIT_ALIASES = {"test": ("test", "test_2016_flickr")}
-
-
-def _decode_lines(data: bytes, name: str) -> list[str]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{name}: not UTF-8 text ({error}); convert it to UTF-8") from None
-    if text.endswith("\n"):
-        text = text[:-1]
-    if not text:
-        return []
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-
-
-def _read_lines(path: Any) -> list[str]:
-    """Lines of a (possibly gzipped) UTF-8 file, trailing newlines stripped."""
-    data = path.read_bytes()
-    if path.name.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise UserError(f"{path}: not a valid gzip file ({error})") from None
-    return _decode_lines(data, str(path))
 
 
 def _find(root: Any, split: str, lang: str, where: str) -> Any:
@@ -60,7 +37,7 @@ def read_parallel(dataset: str, split: str, source_lang: str, target_lang: str,
         where = f"'{root}'"
     source_path = _find(root, split, source_lang, where)
     target_path = _find(root, split, target_lang, where)
-    sources, targets = _read_lines(source_path), _read_lines(target_path)
+    sources, targets = read_lines(source_path, allow_empty=True), read_lines(target_path, allow_empty=True)
     if len(sources) != len(targets):
         raise UserError(f"'{source_path}' has {len(sources)} lines but '{target_path}' has {len(targets)}; "
                         f"the two sides of a split must be line-aligned")

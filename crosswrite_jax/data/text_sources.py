@@ -14,30 +14,28 @@ A source is a spec string ``FORMAT:PATTERN[?key=value&key=value]``:
   ``name:version``, ...) read with random access through ``tfds.data_source`` (ArrayRecord; no TensorFlow needed).
   Nothing is downloaded: prepare the dataset first with ``file_format='array_record'``.
 
-Local files may be gzipped (``.gz``), are UTF-8 (a leading BOM is dropped; option ``encoding=utf-8,latin-1`` tries
-each listed codec in turn per file) and may have CRLF line ends. Relative
-patterns resolve against the ``data_dir`` argument, else ``$CROSSWRITE_DATA``, else the current directory; glob
-matches are read in sorted order. Local documents are stripped of surrounding whitespace and empty ones are dropped.
+The spec language itself is `crosswrite_jax.data.specs`; paths and reading are `crosswrite_jax.data.files`: local
+files may be gzipped (``.gz``), are UTF-8 (a leading BOM is dropped; option ``encoding=utf-8,latin-1`` tries each
+listed codec in turn per file) and may have CRLF or CR line ends. Relative patterns resolve against the ``data_dir``
+argument, else ``$CROSSWRITE_DATA``, else the current directory; glob matches are read in sorted order. Local
+documents are stripped of surrounding whitespace and empty ones are dropped.
 """
 
 from __future__ import annotations
 
-import codecs
 import collections.abc
 import csv
-import dataclasses
-import glob
-import gzip
 import io
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
+from crosswrite_jax.data import specs
+from crosswrite_jax.data.files import base_dir, read_lines, resolve_paths
+from crosswrite_jax.data.specs import SourceSpec
 from crosswrite_jax.errors import UserError
 
-ENV_DATA_DIR = "CROSSWRITE_DATA"
 FORMATS = ("text", "tsv", "csv", "jsonl", "conll", "tfds")
 TEXT_DOCUMENTS = ("line", "paragraph", "file")
 _EXAMPLES = {
@@ -57,17 +55,8 @@ _OPTIONS: dict[str, dict[str, str | None]] = {
     "conll": {"column": "0", "encoding": "utf-8"},
     "tfds": {"split": None, "field": None, "data_dir": ""},
 }
-_BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+_GRAMMAR = specs.Grammar(options=_OPTIONS, examples=_EXAMPLES)
 _CONLL_SPLIT = re.compile(r"[ \t]+")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """A parsed source spec: ``format:pattern?options`` (options hold the defaults filled in)."""
-
-    format: str
-    pattern: str
-    options: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------- spec
@@ -75,178 +64,24 @@ class SourceSpec:
 
 def parse_source(spec: str) -> SourceSpec:
     """Parses and validates a source spec string; raises UserError naming the spec and the fix."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"source {spec!r} is empty; write FORMAT:PATTERN with FORMAT one of {', '.join(FORMATS)} "
-                        f"(e.g. '{_EXAMPLES['text']}')")
-    fmt, colon, rest = spec.strip().partition(":")
-    if not colon:
-        raise UserError(f"source '{spec}' has no format prefix; write FORMAT:PATTERN with FORMAT one of "
-                        f"{', '.join(FORMATS)} (e.g. 'text:{spec}')")
-    fmt = fmt.strip().lower()
-    if fmt not in FORMATS:
-        raise UserError(f"source '{spec}': unknown format '{fmt}'; use one of {', '.join(FORMATS)} "
-                        f"(e.g. '{_EXAMPLES['text']}')")
-    pattern, query = rest, ""
-    head, question, tail = rest.rpartition("?")
-    # A '?' is a glob wildcard unless what follows it is key=value options.
-    if question and tail and all("=" in part for part in tail.split("&")):
-        pattern, query = head, tail
-    pattern = pattern.strip()
-    allowed = _OPTIONS[fmt]
-    what = "dataset name" if fmt == "tfds" else "file path or glob"
-    if not pattern:
-        raise UserError(f"source '{spec}' names no {what}; e.g. '{_EXAMPLES[fmt]}'")
-    options: dict[str, str] = {}
-    for part in query.split("&") if query else ():
-        key, _, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if key not in allowed:
-            raise UserError(f"source '{spec}': unknown option '{key}' for format {fmt}; valid options: "
-                            f"{', '.join(allowed)} (e.g. '{_EXAMPLES[fmt]}')")
-        if key in options:
-            raise UserError(f"source '{spec}': option '{key}' is given twice; keep one")
-        options[key] = value
-    for key, default in allowed.items():
-        if key not in options:
-            if default is None:
-                raise UserError(f"source '{spec}': format {fmt} needs option '{key}' (e.g. '{_EXAMPLES[fmt]}')")
-            options[key] = default
-    _check_values(spec, fmt, options)
-    return SourceSpec(format=fmt, pattern=pattern, options=options)
+    source = specs.parse(spec, _GRAMMAR)
+    _check_values(spec, source.format, source.options)
+    return source
 
 
 def _check_values(spec: str, fmt: str, options: dict[str, str]) -> None:
     if fmt == "text" and options["document"] not in TEXT_DOCUMENTS:
         raise UserError(f"source '{spec}': document={options['document']!r} is not one of "
                         f"{', '.join(TEXT_DOCUMENTS)}")
-    if "header" in options and options["header"].lower() not in _BOOLEANS:
-        raise UserError(f"source '{spec}': header={options['header']!r} is not true or false")
     if "column" in options:
         column = options["column"]
-        by_name = fmt in ("tsv", "csv") and _BOOLEANS[options["header"].lower()]
-        if not column:
-            raise UserError(f"source '{spec}': column is empty; give a column index (0 is the first)"
-                            + (" or a header name" if by_name else ""))
-        if not by_name and not (column.isdigit()):
+        by_name = fmt in ("tsv", "csv") and specs.flag(options, "header")
+        if not by_name and not column.isdigit():
             hint = " or set header=true to pick a column by its header name" if fmt in ("tsv", "csv") else ""
             raise UserError(f"source '{spec}': column={column!r} is not a column index (0, 1, ...){hint}")
-    if "encoding" in options:
-        for name in _encodings(options["encoding"]):
-            try:
-                codecs.lookup(name)
-            except LookupError:
-                raise UserError(f"source '{spec}': encoding {name!r} is not a known codec; use e.g. "
-                                f"encoding=utf-8 or encoding=utf-8,latin-1") from None
-    for key in ("field", "split"):
-        if key in options and not options[key]:
-            raise UserError(f"source '{spec}': option '{key}' is empty; e.g. '{_EXAMPLES[fmt]}'")
-
-
-def _encodings(value: str | tuple[str, ...]) -> tuple[str, ...]:
-    names = value.split(",") if isinstance(value, str) else value
-    return tuple(n.strip() for n in names if n.strip()) or ("utf-8",)
-
-
-# ---------------------------------------------------------------------------------------------------------- paths
-
-
-def _base_dir(data_dir: str | os.PathLike | None) -> tuple[str, str]:
-    """The directory relative patterns resolve against ('' for the current directory), and where it came from."""
-    if data_dir is not None and str(data_dir):
-        return os.path.expanduser(str(data_dir)), "the data_dir argument"
-    env = os.environ.get(ENV_DATA_DIR, "")
-    if env:
-        return os.path.expanduser(env), f"${ENV_DATA_DIR}"
-    return "", "the current directory"
-
-
-def resolve_paths(pattern: str, data_dir: str | os.PathLike | None = None, spec: str | None = None) -> list[str]:
-    """The files a path or glob names, sorted; relative ones resolve against data_dir / $CROSSWRITE_DATA / cwd."""
-    label = f"source '{spec}'" if spec else f"'{pattern}'"
-    pattern = os.path.expanduser(pattern)
-    base, origin = _base_dir(data_dir)
-    where = f"{os.path.abspath(base or os.curdir)} ({origin})"
-    if os.path.isabs(pattern):
-        where = "an absolute path"
-    if not glob.has_magic(pattern):
-        path = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
-        if os.path.isdir(path):
-            raise UserError(f"{label}: '{path}' is a directory, not a file; name the files in it, "
-                            f"e.g. '{os.path.join(pattern, '*.txt')}'")
-        if not os.path.isfile(path):
-            raise UserError(f"{label}: file '{pattern}' not found, resolved against {where}; check the path, "
-                            f"or set the data directory (data_dir / ${ENV_DATA_DIR})")
-        return [path]
-    if os.path.isabs(pattern):
-        matches = sorted(glob.glob(pattern, recursive=True))
-    else:
-        matches = sorted(os.path.join(base, m) for m in glob.glob(pattern, root_dir=base or None, recursive=True))
-    files = [m for m in matches if os.path.isfile(m)]
-    if not matches:
-        raise UserError(f"{label}: glob '{pattern}' matches no file, resolved against {where}; check the "
-                        f"pattern, or set the data directory (data_dir / ${ENV_DATA_DIR})")
-    if not files:
-        raise UserError(f"{label}: glob '{pattern}' matches only directories ({', '.join(matches[:3])}), resolved "
-                        f"against {where}; make it match files, e.g. '{os.path.join(pattern, '*')}'")
-    return files
 
 
 # ---------------------------------------------------------------------------------------------------------- files
-
-
-def _read_text(path: str | os.PathLike, encoding: str | tuple[str, ...] = "utf-8") -> str:
-    """The text of a (possibly gzipped) file with CRLF/CR line ends made LF; UserError if unusable.
-
-    ``encoding`` is a codec or a comma-separated list (or tuple) of codecs tried in turn (e.g. 'utf-8,latin-1').
-    """
-    name = str(path)
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{name}: is a directory, not a file; name the files in it (e.g. '{name}/*')")
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{name}: file not found; check the path") from None
-    except OSError as error:
-        raise UserError(f"{name}: cannot read the file ({error.strerror or error}); check its permissions") from None
-    if name.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise UserError(f"{name}: not a valid gzip file ({error}); re-compress it or drop the .gz suffix") \
-                from None
-    if not data:
-        raise UserError(f"{name}: file is empty{' after decompression' if name.endswith('.gz') else ''}; "
-                        f"remove it or make the pattern not match it")
-    names = _encodings(encoding)
-    first_error: UnicodeDecodeError | None = None
-    for codec in names:
-        try:
-            text = data.decode("utf-8-sig" if codecs.lookup(codec).name == "utf-8" else codec)
-            break
-        except UnicodeDecodeError as error:
-            first_error = first_error or error
-        except LookupError:
-            raise UserError(f"{name}: encoding {codec!r} is not a known codec; use e.g. 'utf-8,latin-1'") from None
-    else:
-        error = first_error
-        data = error.object  # without a BOM that utf-8-sig dropped: offsets are into this
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        tried = "UTF-8" if names == ("utf-8",) else f"decodable as {' or '.join(names)}"
-        raise UserError(f"{name}:{line}: not {tried} text (byte 0x{data[error.start]:02x} at column {column}: "
-                        f"{error.reason}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or add "
-                        f"encoding=utf-8,latin-1 to the source spec (encoding= argument of the readers)") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _lines(text: str) -> list[str]:
-    """Lines split on LF only (not on the other characters str.splitlines breaks at); no final empty line."""
-    if text.endswith("\n"):
-        text = text[:-1]
-    return text.split("\n")
 
 
 def _columns(n: int) -> str:
@@ -262,15 +97,15 @@ def read_delimited(path: str | os.PathLike, delimiter: str, expected_columns: in
     must have ``expected_columns`` fields, or as many as the first row when that is None.
     """
     name = str(path)
-    text = _read_text(path, encoding)
+    lines = read_lines(path, encoding)
     kind = "tab-separated" if delimiter == "\t" else f"'{delimiter}'-separated"
     rows: list[tuple[int, list[str]]] = []
     if delimiter == "\t":
-        for number, line in enumerate(_lines(text), 1):
+        for number, line in enumerate(lines, 1):
             if line.strip():
                 rows.append((number, line.split("\t")))
     else:
-        stream = io.StringIO(text, newline="")
+        stream = io.StringIO("\n".join(lines), newline="")
         reader = csv.reader(stream, delimiter=delimiter, strict=True)
         previous_end = 0
         while True:
@@ -300,7 +135,7 @@ def read_jsonl(path: str | os.PathLike, *, encoding: str = "utf-8") -> list[tupl
     """(line number, parsed value) of each non-blank line of a JSON Lines file."""
     name = str(path)
     records: list[tuple[int, Any]] = []
-    for number, line in enumerate(_lines(_read_text(path, encoding)), 1):
+    for number, line in enumerate(read_lines(path, encoding), 1):
         if not line.strip():
             continue
         try:
@@ -323,7 +158,7 @@ def read_conll(path: str | os.PathLike, min_columns: int = 1, *,
     name = str(path)
     sentences: list[list[tuple[int, list[str]]]] = []
     current: list[tuple[int, list[str]]] = []
-    for number, line in enumerate(_lines(_read_text(path, encoding)), 1):
+    for number, line in enumerate(read_lines(path, encoding), 1):
         stripped = line.strip(" \t\ufeff\u200b")  # a stray byte-order mark or zero-width space is blank
         if not stripped or stripped.startswith("-DOCSTART-"):
             if current:
@@ -380,10 +215,9 @@ def _missing_field(where: str, field: str, error: KeyError) -> UserError:
 
 
 def _text_documents(path: str, document: str, encoding: str) -> list[str]:
-    text = _read_text(path, encoding)
+    lines = read_lines(path, encoding)
     if document == "file":
-        return [text]
-    lines = _lines(text)
+        return ["\n".join(lines)]
     if document == "line":
         return lines
     paragraphs, block = [], []
@@ -448,14 +282,14 @@ def read_documents(spec: str, data_dir: str | None = None) -> collections.abc.Se
     if source.format == "tfds":
         return _tfds_documents(spec, source, data_dir)
     documents: list[str] = []
-    paths = resolve_paths(source.pattern, data_dir, spec)
+    paths = resolve_paths(source.pattern, data_dir, label=f"source '{spec}'")
     for path in paths:
         encoding = options["encoding"]
         if source.format == "text":
             found = _text_documents(path, options["document"], encoding)
         elif source.format in ("tsv", "csv"):
             found = _delimited_documents(path, "\t" if source.format == "tsv" else ",", options["column"],
-                                         _BOOLEANS[options["header"].lower()], encoding)
+                                         specs.flag(options, "header"), encoding)
         elif source.format == "jsonl":
             found = _jsonl_documents(path, options["field"], encoding)
         else:
@@ -542,7 +376,7 @@ def _tfds_documents(spec: str, source: SourceSpec, data_dir: str | None) -> Tfds
     if tfds_dir and "://" not in tfds_dir:
         tfds_dir = os.path.expanduser(tfds_dir)
         if not os.path.isabs(tfds_dir):
-            base, _ = _base_dir(data_dir)
+            base, _ = base_dir(data_dir)
             tfds_dir = os.path.join(base, tfds_dir)
     where = tfds_dir or "TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     label = f"tfds '{source.pattern}' split '{options['split']}'"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import json
 import math
@@ -20,6 +18,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from crosswrite_jax.data import files
 from crosswrite_jax.errors import UserError
 
 PAD_ID = 0
@@ -289,47 +288,23 @@ def read_lines(patterns: Iterable[str], max_lines: int | None = None) -> list[st
         raise UserError("no input files given; pass --input GLOB (e.g. --input 'data/*.txt')")
     if max_lines is not None and max_lines < 1:
         raise UserError(f"max lines is {max_lines}; use a positive number or leave it out")
-    files: list[Path] = []
+    paths: list[Path] = []
     for pattern in patterns:
-        matched = sorted(Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                         if os.path.isfile(f))
-        if not matched:
-            raise UserError(f"input '{pattern}' matches no files (looked from {Path.cwd()}); check the path "
-                            f"or quote the glob")
-        files.extend(f for f in matched if f not in files)
+        matched = files.resolve_paths(pattern, label=f"input '{pattern}'", env=False)  # relative to the cwd
+        paths.extend(p for p in map(Path, matched) if p not in paths)
     lines: list[str] = []
-    for path in files:
+    for path in paths:
         if max_lines is not None and len(lines) >= max_lines:
             break
-        lines.extend(_read_text_file(path, None if max_lines is None else max_lines - len(lines)))
+        for line in files.iter_lines(path, allow_empty=True):  # streamed: max_lines reads no more than it needs
+            if line.strip():
+                lines.append(line)
+                if max_lines is not None and len(lines) >= max_lines:
+                    break
     if not lines:
-        raise UserError(f"input {', '.join(repr(p) for p in patterns)} holds no text ({len(files)} file(s), "
+        raise UserError(f"input {', '.join(repr(p) for p in patterns)} holds no text ({len(paths)} file(s), "
                         f"all blank); pass files with one text per line")
     return lines
-
-
-def _read_text_file(path: Path, limit: int | None) -> list[str]:
-    """Non-blank lines of one UTF-8 (optionally gzipped) file, at most `limit` of them."""
-    out: list[str] = []
-    number = 0
-    try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
-            for number, raw in enumerate(handle, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise UserError(f"{path}: line {number} is not UTF-8 (byte {error.start}: {error.reason}); "
-                                    f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    out.append(line)
-                    if limit is not None and len(out) >= limit:
-                        break
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise UserError(f"{path}: unreadable after line {number} ({error}); pass a text or .gz text file") from None
-    return out
 
 
 def special_tokens(mask: bool = False, sentinels: int = 0) -> list[str]:
