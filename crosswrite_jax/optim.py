@@ -16,7 +16,7 @@ TRAIN, FREEZE = "train", "freeze"
 
 def path_str(path: tuple) -> str:
     """'encoder/layer_0/mlp/wi/kernel' for a pytree key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def parameter_paths(params: Any) -> list[str]:
