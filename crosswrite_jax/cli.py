@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="translate, continue, classify or tag each input line")
     predict.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
     predict.add_argument("--input", default=None, help="a text file, one input per line (default: stdin)")
-    predict.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    predict.add_argument("--step", type=int, default=None,
+                         help="checkpoint step (default: the run's best/ checkpoint if it has one, else the newest)")
+    serve = _serve_command(commands)
 
     quick = commands.add_parser("quickstart", help="train on the bundled Multi30k sample, then evaluate")
     quick.add_argument("--workdir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
@@ -96,10 +98,31 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
     for sub in (tokenizer, tok_train):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    for sub in (train, bench, evaluate, predict, quick, keys, import_hf, export_hf, compile_check, ckpt, verify, peft,
+    for sub in (train, bench, evaluate, predict, serve, quick, keys, import_hf, export_hf, compile_check, ckpt, verify, peft,
                 peft_export, peft_merge, report):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
+
+
+def _serve_command(commands) -> argparse.ArgumentParser:
+    serve = commands.add_parser("serve", help="an HTTP server for predict, batching concurrent requests together")
+    serve.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
+    serve.add_argument("--checkpoint", default=None,
+                       help="'best', 'newest' or a STEP (default: best/ if the run has one, else the newest)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=16, help="texts run together at most (default: 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a text waits for others to fill its batch (default: 5)")
+    serve.add_argument("--batch-sizes", default="",
+                       help="compiled batch sizes, e.g. 1,4,16 (default: powers of 4 below --max-batch, and it)")
+    serve.add_argument("--overlong", choices=("truncate", "refuse"), default="truncate",
+                       help="a text longer than the longest input: truncate it as predict does, or refuse it (413)")
+    serve.add_argument("--max-texts", type=int, default=64, help="texts in one request at most (default: 64)")
+    serve.add_argument("--max-chars", type=int, default=10_000, help="characters in one text at most (default: 10000)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="texts waiting for a batch at most; more get 503 (default: 256)")
+    return serve
 
 
 def quickstart_config_path() -> Path:
@@ -173,6 +196,19 @@ def run_predict(args, overrides) -> dict:
     summary = predict(args.workdir, input_path=args.input, step=args.step, overrides=overrides)
     print(json.dumps(summary), file=sys.stderr, flush=True)  # stdout holds the predictions only
     return {}
+
+
+def run_serve(args, overrides) -> dict:
+    from crosswrite_jax.serve import ServeOptions, serve
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise UserError(f"--batch-sizes takes numbers separated by commas, e.g. 1,4,16; got {args.batch_sizes!r}")
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           batch_sizes=sizes, overlong=args.overlong, max_texts=args.max_texts,
+                           max_chars=args.max_chars, max_queue=args.max_queue)
+    return serve(args.workdir, options, checkpoint=args.checkpoint, overrides=overrides)
 
 
 def run_quickstart(args, overrides) -> dict:
@@ -289,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("train", "quickstart"):
                 logging.getLogger("crosswrite_jax").info("XLA compilation cache: %s", folder or "off")
         handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
+                   "serve": run_serve,
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
                    "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check, "bench": run_bench,
                    "peft": run_peft, "report": run_report}

@@ -101,7 +101,8 @@ def test_classification_trains_keeps_the_best_and_evaluates_and_predicts(tmp_pat
     rows = [line.split("\t") for line in Path(newest["predictions_file"]).read_text().splitlines()]
     (tmp_path / "in.txt").write_text("".join(f"{text}\n" for text, _, _ in rows))
     capsys.readouterr()
-    assert main(["predict", "--workdir", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt")]) == 0
+    assert main(["predict", "--workdir", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt"),
+                 "--step", str(newest["step"])]) == 0  # by default predict takes best/, as eval --checkpoint above
     assert capsys.readouterr().out.split() == [guess for _, _, guess in rows]
 
 
