@@ -21,9 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crosswrite_jax import integrity
+from crosswrite_jax import config as config_lib, integrity
+from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.state import StateLayout, TrainState
+from crosswrite_jax.workdir import CHECKPOINTS, CONFIG_FILE
 
 PARAMS, OPT_STATE, METADATA, DATA = "params", "opt_state", "metadata", "data"
 
@@ -56,6 +58,9 @@ def remove_unfinished_saves(directory: str | Path) -> list[str]:
     """Deletes `<step>.orbax-checkpoint-tmp*` directories (saves interrupted before their commit) on process 0.
 
     Only names matching that pattern are touched, never a committed step. Returns the names removed.
+    Not Orbax's CheckpointManagerOptions(cleanup_tmp_directories=True): in orbax-checkpoint 0.12.8 that runs in a
+    background thread awaited only by the next save (not by close), and removes every directory whose name merely
+    contains '.orbax-checkpoint-tmp' (e.g. a user's 'notes.orbax-checkpoint-tmp').
     """
     if jax.process_index() != 0:
         return []
@@ -117,6 +122,23 @@ def save(manager: ocp.CheckpointManager, state: TrainState, metadata: dict[str, 
     if data_iterator is not None:  # its position now, not when the async write gets to it
         items[DATA] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_iterator.get_state()))
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def write_run(out: str | Path, config: Config, params: Any, metadata: dict[str, Any]) -> None:
+    """Writes a run directory that starts from `params`: config.json and checkpoints/0 (params and metadata).
+
+    The tokenizer is the caller's to add (tokenizer/). Training or evaluation can then use the directory as is.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save_json(config, out / CONFIG_FILE)
+    manager = open_manager(out / CHECKPOINTS, async_save=False)
+    try:
+        manager.save(0, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
+                                                   METADATA: ocp.args.JsonSave(dict(metadata, step=0))}))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 class _IteratorPosition:

@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from crosswrite_jax import checkpoint, config as config_lib, sharding
 from crosswrite_jax.config import Config
@@ -42,15 +41,9 @@ def import_hf(source: str | Path, out: str | Path) -> dict[str, Any]:
     params = hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config))
     task = {"encoder_decoder": "span_corruption", "encoder": "mlm", "decoder": "causal_lm"}[model_config.family]
     config = Config(name=f"imported-{kind}", task=task, model=model_config)
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save_json(config, out / CONFIG_FILE)
-    copied = _copy_tokenizer(source, out / TOKENIZER)
-    manager = checkpoint.open_manager(out / CHECKPOINTS, async_save=False)
     metadata = {"step": 0, "source": str(source), "architecture": kind, "tokenizer_fingerprint": None}
-    manager.save(0, args=ocp.args.Composite(**{checkpoint.PARAMS: ocp.args.StandardSave(params),
-                                               checkpoint.METADATA: ocp.args.JsonSave(metadata)}))
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.write_run(out, config, params, metadata)
+    copied = _copy_tokenizer(source, out / TOKENIZER)
     count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     return {"command": "import-hf", "architecture": kind, "parameters": count, "tokenizer_files": copied,
             "workdir": str(out)}
