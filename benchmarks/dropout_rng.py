@@ -22,7 +22,8 @@ import jax
 
 from crosswrite_jax import bench as bench_lib
 from crosswrite_jax import config as config_lib
-from crosswrite_jax.train import Trainer, to_global_batch
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_DROPOUT = "no dropout"

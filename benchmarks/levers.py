@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from crosswrite_jax import bench as bench_lib
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.models import layers
-from crosswrite_jax import train as train_lib
+from crosswrite_jax import trainer as trainer_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 XLA_FLAGS = ["--xla_cpu_use_onednn=true", "--xla_cpu_enable_fast_math=true", "--xla_cpu_use_xnnpack=true",
@@ -65,7 +65,7 @@ def patched(obj, name, value):
 
 
 def jit_without_donation(self):
-    step = train_lib.make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
+    step = trainer_lib.make_train_step(self.model, self.task, self.tx, self.schedule, self.config.train.label_smoothing,
                                      self.config.train.seed + 1, self.config.train.grad_accum_steps,
                                      self.config.train.logits_chunk_length, self.config.train.dropout_rng)
     from crosswrite_jax import sharding
@@ -121,7 +121,7 @@ def main() -> None:
     if want("bf16"):
         results["bfloat16 compute"] = row("bfloat16 compute", run({"model.dtype": "bfloat16"}))
     if want("donation"):
-        with patched(train_lib.Trainer, "jit_train_step", jit_without_donation):
+        with patched(trainer_lib.Trainer, "jit_train_step", jit_without_donation):
             results["no donation"] = row("no donation", run())
     if want("accumulation"):
         results["grad_accum_steps 4"] = row("grad_accum_steps 4", run({"train.grad_accum_steps": 4}))

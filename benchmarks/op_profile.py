@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crosswrite_jax import bench  # noqa: E402
 from crosswrite_jax import config as config_lib  # noqa: E402
 from crosswrite_jax import sharding  # noqa: E402
-from crosswrite_jax.train import Trainer, to_global_batch  # noqa: E402
+from crosswrite_jax.sharding import to_global_batch  # noqa: E402
+from crosswrite_jax.trainer import Trainer  # noqa: E402
 
 # Trace events that are not XLA ops (the runtime's own spans) and so are left out of the op table.
 _NOT_OPS = re.compile(r"^(PjitFunction|ThunkExecutor|Execute|TfrtCpu|PjRt|np\.|jit_|\$|TraceMe|Thunk::)")
@@ -74,8 +75,8 @@ def build(args) -> tuple[Trainer, list]:
         shape = {k: v.shape for k, v in batches[0].items()}
         same = [b for b in batches if {k: v.shape for k, v in b.items()} == shape]  # one compiled shape
         if len(same) < args.steps + 2:
-            raise SystemExit(f"error: only {len(same)} of the first {len(batches)} batches have the first batch's shape; "
-                             f"lower --steps")
+            raise SystemExit(f"error: only {len(same)} of the first {len(batches)} batches have the first batch's "
+                             f"shape; lower --steps")
         return trainer, same[:args.steps + 2]
     import vs_pytorch
 

@@ -22,7 +22,9 @@ from crosswrite_jax import sharding
 from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.models.transformer import PAD_ID
-from crosswrite_jax.train import Trainer, make_dataset, to_global_batch
+from crosswrite_jax.batches import make_dataset
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.trainer import Trainer
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.py"
 
@@ -61,7 +63,8 @@ def main() -> None:
     pairs = read_parallel(base.data.dataset, "train", base.data.source_lang, base.data.target_lang)
     tokenizer = Tokenizer.train([s for p in pairs for s in p], base.model.vocab_size)
     variants = {
-        "bucketed, 64 pairs": {"data.packing": False, "train.batch_size": 64, "data.bucket_lengths": (16, 24, 32, 48, 64)},
+        "bucketed, 64 pairs": {"data.packing": False, "train.batch_size": 64,
+                               "data.bucket_lengths": (16, 24, 32, 48, 64)},
         "packed, 16 rows of 64": {},
         "packed, dropout 0.1": {"model.dropout_rate": 0.1},
     }

@@ -46,7 +46,9 @@ from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.models import hf, presets
 from crosswrite_jax.models.transformer import PAD_ID
-from crosswrite_jax.train import Trainer, make_dataset, to_global_batch
+from crosswrite_jax.batches import make_dataset
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES = dict(vocab_size=8000, d_model=256, num_heads=4, d_ff=1024, dropout_rate=0.0)
@@ -270,7 +272,7 @@ def alternate(name: str, ours: Ours, theirs: Theirs, our_batches, their_batches,
     return {"ours": a, "pytorch": b, "ratio": round(a[metric] / b[metric], 2), "metric": f"{metric} tokens/s"}
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("t5", "bert"), default="t5")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a few minutes on 2 cores)")
@@ -285,6 +287,11 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data:
         parser.error("pass --data ../shared/data or set CROSSWRITE_DATA")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     steps, rounds = (3, 2) if args.quick else (args.steps, args.rounds)
     count = steps * rounds + 2
     config = (t5_config if args.model == "t5" else bert_config)(args.data, steps=1000)

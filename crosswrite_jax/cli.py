@@ -21,7 +21,14 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Any command takes --config.KEY=VALUE overrides, e.g. --config.train.steps=100.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
+    debuggable = _run_commands(commands) + _model_commands(commands) + _tool_commands(commands)
+    for sub in debuggable:
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    return parser
 
+
+def _run_commands(commands) -> list[argparse.ArgumentParser]:
+    """train, bench, eval, predict, quickstart, keys."""
     train = commands.add_parser("train", help="train (or resume) a run from a config file")
     train.add_argument("--config", required=True, help="a python config file, e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory; resumes from its newest checkpoint")
@@ -52,7 +59,32 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="list every config key with its value")
     keys.add_argument("--config", default=None, help="a config file (default: the base config)")
+    return [train, bench, evaluate, predict, serve, quick, keys]
 
+
+def _serve_command(commands) -> argparse.ArgumentParser:
+    serve = commands.add_parser("serve", help="an HTTP server for predict, batching concurrent requests together")
+    serve.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
+    serve.add_argument("--checkpoint", default=None,
+                       help="'best', 'newest' or a STEP (default: best/ if the run has one, else the newest)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=16, help="texts run together at most (default: 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a text waits for others to fill its batch (default: 5)")
+    serve.add_argument("--batch-sizes", default="",
+                       help="compiled batch sizes, e.g. 1,4,16 (default: powers of 4 below --max-batch, and it)")
+    serve.add_argument("--overlong", choices=("truncate", "refuse"), default="truncate",
+                       help="a text longer than the longest input: truncate it as predict does, or refuse it (413)")
+    serve.add_argument("--max-texts", type=int, default=64, help="texts in one request at most (default: 64)")
+    serve.add_argument("--max-chars", type=int, default=10_000, help="characters in one text at most (default: 10000)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="texts waiting for a batch at most; more get 503 (default: 256)")
+    return serve
+
+
+def _model_commands(commands) -> list[argparse.ArgumentParser]:
+    """import-hf, export-hf, compile-check, peft export / merge."""
     import_hf = commands.add_parser("import-hf", help="a Hugging Face BERT / T5 / Llama directory -> a run directory")
     import_hf.add_argument("source", help="directory with config.json and model.safetensors (or an index)")
     import_hf.add_argument("out", help="new run directory: config.json, tokenizer/, checkpoints/0")
@@ -77,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     merge_source.add_argument("--adapters", help="a directory written by `crosswrite peft export`")
     peft_merge.add_argument("--out", required=True, help="new run directory: config.json, tokenizer/, checkpoints/0")
     peft_merge.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: newest)")
+    return [import_hf, export_hf, compile_check, peft, peft_export, peft_merge]
+
+
+def _tool_commands(commands) -> list[argparse.ArgumentParser]:
+    """report, checkpoint verify, tokenizer train."""
     report = commands.add_parser("report", help="curves of runs' metrics.jsonl as PNG files, and a summary table")
     report.add_argument("workdirs", nargs="+", help="run directories")
     report.add_argument("--out", default="report", help="folder for the PNG files (default: report)")
@@ -96,33 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--no-mask", action="store_true", help="do not add a <mask> token")
     tok_train.add_argument("--max-lines", type=int, default=None, help="read at most this many texts")
     tok_train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
-    for sub in (tokenizer, tok_train):
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    for sub in (train, bench, evaluate, predict, serve, quick, keys, import_hf, export_hf, compile_check, ckpt, verify, peft,
-                peft_export, peft_merge, report):
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    return parser
-
-
-def _serve_command(commands) -> argparse.ArgumentParser:
-    serve = commands.add_parser("serve", help="an HTTP server for predict, batching concurrent requests together")
-    serve.add_argument("--workdir", required=True, help="a run directory written by `crosswrite train`")
-    serve.add_argument("--checkpoint", default=None,
-                       help="'best', 'newest' or a STEP (default: best/ if the run has one, else the newest)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    serve.add_argument("--max-batch", type=int, default=16, help="texts run together at most (default: 16)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0,
-                       help="how long a text waits for others to fill its batch (default: 5)")
-    serve.add_argument("--batch-sizes", default="",
-                       help="compiled batch sizes, e.g. 1,4,16 (default: powers of 4 below --max-batch, and it)")
-    serve.add_argument("--overlong", choices=("truncate", "refuse"), default="truncate",
-                       help="a text longer than the longest input: truncate it as predict does, or refuse it (413)")
-    serve.add_argument("--max-texts", type=int, default=64, help="texts in one request at most (default: 64)")
-    serve.add_argument("--max-chars", type=int, default=10_000, help="characters in one text at most (default: 10000)")
-    serve.add_argument("--max-queue", type=int, default=256,
-                       help="texts waiting for a batch at most; more get 503 (default: 256)")
-    return serve
+    return [report, ckpt, verify, tokenizer, tok_train]
 
 
 def quickstart_config_path() -> Path:
@@ -229,7 +240,8 @@ def run_quickstart(args, overrides) -> dict:
 def run_keys(args, overrides) -> dict:
     from crosswrite_jax import config as config_lib
 
-    config = _load_config(args.config, overrides) if args.config else config_lib.override(config_lib.Config(), overrides)
+    config = (_load_config(args.config, overrides) if args.config
+              else config_lib.override(config_lib.Config(), overrides))
     for key in config_lib.all_keys(config):
         print(f"{key} = {config_lib.get(config, key)!r}")
     return {}
@@ -293,12 +305,12 @@ def run_report(args, overrides) -> dict:
 
 
 def run_peft(args, overrides) -> dict:
-    from crosswrite_jax import peft
+    from crosswrite_jax import adapters
 
     _no_overrides(overrides, f"peft {args.peft_command}")
     if args.peft_command == "export":
-        return peft.export_adapters(args.workdir, args.out, args.step)
-    return peft.merge(args.out, workdir=args.workdir, adapters=args.adapters, step=args.step)
+        return adapters.export_adapters(args.workdir, args.out, args.step)
+    return adapters.merge(args.out, workdir=args.workdir, adapters=args.adapters, step=args.step)
 
 
 def _no_overrides(overrides: dict, command: str) -> None:
@@ -327,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"train": run_train, "eval": run_eval, "predict": run_predict, "quickstart": run_quickstart,
                    "serve": run_serve,
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
-                   "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check, "bench": run_bench,
+                   "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check,
+                   "bench": run_bench,
                    "peft": run_peft, "report": run_report}
         result = handler[args.command](args, overrides)
     except UserError as error:

@@ -23,32 +23,12 @@ import jax
 import numpy as np
 
 from crosswrite_jax import sharding
+from crosswrite_jax.chips import ALIASES, CHIPS, GiB, Chip
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.flops import step_flops
+from crosswrite_jax.trainer import Trainer
 
-GiB = 1024 ** 3
-
-
-@dataclass(frozen=True)
-class Chip:
-    """One TPU generation: memory and bf16 peak per chip, and how its slices are named."""
-
-    generation: str
-    hbm_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s
-    dims: int  # 2: a 2D torus (v5e, v6e); 3: a 3D torus (v4, v5p)
-    cores_per_chip_in_name: int  # v4-8 and v5p-8 count TensorCores (4 chips); v5litepod-8 counts chips
-    accelerator_type: str  # a single-host type libtpu accepts while it describes the topology
-
-
-CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "v4-8"),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, "v5litepod-4"),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 3, 2, "v5p-8"),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, "v6e-4"),
-}
-ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 EXAMPLES = "v5e-256, v5litepod-16, v4-128, v5p-256, v6e-64 or v5e:16x16, v4:4x4x8"
 
 
@@ -234,9 +214,6 @@ def compile_check(config: Config, topology_name: str) -> Report:
 
 
 def _compile_check(config: Config, topology_name: str) -> Report:
-    from crosswrite_jax.models.transformer import param_shapes
-    from crosswrite_jax.train import Trainer
-
     topology = parse_topology(topology_name)
     slices = math.prod(abs(s) for s in config.mesh.dcn_shape)
     devices = topology_devices(topology, slices)
@@ -277,7 +254,7 @@ def _compile_check(config: Config, topology_name: str) -> Report:
         temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(total), compiled_flops_per_chip=flops,
         bytes_accessed_per_chip=accessed, model_flops_per_step=model_flops, step_time_lower_bound_s=lower_bound,
         mfu_ceiling=min(model_flops / (chips * topology.chip.peak_flops * lower_bound), 1.0),
-        parameters=sum(math.prod(s) for s in param_shapes(config.model).values()))
+        parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.layout.abstract.params)))
 
 
 def _cost(compiled) -> dict[str, float]:

@@ -1,4 +1,6 @@
-"""Evaluation from a checkpoint: restore params onto the devices present, decode a split, score it."""
+"""Evaluation: restore a checkpoint's params onto the devices present (in `state.build_layout`'s shards), the
+teacher-forced eval steps, scoring (decoded splits, labeled splits, held-out loss) and training's periodic
+validation. Never imports the training modules."""
 
 from __future__ import annotations
 
@@ -6,24 +8,26 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from crosswrite_jax import checkpoint, sharding
-from crosswrite_jax.data import pipeline
+from crosswrite_jax.batches import validation_batches
+from crosswrite_jax.data import labeled, pipeline
 from crosswrite_jax.decode import describe, make_decoder
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.losses import SUMS, summarize, task_losses, token_losses
 from crosswrite_jax.metrics import summarization_scores, translation_scores
-from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
-from crosswrite_jax.state import strip_boxes
-from crosswrite_jax.tasks import get_task
+from crosswrite_jax.state import StateLayout, build_layout
+from crosswrite_jax.tasks import Task, get_task, labeling
 from crosswrite_jax.workdir import Run, check_tokenizer, load_run, locate_checkpoint
 
 log = logging.getLogger("crosswrite")
@@ -79,15 +83,8 @@ def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, A
     if jax.devices()[0].platform != "gpu":  # a run trained with cuDNN attention evaluates anywhere: same math
         overrides.setdefault("model.attention_kernel", "xla")
     run = load_run(workdir, overrides)
-    mesh = sharding.make_mesh(run.config.mesh.shape)
-    rules = sharding.logical_rules(run.config.mesh.rules)
-    model = build_model(run.config.model)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda key: model.init(key, *example_inputs(run.config.model))["params"],
-                               jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), strip_boxes(boxed),
-                            shardings)
+    layout = build_layout(run.config, sharding.make_mesh(run.config.mesh.shape))
+    abstract = layout.abstract_with_shardings().params
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else run.checkpoint_dir
     manager = checkpoint.open_manager(folder, read_only=True)
     try:
@@ -99,7 +96,7 @@ def restore(workdir: str | Path, step: int | None = None, overrides: dict[str, A
     finally:
         manager.close()
     check_tokenizer(metadata, run.tokenizer, folder)
-    return Restored(run, mesh, rules, model, shardings, params, step)
+    return Restored(run, layout.mesh, layout.rules, layout.model, layout.shardings.params, params, step)
 
 
 def evaluate(workdir: str | Path | None = None, *, step: int | None = None, split: str | None = None,
@@ -155,8 +152,6 @@ def _record(restored: Restored, scores: dict[str, float]) -> None:
 def labeled_scores(restored: Restored) -> dict[str, Any]:
     """Classification (accuracy, macro-F1) or tagging (seqeval entity P/R/F1 per type) scores of eval.split;
     predictions are written next to the gold labels."""
-    from crosswrite_jax.train import LabeledSplit, jit_labeled_eval_step, score_labeled
-
     run, c = restored.run, restored.run.config
     task = get_task(c.task)
     split = LabeledSplit.read(run, c.eval.split, padded_batch_size(restored, c.eval.batch_size), c.eval.max_examples)
@@ -182,8 +177,6 @@ def labeled_scores(restored: Restored) -> dict[str, Any]:
 
 def held_out_scores(restored: Restored) -> dict[str, Any]:
     """Loss, perplexity and accuracy of a pretraining run's objective over all of data.eval_sources."""
-    from crosswrite_jax.train import make_eval_step, summarize, to_global_batch, validation_batches
-
     run = restored.run
     task = get_task(run.config.task)
     if not run.config.data.eval_sources:
@@ -191,17 +184,11 @@ def held_out_scores(restored: Restored) -> dict[str, Any]:
                         f"'data.eval_sources' is empty; pass --config.data.eval_sources='text:FILE' (or another "
                         f"source spec), or use `crosswrite predict` to generate")
     batches = validation_batches(run, task, limit=0)
-    batch_sharding = sharding.batch_sharding(restored.mesh)
-    step = jax.jit(make_eval_step(restored.model, task, label_smoothing=0.0),
-                   in_shardings=(restored.param_shardings, batch_sharding), out_shardings=sharding.replicated(restored.mesh))
-    totals = {"loss_sum": 0.0, "nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    step = jit_eval_step(restored.model, task, 0.0, 0, restored.param_shardings, restored.mesh)
     with restored.context():
-        for batch in batches:
-            sums = jax.device_get(step(restored.params, to_global_batch(batch, restored.mesh)))
-            for key in totals:
-                totals[key] += float(sums[key])
-    scores = dict(summarize(totals), step=restored.step, task=task.name, split="eval_sources",
-                  batches=len(batches), devices=jax.device_count())
+        scores = held_out_loss(step, restored.params, batches, restored.mesh)
+    scores.update(step=restored.step, task=task.name, split="eval_sources", batches=len(batches),
+                  devices=jax.device_count())
     if jax.process_index() == 0:
         writer = MetricsWriter(run.workdir)
         writer.write(restored.step, "held_out", {k: scores[k] for k in ("loss", "perplexity", "accuracy", "tokens")})
@@ -243,3 +230,121 @@ def translate_split(restored: Restored, split: str | None = None, max_examples: 
                 if row >= 0:
                     hypotheses[row] = text
     return hypotheses, references
+
+
+def make_eval_step(model: nn.Module, task: Task, label_smoothing: float, predictions: bool = False,
+                   logits_chunk_length: int = 0) -> Callable[[Any, dict], dict]:
+    """`eval_step(params, batch) -> summed losses`, teacher-forced, no dropout; with `predictions`, also the
+    argmax label ids of the same forward pass (classification, tagging) under 'predictions'."""
+
+    def eval_step(params, batch):
+        if not predictions:
+            return task_losses(model, task, {"params": params}, batch, True, {}, label_smoothing, logits_chunk_length)
+        logits, targets, weights = task.forward(model, {"params": params}, batch, True, {})
+        sums = token_losses(logits, targets, weights, label_smoothing)
+        sums["predictions"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sums
+
+    return eval_step
+
+
+def jit_eval_step(model: nn.Module, task: Task, label_smoothing: float, logits_chunk_length: int, param_shardings,
+                  mesh: Mesh):
+    """The jitted teacher-forced losses step, sharded like training."""
+    step = make_eval_step(model, task, label_smoothing, logits_chunk_length=logits_chunk_length)
+    return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def jit_labeled_eval_step(model: nn.Module, task: Task, label_smoothing: float, param_shardings, mesh: Mesh):
+    """The jitted losses-and-predictions step of classification / tagging, sharded like training."""
+    batch = sharding.batch_sharding(mesh)
+    sums = {k: sharding.replicated(mesh) for k in SUMS}
+    return jax.jit(make_eval_step(model, task, label_smoothing, predictions=True),
+                   in_shardings=(param_shardings, batch), out_shardings=dict(sums, predictions=batch))
+
+
+def held_out_loss(eval_step, params, batches: list[dict[str, np.ndarray]], mesh: Mesh) -> dict[str, float]:
+    """Per-token loss, NLL, perplexity and accuracy of `eval_step` summed over host batches (in the mesh context)."""
+    totals = {k: 0.0 for k in SUMS}
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, sharding.to_global_batch(batch, mesh)))
+        for k in totals:
+            totals[k] += float(sums[k])
+    return summarize(totals)
+
+
+@dataclass
+class LabeledSplit:
+    """A classification / tagging split to score: its examples and their in-order batches (same on every process)."""
+
+    examples: list
+    batches: list[dict[str, np.ndarray]]
+
+    @classmethod
+    def read(cls, run: Run, split: str, batch_size: int, max_examples: int = 0) -> "LabeledSplit":
+        d = run.config.data
+        examples = run.read_examples(split, max_examples)
+        batches = labeled.eval_batches(run.config.task, examples, run.tokenizer, d.labels, batch_size=batch_size,
+                                       max_length=d.max_source_length, bucket_lengths=d.bucket_lengths)
+        return cls(examples, batches)
+
+
+MODEL_KEYS = ("inputs", "labels", "tags")
+
+
+def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh: Mesh, eval_step,
+                  params) -> tuple[dict[str, Any], list]:
+    """(loss and task scores over the whole split, predicted label or tags per example)."""
+    totals = {k: 0.0 for k in SUMS}
+    predictions = []
+    spec = sharding.batch_sharding(mesh)
+    for batch in split.batches:
+        arrays = {k: jax.make_array_from_callback(v.shape, spec, lambda index, v=v: v[index])
+                  for k, v in batch.items() if k in MODEL_KEYS}
+        out = eval_step(params, arrays)
+        for k in totals:
+            totals[k] += float(jax.device_get(out[k]))
+        predictions.append(np.asarray(multihost_utils.process_allgather(out["predictions"], tiled=True)))
+    predicted = labeling.predicted_labels(task.name, split.batches, predictions, split.examples, labels)
+    scores = labeling.scores(task.name, predicted, split.examples)
+    return dict(summarize(totals), **scores), predicted
+
+
+class Validator:
+    """Periodic validation during training: teacher-forced loss on held-out batches, plus BLEU / ROUGE of the
+    first train.eval_decode_examples decoded; classification and tagging score the whole eval split instead
+    (accuracy and macro-F1, or entity F1)."""
+
+    def __init__(self, run: Run, layout: StateLayout, task: Task):
+        config = run.config
+        self.run, self.task = run, task
+        self.restored = Restored(run, layout.mesh, layout.rules, layout.model, layout.shardings.params, None, 0)
+        if task.labeled:
+            self.split = LabeledSplit.read(run, config.data.eval_split,
+                                           padded_batch_size(self.restored, config.eval.batch_size))
+            self.eval_step = jit_labeled_eval_step(layout.model, task, config.train.label_smoothing,
+                                                   layout.shardings.params, layout.mesh)
+        else:
+            self.eval_step = jit_eval_step(layout.model, task, config.train.label_smoothing,
+                                           config.train.logits_chunk_length, layout.shardings.params, layout.mesh)
+            self.batches = validation_batches(run, task)
+        self.decoded = config.train.eval_decode_examples if task.name in ("translation", "summarization") else 0
+        if self.decoded:
+            self.decode = self.restored.decoder(config.eval.max_decode_length)
+
+    def __call__(self, params) -> dict[str, Any]:
+        if self.task.labeled:
+            with self.restored.context():
+                scores, _ = score_labeled(self.split, self.task, self.run.config.data.labels, self.restored.mesh,
+                                          self.eval_step, params)
+            return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        with self.restored.context():
+            scores = held_out_loss(self.eval_step, params, self.batches, self.restored.mesh)
+        if self.decoded:  # greedy (or as decode.* say) outputs of the first examples, scored
+            self.restored.params = params
+            hypotheses, references = translate_split(self.restored, self.run.config.data.eval_split, self.decoded,
+                                                     self.decode)
+            scores.update({k: v for k, v in generation_scores(self.task.name, hypotheses, references).items()
+                           if isinstance(v, (int, float))})
+        return scores

@@ -30,6 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
+from crosswrite_jax.chips import CHIPS
 from crosswrite_jax.config import ModelConfig
 
 
@@ -154,7 +155,7 @@ _TPU_NAMES = {"tpuv4": "v4", "tpuv5lite": "v5e", "tpuv5e": "v5e", "tpuv5p": "v5p
 
 
 def device_peak_flops(device=None) -> float | None:
-    """Dense bf16 peak of a known accelerator (TPU chips from compile_check's table, NVIDIA GPUs from
+    """Dense bf16 peak of a known accelerator (TPU chips from chips.CHIPS, NVIDIA GPUs from
     GPU_PEAK_FLOPS); None for CPUs and unknown chips."""
     import jax
 
@@ -164,7 +165,5 @@ def device_peak_flops(device=None) -> float | None:
         return next((peak for name, peak in GPU_PEAK_FLOPS if name in kind), None)
     if device.platform != "tpu":
         return None
-    from crosswrite_jax.compile_check import CHIPS  # noqa: WPS433 (only for TPU runs)
-
     chip = CHIPS.get(_TPU_NAMES.get(kind.replace(" ", ""), ""))  # e.g. "TPU v5 lite", "TPU v4"
     return chip.peak_flops if chip else None

@@ -15,6 +15,7 @@ from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf
 from crosswrite_jax.models.transformer import param_shapes
+from crosswrite_jax.state import build_layout
 from crosswrite_jax.workdir import CHECKPOINTS, CONFIG_FILE, TOKENIZER, locate_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -55,12 +56,10 @@ def export_hf(source: str | Path, out: str | Path) -> dict[str, Any]:
     config = config_lib.load_json(run_dir / CONFIG_FILE)
     kind = hf.kind_of(config.model)
     config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, shape=(1, 1, 1)))
-    from crosswrite_jax.train import Trainer  # the layout (shapes + shardings) of this model on one device
-
-    trainer = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    layout = build_layout(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))  # this model on one device
     manager = checkpoint.open_manager(checkpoint_dir, read_only=True)
     try:
-        params, _, step = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params, step)
+        params, _, step = checkpoint.restore_params(manager, layout.abstract_with_shardings().params, step)
     finally:
         manager.close()
     params = jax.tree.map(np.asarray, jax.device_get(params))

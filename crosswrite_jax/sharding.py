@@ -108,6 +108,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array sharded over (data, fsdp)."""
+    spec = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(spec, v) for k, v in local_batch.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A fully replicated sharding."""
     return NamedSharding(mesh, PartitionSpec())

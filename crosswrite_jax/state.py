@@ -1,18 +1,25 @@
-"""TrainState and its sharded creation: eval_shape -> logical specs -> jit(init, out_shardings)."""
+"""TrainState and the one sharded layout of a model on a mesh: eval_shape -> logical specs -> NamedShardings for
+parameters and optimizer state -> jit(init, out_shardings). Training, evaluation, prediction, PEFT, Hugging Face
+export, bench, compile checks and the golden sharding tests all take their layout from `build_layout`."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from crosswrite_jax.optim import path_str
+from crosswrite_jax import peft, sharding
+from crosswrite_jax.config import Config
+from crosswrite_jax.models.transformer import build_model, example_inputs
+from crosswrite_jax.optim import make_optimizer
 
 
 @flax.struct.dataclass
@@ -26,53 +33,72 @@ class TrainState:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Shapes and shardings of a TrainState, known before anything is allocated."""
+    """Shapes and shardings of a model's TrainState on a mesh, known before anything is allocated, and the model,
+    optimizer and initializer they were derived from."""
 
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings
     param_logical_specs: Any  # PartitionSpecs over logical axis names
+    mesh: Mesh
+    rules: Any  # logical axis name -> mesh axes
+    model: nn.Module
+    tx: optax.GradientTransformation
+    labels: Any  # 'train' / 'freeze' per parameter
+    init_params: Callable[[jax.Array], Any]  # key -> (boxed) parameters
 
     def abstract_with_shardings(self) -> TrainState:
         """ShapeDtypeStructs carrying their target sharding, as Orbax restore wants them."""
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract, self.shardings)
 
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Mesh and logical rules in force while tracing."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
-def optimizer_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Gives each optimizer-state leaf its parameter's sharding (matched by path suffix and shape)."""
-    by_path = {}
-    for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
-                                       jax.tree.leaves(param_shardings)):
-        by_path[path_str(path)] = (shape.shape, sharding)
+    def create_state(self, seed: int) -> TrainState:
+        """Fresh parameters and optimizer state, created in their shards."""
+        with self.context():
+            return create_state(self.init_params, self.tx, self, jax.random.key(seed))
+
+
+def build_layout(config: Config, mesh: Mesh) -> StateLayout:
+    """The model of `config.model`, its optimizer (labels from optimizer.freeze and peft.*) and the shapes and
+    shardings of their state on `mesh` under `config.mesh.rules`, from abstract evaluation alone."""
+    rules = sharding.logical_rules(config.mesh.rules)
+    model = build_model(config.model)
+    dummy = example_inputs(config.model)
+    init = lambda key: model.init({"params": key}, *dummy)["params"]  # noqa: E731
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda: init(jax.random.key(0)))  # traced key: the mesh may be compile-only
+        rule = peft.trainable_rule(config)
+        param_shapes = strip_boxes(boxed)
+        peft.check_trainable(config, list(traverse_util.flatten_dict(param_shapes, sep="/")), rule)
+        tx, labels = make_optimizer(config.optimizer, param_shapes, config.train.steps, rule)
+        logical_specs = nn.get_partition_spec(boxed)
+        param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+        opt_shapes = jax.eval_shape(tx.init, param_shapes)
     replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes, opt_state=opt_shapes)
+    shardings = TrainState(step=replicated, params=param_shardings,
+                           opt_state=optimizer_state_shardings(tx, opt_shapes, param_shardings, replicated))
+    return StateLayout(abstract, shardings, logical_specs, mesh, rules, model, tx, labels, init)
 
-    def match(path, leaf):
-        name = path_str(path)
-        for param_path, (shape, sharding) in by_path.items():
-            if (name == param_path or name.endswith("/" + param_path)) and leaf.shape == shape:
-                return sharding
-        return replicated
 
-    return jax.tree_util.tree_map_with_path(match, opt_shapes)
+def optimizer_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any, param_shardings: Any,
+                              replicated: NamedSharding) -> Any:
+    """Each parameter-shaped optimizer-state leaf (moments) gets its parameter's sharding, every other leaf
+    (step counts) is replicated; frozen parameters hold no moments (`MaskedNode`s stay as they are)."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda leaf, spec: leaf if masked(leaf) else spec, opt_shapes, param_shardings,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def strip_boxes(boxed: Any) -> Any:
     """Removes logical-partitioning boxes without applying sharding constraints (for abstract trees)."""
     return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
                         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def state_layout(boxed: Any, tx: optax.GradientTransformation, mesh: Mesh, rules) -> StateLayout:
-    """Works out every leaf's shape and sharding from abstract parameters alone."""
-    logical_specs = nn.get_partition_spec(boxed)
-    param_shapes = strip_boxes(boxed)
-    param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-    opt_shapes = jax.eval_shape(tx.init, param_shapes)
-    opt_shardings = optimizer_state_shardings(opt_shapes, param_shapes, param_shardings, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes, opt_state=opt_shapes)
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    return StateLayout(abstract, shardings, logical_specs)
 
 
 def create_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, layout: StateLayout,

@@ -97,7 +97,7 @@ def test_config_checks_name_the_key_and_the_fix(tiny):
 
 
 def test_training_with_cudnn_on_a_cpu_says_what_to_set(tiny):
-    from crosswrite_jax.train import Trainer
+    from crosswrite_jax.trainer import Trainer
 
     config = tiny(model__attention_kernel="cudnn", model__dtype="bfloat16")
     with pytest.raises(UserError, match="devices are cpu; set --config.model.attention_kernel=xla"):

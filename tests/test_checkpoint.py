@@ -7,7 +7,8 @@ import numpy as np
 
 from conftest import assert_trees_equal, tiny_config
 from crosswrite_jax import checkpoint, sharding
-from crosswrite_jax.train import Trainer, train
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 
 def _restore_params_on(trainer: Trainer, directory):

@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_config
 from crosswrite_jax import checkpoint, integrity, sharding
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.train import Trainer, train
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 ASYNC = dict(checkpoint__async_save=True)  # saves at 5 and 10 (checkpoint.every=5), max_to_keep=2
 

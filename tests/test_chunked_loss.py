@@ -11,7 +11,9 @@ from crosswrite_jax.config import ModelConfig
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import build_model
 from crosswrite_jax.tasks import get_task
-from crosswrite_jax.train import Trainer, task_losses, to_global_batch
+from crosswrite_jax.losses import task_losses
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.trainer import Trainer
 from test_grad_accumulation import _batch, _step
 
 

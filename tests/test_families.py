@@ -1,16 +1,16 @@
-"""The three families: golden PartitionSpecs under FSDP+TP, and a (2,2,2) forward equal to one device."""
+"""The three families: golden PartitionSpecs under FSDP+TP (from state.build_layout, the layout training,
+evaluation and export use), and a (2,2,2) forward equal to one device."""
 
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from crosswrite_jax import sharding
+from crosswrite_jax.config import Config, MeshConfig
 from crosswrite_jax.models import presets
-from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.optim import path_str
-from crosswrite_jax.state import strip_boxes
+from crosswrite_jax.state import build_layout, strip_boxes
 
 TINY = dict(vocab_size=128, d_model=32, num_heads=4, d_ff=64, dropout_rate=0.0, max_length=64)
 FAMILIES = {
@@ -42,41 +42,39 @@ def _golden(path: str) -> P:
     return GOLDEN[path if path == "mlm_bias" else "/".join(path.split("/")[-2:])]
 
 
-def _init(config):
-    model = build_model(config)
-    return model, lambda key: model.init(key, *example_inputs(config))["params"]
+def _layout(name):
+    config = Config(model=FAMILIES[name], mesh=MeshConfig(shape=(2, 2, 2), rules="fsdp_tp"))
+    return build_layout(config, sharding.make_mesh(config.mesh.shape))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_golden_partition_specs_under_fsdp_tp(name):
-    config = FAMILIES[name]
-    _, init = _init(config)
-    mesh = sharding.make_mesh((2, 2, 2))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules("fsdp_tp")):
-        boxed = jax.eval_shape(init, jax.random.key(0))
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.logical_rules("fsdp_tp"))
-    specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    layout = _layout(name)
+    specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]}
     assert len(specs) >= 15
     for path, spec in specs.items():
         assert spec == _golden(path), path
+    moments = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.opt_state)[0]
+               if "/mu/" in path_str(p)}
+    assert len(moments) == len(specs)
+    for path, spec in moments.items():
+        assert spec == _golden(path.split("/mu/", 1)[1]), path
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_forward_on_a_222_mesh_equals_one_device(name):
     config = FAMILIES[name]
-    model, init = _init(config)
-    params = strip_boxes(init(jax.random.key(1)))
+    layout = _layout(name)
+    model = layout.model
+    params = strip_boxes(layout.init_params(jax.random.key(1)))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, config.vocab_size, (8, 16)).astype(np.int32)
     ids[1, 10:] = 0
     inputs = (ids, ids[:, :12]) if config.family == "encoder_decoder" else (ids,)
     single = np.asarray(model.apply({"params": params}, *inputs))
-    rules = sharding.logical_rules("fsdp_tp")
-    mesh = sharding.make_mesh((2, 2, 2))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init, jax.random.key(0))
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        sharded_params = jax.device_put(params, shardings)
+    mesh = layout.mesh
+    with layout.context():
+        sharded_params = jax.device_put(params, layout.shardings.params)
         batch = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in inputs]
         sharded = np.asarray(jax.jit(lambda p, *x: model.apply({"params": p}, *x))(sharded_params, *batch))
     np.testing.assert_allclose(sharded, single, atol=2e-5, rtol=1e-5)

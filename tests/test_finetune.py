@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_trees_equal
-from crosswrite_jax import config as config_lib, peft, sharding
+from crosswrite_jax import adapters, config as config_lib, peft, sharding
 from crosswrite_jax.cli import main
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.evaluate import evaluate, restore
+from crosswrite_jax.initialize import params_from
 from crosswrite_jax.models.transformer import build_model, param_shapes
-from crosswrite_jax.optim import tree_bytes
-from crosswrite_jax.train import Trainer, params_from, to_global_batch, train
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 TINY = {"model.vocab_size": 300, "model.d_model": 32, "model.num_heads": 4, "model.d_ff": 64,
         "model.num_encoder_layers": 1, "model.num_decoder_layers": 1, "model.max_length": 64,
@@ -264,7 +266,7 @@ def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path, monkeypatch
     assert metrics["trainable_parameters"] < metrics["total_parameters"] / 5
 
     assert main(["peft", "export", "--workdir", str(tmp_path / "lora"), "--out", str(tmp_path / "adapters")]) == 0
-    exported = peft.export_adapters  # the CLI printed its JSON; check the files directly
+    exported = adapters.export_adapters  # the CLI printed its JSON; check the files directly
     assert (tmp_path / "adapters" / "adapter.json").is_file()
     full_size = sum(f.stat().st_size for f in (tmp_path / "lora" / "checkpoints").rglob("*") if f.is_file()
                     and "opt_state" not in f.parts)
@@ -273,7 +275,7 @@ def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path, monkeypatch
     del exported
 
     run = restore(tmp_path / "lora")
-    _, rebuilt = peft.load_adapters(tmp_path / "adapters", mesh=run.mesh)
+    _, rebuilt = adapters.load_adapters(tmp_path / "adapters", mesh=run.mesh)
     assert_trees_equal(rebuilt, run.params)
 
     assert main(["peft", "merge", "--adapters", str(tmp_path / "adapters"), "--out", str(tmp_path / "merged")]) == 0
@@ -328,7 +330,7 @@ def test_init_from_a_hugging_face_directory_loads_the_encoder_and_adds_a_fresh_h
     trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
     from crosswrite_jax.data.tokenizer import Tokenizer
 
-    params = jax.device_get(params_from(str(tmp_path / "hf"), trainer, Tokenizer.load(tmp_path / "hf")))
+    params = jax.device_get(params_from(str(tmp_path / "hf"), config, trainer.layout, Tokenizer.load(tmp_path / "hf")))
     np.testing.assert_array_equal(params["embed"]["token_embed"]["embedding"],
                                   hf_model.embeddings.word_embeddings.weight.detach().numpy())
     fresh = jax.device_get(trainer.init_state().params)
@@ -361,7 +363,7 @@ def test_an_encoder_decoder_backbone_serves_labeling_recipes_with_its_encoder(re
     trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
     from crosswrite_jax.data.tokenizer import Tokenizer
 
-    params = jax.device_get(params_from(str(tmp_path / "backbone"), trainer,
+    params = jax.device_get(params_from(str(tmp_path / "backbone"), config, trainer.layout,
                                         Tokenizer.load(tmp_path / "backbone" / "tokenizer")))
     saved = restore(tmp_path / "backbone").params
     assert_trees_equal(params["encoder"], jax.device_get(saved["encoder"]))

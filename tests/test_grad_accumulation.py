@@ -7,7 +7,9 @@ import pytest
 from conftest import tiny_config
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.train import Trainer, to_global_batch, train
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 
 def _batch(vocab: int, rows: int = 16, length: int = 16, seed: int = 0):

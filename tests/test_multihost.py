@@ -26,10 +26,13 @@ import pytest
 from conftest import QUICKSTART, ROOT, TINY_OVERRIDES, assert_trees_equal, tiny_config
 from crosswrite_jax import checkpoint, integrity, sharding
 from crosswrite_jax import workdir as workdir_lib
+from crosswrite_jax.batches import validation_batches
 from crosswrite_jax.config import DistributedConfig
 from crosswrite_jax.distributed import detect_cluster, initialize_arguments
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.train import Trainer, _validate, train, validation_batches
+from crosswrite_jax.evaluate import held_out_loss
+from crosswrite_jax.train import train
+from crosswrite_jax.trainer import Trainer
 
 STEPS = 4
 RUN = {"train.steps": STEPS, "train.log_every": 2, "train.eval_every": STEPS, "train.eval_batches": 2,
@@ -93,7 +96,8 @@ def test_two_processes_train_and_one_device_restores_the_same_numbers(tmp_path):
 
     # The same held-out batches, teacher-forced on one device: the loss the two processes reported.
     run = workdir_lib.load_run(workdir)
-    val = _validate(one, one.jit_eval_step(), on_one, validation_batches(run, one.task))
+    with one.context():
+        val = held_out_loss(one.jit_eval_step(), on_one, validation_batches(run, one.task), one.mesh)
     np.testing.assert_allclose(val["loss"], pod["val_loss"], rtol=1e-5)
     assert val["tokens"] == pod["val_tokens"]
 

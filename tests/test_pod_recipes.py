@@ -127,7 +127,7 @@ def test_compile_check_reports_shards_per_chip_and_refuses_what_does_not_fit():
     config = tiny_config(mesh__shape=(1, -1, 1))
     report = cc.compile_check(config, "v4-16")  # 8 chips, one device each (megacore)
     assert report.chips == 8 and report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
-    from crosswrite_jax.train import Trainer
+    from crosswrite_jax.trainer import Trainer
 
     abstract = Trainer.build(config, sharding.make_mesh((1, -1, 1))).layout.abstract
     whole = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))

@@ -264,7 +264,7 @@ def test_resume_continues_the_data_stream_bit_identically(corpus, tmp_path):
 
     def params(workdir):
         from crosswrite_jax import sharding
-        from crosswrite_jax.train import Trainer
+        from crosswrite_jax.trainer import Trainer
 
         trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
         manager = checkpoint.open_manager(workdir / "checkpoints", read_only=True)
@@ -280,7 +280,7 @@ def test_fine_tuning_starts_from_pretrained_params_with_fresh_excluded_ones(corp
     config = pretrain_config("causal_lm", corpus, train__eval_every=0)
     train(config, tmp_path / "pretrained")
     from crosswrite_jax import sharding
-    from crosswrite_jax.train import Trainer
+    from crosswrite_jax.trainer import Trainer
 
     finetune = config_lib.override(config, {"train.init_from": str(tmp_path / "pretrained"),
                                             "train.init_exclude": ("output/.*",), "train.steps": 1,
@@ -364,7 +364,7 @@ def test_mlm_head_on_the_first_masked_positions_only(corpus, tokenizer):
     """model.mlm_max_predictions: the same loss sums and gradients as projecting every position while the cap
     covers each row's masked positions; beyond it, each row predicts its first `cap` positions."""
     from crosswrite_jax.tasks import TASKS, first_positions
-    from crosswrite_jax.train import task_losses
+    from crosswrite_jax.losses import task_losses
 
     batch = {k: jnp.asarray(v) for k, v in next(iter(_dataset(corpus, tokenizer, "mlm"))).items()}
     masked_per_row = np.asarray(batch["targets"] != 0).sum(1)

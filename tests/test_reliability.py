@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-import crosswrite_jax.train as train_lib
+import crosswrite_jax.losses as losses_lib
 from conftest import QUICKSTART, assert_trees_equal, tiny_config
 from crosswrite_jax import checkpoint, sharding
-from crosswrite_jax.train import NonFiniteError, Trainer, to_global_batch, train
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.train import NonFiniteError, train
+from crosswrite_jax.trainer import Trainer
 from test_cli import CROSSWRITE, _overrides
 
 POISON = 3  # a target id that makes the patched loss NaN
@@ -27,7 +29,7 @@ def _poisoned_losses(original):
 
 
 def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(monkeypatch):
-    monkeypatch.setattr(train_lib, "token_losses", _poisoned_losses(train_lib.token_losses))
+    monkeypatch.setattr(losses_lib, "token_losses", _poisoned_losses(losses_lib.token_losses))
     trainer = Trainer.build(tiny_config(), sharding.make_mesh((2, 2, 2)))
     step = trainer.jit_train_step()
     rng = np.random.default_rng(0)
@@ -45,7 +47,8 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(monkeypatch)
         assert_trees_equal(jax.device_get((state.params, state.opt_state)), before)
         state, metrics = step(state, to_global_batch(clean, trainer.mesh))
         assert float(metrics["nonfinite"]) == 0.0
-        changed = jax.device_get(state.params)["embed"]["token_embed"]["embedding"] != before[0]["embed"]["token_embed"]["embedding"]
+        embedding = jax.device_get(state.params)["embed"]["token_embed"]["embedding"]
+        changed = embedding != before[0]["embed"]["token_embed"]["embedding"]
         assert changed.any()
 
 
@@ -63,8 +66,8 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path,
         return params, step
 
     params_before, step_before = saved_params()
-    original = train_lib.token_losses
-    monkeypatch.setattr(train_lib, "token_losses",
+    original = losses_lib.token_losses
+    monkeypatch.setattr(losses_lib, "token_losses",
                         lambda logits, targets, w, ls: dict(original(logits, targets, w, ls), loss_sum=jax.numpy.nan))
     with pytest.raises(NonFiniteError, match="3 consecutive steps with non-finite"):
         train(config, workdir)

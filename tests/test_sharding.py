@@ -1,4 +1,4 @@
-"""Mesh construction and the golden PartitionSpec of every parameter under two presets."""
+"""Mesh construction and the golden PartitionSpec of every parameter under two presets, from state.build_layout."""
 
 import jax
 import pytest
@@ -8,7 +8,7 @@ from conftest import tiny_config
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.optim import path_str
-from crosswrite_jax.train import Trainer
+from crosswrite_jax.state import build_layout
 
 # Every parameter of the 1+1-layer tiny model, by the last two path parts (kind of leaf).
 ATTENTION = ("self_attention", "cross_attention")
@@ -45,8 +45,8 @@ def _golden(preset: str, path: str) -> P:
 
 @pytest.mark.parametrize("preset", sorted(GOLDEN))
 def test_partition_spec_of_every_parameter(preset):
-    trainer = Trainer.build(tiny_config(mesh__rules=preset), sharding.make_mesh((2, 2, 2)))
-    flat = jax.tree_util.tree_flatten_with_path(trainer.layout.shardings.params)[0]
+    layout = build_layout(tiny_config(mesh__rules=preset), sharding.make_mesh((2, 2, 2)))
+    flat = jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]
     specs = {path_str(p): s.spec for p, s in flat}
     assert sorted(specs) == EXPECTED_PATHS
     for path, spec in specs.items():
@@ -54,17 +54,27 @@ def test_partition_spec_of_every_parameter(preset):
 
 
 def test_optimizer_moments_follow_their_parameters():
-    trainer = Trainer.build(tiny_config(mesh__rules="fsdp"), sharding.make_mesh((2, 2, 2)))
-    specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(trainer.layout.shardings.opt_state)[0]}
+    layout = build_layout(tiny_config(mesh__rules="fsdp"), sharding.make_mesh((2, 2, 2)))
+    specs = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.opt_state)[0]}
     mu = [spec for path, spec in specs.items() if path.endswith("/mu/embed/token_embed/embedding")]
     assert mu == [P(None, "fsdp")]
     counts = [spec for path, spec in specs.items() if path.endswith("count")]
     assert counts and all(spec == P() for spec in counts)
 
 
+def test_frozen_parameters_hold_no_moments_and_the_others_keep_their_shardings():
+    config = tiny_config(mesh__rules="fsdp", optimizer__freeze=("embed/.*",))
+    layout = build_layout(config, sharding.make_mesh((2, 2, 2)))
+    params = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]}
+    moments = {path_str(p).split("/mu/", 1)[1]: s.spec
+               for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.opt_state)[0] if "/mu/" in path_str(p)}
+    assert moments == {path: spec for path, spec in params.items() if not path.startswith("embed/")}
+    assert jax.tree.structure(layout.shardings.opt_state) == jax.tree.structure(layout.abstract.opt_state)
+
+
 def test_created_state_lives_in_its_shards():
-    trainer = Trainer.build(tiny_config(mesh__rules="fsdp_tp"), sharding.make_mesh((2, 2, 2)))
-    state = trainer.init_state()
+    config = tiny_config(mesh__rules="fsdp_tp")
+    state = build_layout(config, sharding.make_mesh((2, 2, 2))).create_state(config.train.seed)
     kernel = state.params["decoder"]["layer_0"]["mlp"]["wi"]["kernel"]  # [embed=32, mlp=64]
     assert kernel.sharding.spec == P("fsdp", "tensor")
     assert {s.data.shape for s in kernel.addressable_shards} == {(16, 32)}

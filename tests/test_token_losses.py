@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from crosswrite_jax.train import token_losses
+from crosswrite_jax.losses import token_losses
 
 
 def reference(logits, targets, weights, smoothing):

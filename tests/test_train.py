@@ -8,7 +8,8 @@ from conftest import assert_trees_equal, tiny_config
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.optim import tree_bytes
-from crosswrite_jax.train import Trainer, to_global_batch
+from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.trainer import Trainer
 
 
 def _batches(vocab: int, n: int, batch: int = 16, length: int = 16):
