@@ -257,11 +257,11 @@ def params_without_adapters(params):
 
 def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path, monkeypatch):
     data = _sentiment(tmp_path / "data")
-    train(_recipe("finetune_sst2.py", data, train__steps=4, train__eval_every=0, train__best_metric=""),
-          tmp_path / "base")
+    train(_recipe("finetune_sst2.py", data, train__steps=4, train__eval_every=0, train__best_metric="",
+                  train__early_stopping_patience=0), tmp_path / "base")
     monkeypatch.chdir(tmp_path)  # a relative train.init_from (Orbax reads relative paths' metadata as empty)
     lora = _recipe("finetune_sst2.py", data, train__steps=8, train__init_from="base",
-                   peft__method="lora", peft__lora_rank=2, train__best_metric="")
+                   peft__method="lora", peft__lora_rank=2, train__best_metric="", train__early_stopping_patience=0)
     metrics = train(lora, tmp_path / "lora")
     assert metrics["trainable_parameters"] < metrics["total_parameters"] / 5
 
@@ -336,8 +336,8 @@ def test_init_from_a_hugging_face_directory_loads_the_encoder_and_adds_a_fresh_h
     fresh = jax.device_get(trainer.init_state().params)
     np.testing.assert_array_equal(params["classifier"]["kernel"], fresh["classifier"]["kernel"])
     assert not np.array_equal(params["pooler"]["kernel"], fresh["pooler"]["kernel"])  # the checkpoint's pooler
-    metrics = train(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=2, eval_every=0,
-                                                                          best_metric="")), tmp_path / "run")
+    metrics = train(dataclasses.replace(config, train=dataclasses.replace(
+        config.train, steps=2, eval_every=0, best_metric="", early_stopping_patience=0)), tmp_path / "run")
     assert np.isfinite(metrics["loss"])
     assert Path(tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
 
@@ -357,9 +357,10 @@ def test_an_encoder_decoder_backbone_serves_labeling_recipes_with_its_encoder(re
     """One pretrained T5-style model: translation or summaries with all of it, labels with its encoder."""
     data = _entities(_summaries(_sentiment(tmp_path / "data")))
     train(_recipe("finetune_scitldr.py", data, train__steps=2, train__eval_every=0, train__best_metric="",
-                  data__bucket_lengths=(16, 32, 48, 64)), tmp_path / "backbone")
+                  train__early_stopping_patience=0, data__bucket_lengths=(16, 32, 48, 64)), tmp_path / "backbone")
     config = _recipe(recipe, data, model__num_decoder_layers=0, model__num_labels=labels, train__steps=2,
-                     train__eval_every=0, train__best_metric="", train__init_from=str(tmp_path / "backbone"))
+                     train__eval_every=0, train__best_metric="", train__early_stopping_patience=0,
+                     train__init_from=str(tmp_path / "backbone"))
     trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
     from crosswrite_jax.data.tokenizer import Tokenizer
 
