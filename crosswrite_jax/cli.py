@@ -73,7 +73,7 @@ def _serve_command(commands) -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a text waits for others to fill its batch (default: 5)")
     serve.add_argument("--batch-sizes", default="",
-                       help="compiled batch sizes, e.g. 1,4,16 (default: powers of 4 below --max-batch, and it)")
+                       help="compiled batch sizes, e.g. 1,4,16 (default: powers of 2 below --max-batch, and it)")
     serve.add_argument("--overlong", choices=("truncate", "refuse"), default="truncate",
                        help="a text longer than the longest input: truncate it as predict does, or refuse it (413)")
     serve.add_argument("--max-texts", type=int, default=64, help="texts in one request at most (default: 64)")

@@ -39,7 +39,7 @@ class ServeOptions:
     port: int = 8000
     max_batch: int = 16  # texts run together at most
     max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for others to join its batch
-    batch_sizes: tuple[int, ...] = ()  # compiled batch rows; () = 1, 4, 16, ... below max_batch, and max_batch
+    batch_sizes: tuple[int, ...] = ()  # compiled batch rows; () = 1, 2, 4, 8, ... below max_batch, and max_batch
     overlong: str = "truncate"  # a text over the longest input: 'truncate' it (as predict does) or 'refuse' it
     max_texts: int = 64  # texts in one request
     max_chars: int = 10_000  # characters in one text
@@ -61,7 +61,7 @@ class ServeOptions:
 
     def rows(self) -> tuple[int, ...]:
         """The batch sizes to compile: always ending with max_batch."""
-        sizes = self.batch_sizes or tuple(4 ** k for k in range(8) if 4 ** k < self.max_batch)
+        sizes = self.batch_sizes or tuple(2 ** k for k in range(16) if 2 ** k < self.max_batch)
         return tuple(sorted({b for b in sizes if b < self.max_batch} | {self.max_batch}))
 
 
@@ -145,18 +145,24 @@ class Batcher:
             self._cond.notify_all()
 
     def _take(self) -> list[_Item] | None:
-        """The next batch: the oldest text and up to max_batch - 1 later ones with its key (None: stopped)."""
+        """The next batch: the oldest text and up to max_batch - 1 later ones with its key (None: stopped).
+
+        Gathering starts when the worker is free and a text waits (texts that came while a batch ran have waited
+        already, but the callers just answered are about to send more): it ends after max_wait_ms or when full.
+        """
         limit, wait = self.options.max_batch, self.options.max_wait_ms / 1000
+        free = time.perf_counter()
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
             first = self._queue[0]
+            start = max(first.arrived, free)
             while not self._stopping:
                 if sum(item.key == first.key for item in self._queue) >= limit:
                     break
-                left = first.arrived + wait - time.perf_counter()
+                left = start + wait - time.perf_counter()
                 if left <= 0:
                     break
                 self._cond.wait(left)
