@@ -123,11 +123,13 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
     hypotheses, references = translate_split(restored)
     scores = generation_scores(task.name, hypotheses, references)
     scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
-                  decoding=describe(run.config.decode), devices=jax.device_count())
+                  decoding=describe(run.config.decode), beam_size=run.config.decode.beam_size,
+                  devices=jax.device_count())
     if jax.process_index() == 0:
         out = run.workdir / "eval"
         out.mkdir(exist_ok=True)
-        stem = f"{run.config.eval.split}-step{restored.step}"
+        beam = run.config.decode.beam_size
+        stem = f"{run.config.eval.split}-step{restored.step}" + (f"-beam{beam}" if beam > 1 else "")
         (out / f"{stem}.hyp.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
         (out / f"{stem}.ref.txt").write_text("\n".join(" ||| ".join(refs) for refs in references) + "\n",
                                              encoding="utf-8")
