@@ -21,7 +21,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from crosswrite_jax.data import files
 from crosswrite_jax.errors import UserError
 
-PAD_ID = 0
+PAD_ID = 0  # padding, and the decoder's start token (models import it from here)
 EOS_ID = 1
 UNK_ID = 2
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
