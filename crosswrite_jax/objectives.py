@@ -173,6 +173,36 @@ def span_corruption(
     return np.concatenate([inputs, eos]), np.concatenate([targets, eos])
 
 
+def text_infilling(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mask_id: int,
+    eos_id: int,
+    noise_density: float = 0.35,
+    mean_noise_span_length: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BART / mBART text infilling of one 1-D example given without eos: (inputs, targets), both ending in eos.
+
+    Noise spans (T5's random segmentation: ``noise_density`` of the tokens in spans of mean length
+    ``mean_noise_span_length``) are each replaced by one ``mask_id`` in the inputs; the targets are the whole
+    original text, so the decoder learns to write complete sentences of the input's language. Examples shorter
+    than 2 tokens are left whole.
+    """
+    ids = np.asarray(ids)
+    _check_integer_ids(ids)
+    _require(ids.ndim == 1, f"ids must be 1-D, got shape {ids.shape}")
+    _check_span_settings(noise_density, mean_noise_span_length)
+    eos = np.asarray([eos_id], dtype=ids.dtype)
+    targets = np.concatenate([ids, eos])
+    if ids.size < 2:
+        return targets, targets
+    mask = random_spans_noise_mask(ids.size, rng, noise_density=noise_density,
+                                   mean_noise_span_length=mean_noise_span_length)
+    masks = np.full(int(mask.sum()), mask_id, dtype=ids.dtype)  # one per span at most: enough for any count
+    return np.concatenate([_spans_to_sentinels(ids, mask, masks), eos]), targets
+
+
 def _corrupted_lengths(tokens_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
     """Lengths, eos included, of the inputs and targets span_corruption makes from tokens_length ids."""
     if tokens_length < 2:

@@ -300,3 +300,23 @@ def test_prefix_split_short_and_deterministic():
 def test_bad_arguments_raise_user_error(call, name):
     with pytest.raises(UserError, match=name):
         call(np.random.default_rng(0))
+
+
+def test_text_infilling_replaces_each_noise_span_by_one_mask_and_targets_the_whole_text():
+    from crosswrite_jax.objectives import text_infilling
+
+    ids = np.arange(10, 70)
+    inputs, targets = text_infilling(ids, np.random.default_rng(3), mask_id=4, eos_id=1, noise_density=0.35,
+                                     mean_noise_span_length=3.0)
+    np.testing.assert_array_equal(targets, np.append(ids, 1))
+    assert inputs[-1] == 1 and 4 not in ids
+    spans = int((inputs == 4).sum())
+    kept = inputs[(inputs != 4)][:-1]
+    assert spans == round(round(60 * 0.35) / 3.0)  # 21 noise tokens in 7 spans
+    assert len(kept) == 60 - 21 and np.all(np.diff(kept) > 0)  # the clean tokens, in order
+    assert not np.any((inputs[:-1] == 4) & (np.roll(inputs, -1)[:-1] == 4))  # one mask per span
+    again, _ = text_infilling(ids, np.random.default_rng(3), mask_id=4, eos_id=1)
+    np.testing.assert_array_equal(inputs, again)
+    short_inputs, short_targets = text_infilling(np.array([7]), np.random.default_rng(0), mask_id=4, eos_id=1)
+    np.testing.assert_array_equal(short_inputs, [7, 1])
+    np.testing.assert_array_equal(short_targets, [7, 1])
