@@ -598,13 +598,18 @@ def save_json(config: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
 
-def load_json(path: str | Path) -> Config:
-    """Reads a config saved by `save_json`."""
+def read_json_object(path: str | Path, what: str = "JSON config") -> dict[str, Any]:
+    """A JSON file holding one object; unreadable, invalid or non-object content is one line naming the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: unreadable config ({error})") from None
+        raise UserError(f"{path}: not a readable {what} ({error})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: holds {type(data).__name__}, not a config object; pass a run's config.json")
-    return from_dict(data, str(path))
+        raise UserError(f"{path}: holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def load_json(path: str | Path) -> Config:
+    """Reads a config saved by `save_json`."""
+    return from_dict(read_json_object(path, "config"), str(path))

@@ -58,5 +58,5 @@ def test_a_runs_saved_config_json_is_accepted_as_a_config(tmp_path):
     config_lib.save_json(config, tmp_path / "config.json")
     assert config_lib.load(tmp_path / "config.json") == config
     (tmp_path / "broken.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match="broken.json: holds list"):
+    with pytest.raises(UserError, match="broken.json: holds list, not a JSON object"):
         config_lib.load(tmp_path / "broken.json")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from crosswrite_jax.config import ModelConfig
+from crosswrite_jax.config import ModelConfig, read_json_object
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import presets
 from crosswrite_jax.models.layers import head_dim
@@ -402,14 +402,12 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, np
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"'{directory}' has no config.json; pass a Hugging Face model directory")
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{config_path}: not a readable JSON config ({error})") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{config_path}: holds {type(hf_config).__name__}, not a JSON object")
+    hf_config = read_json_object(config_path)
     if (directory / INDEX).is_file():
-        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+        weight_map = read_json_object(directory / INDEX, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{directory / INDEX}: has no 'weight_map' object; copy it again from its source")
+        files = sorted(set(weight_map.values()))
     elif (directory / SAFETENSORS).is_file():
         files = [SAFETENSORS]
     else:
