@@ -27,7 +27,7 @@ from crosswrite_jax.metrics import summarization_scores, translation_scores
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import StateLayout, build_layout
-from crosswrite_jax.tasks import Task, get_task, labeling
+from crosswrite_jax.tasks import Task, get_task
 from crosswrite_jax.workdir import Run, check_tokenizer, load_run, locate_checkpoint
 
 log = logging.getLogger("crosswrite")
@@ -308,8 +308,8 @@ def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh
         for k in totals:
             totals[k] += float(jax.device_get(out[k]))
         predictions.append(np.asarray(multihost_utils.process_allgather(out["predictions"], tiled=True)))
-    predicted = labeling.predicted_labels(task.name, split.batches, predictions, split.examples, labels)
-    scores = labeling.scores(task.name, predicted, split.examples)
+    predicted = task.predicted_labels(split.batches, predictions, split.examples, labels)
+    scores = task.scores(predicted, split.examples)
     return dict(summarize(totals), **scores), predicted
 
 

@@ -202,7 +202,7 @@ class Predictor:
 
     def _label(self, texts: list[str], rows: int) -> list[dict[str, Any]]:
         from crosswrite_jax.data import labeled
-        from crosswrite_jax.tasks.labeling import predicted_labels
+        from crosswrite_jax.tasks import get_task
 
         c, labels = self.restored.run.config, self.labels
         if self.task == "classification":
@@ -214,7 +214,7 @@ class Predictor:
                                           max_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
         ids, probabilities = self._label_step(self.restored.params, global_batch(self.restored, batch["inputs"]))
         ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
-        predicted = predicted_labels(self.task, [batch], [ids], examples, labels)
+        predicted = get_task(self.task).predicted_labels([batch], [ids], examples, labels)
         if self.task == "classification":
             probabilities = np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))
             return [{"output": label, "label": label,

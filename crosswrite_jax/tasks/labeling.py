@@ -1,4 +1,4 @@
-"""Classification and tagging: an encoder with a label head, scored on its argmax predictions.
+"""The base of classification and tagging: an encoder with a label head, scored on its argmax predictions.
 
 Batches (crosswrite_jax/data/labeled.py): `inputs` [B, S] with `labels` [B] (classification) or `tags`
 [B, S] (tagging: the label id at each word's first subword, -1 elsewhere); -1 marks what carries no loss.
@@ -6,11 +6,14 @@ Batches (crosswrite_jax/data/labeled.py): `inputs` [B, S] with `labels` [B] (cla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from crosswrite_jax.tasks.base import Task
 
 
 def _labeled(key: str):
@@ -36,33 +39,19 @@ def make_predict_step(model, task=None) -> Callable[[Any, dict], jax.Array]:
     return predict
 
 
-def predicted_labels(task_name: str, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
-                     examples: Sequence, labels: Sequence[str]) -> list:
-    """Per example, in order: its predicted label (classification) or its predicted tag per word (tagging)."""
-    from crosswrite_jax.data.labeled import word_tags
+@dataclass(frozen=True)
+class LabelingTask(Task):
+    """An encoder with a label head over data.examples; its label vocabulary is data.labels."""
 
-    out: list = [None] * len(examples)
-    for batch, ids in zip(batches, predictions):
-        if task_name == "classification":
-            for row, index in enumerate(batch["example_index"]):
-                if index >= 0:
-                    out[index] = labels[int(ids[row])]
-        else:
-            for index, tags in word_tags(np.asarray(ids), batch, examples, labels).items():
-                out[index] = tags
-    return out
+    labeled: bool = True
+    per_word: bool = False  # a label per word (tagging) rather than one per example (classification)
 
+    def predicted_labels(self, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
+                         examples: Sequence, labels: Sequence[str]) -> list:
+        """Per example, in order: its predicted label (classification) or its predicted tag per word (tagging)."""
+        raise NotImplementedError
 
-def scores(task_name: str, predicted: list, examples: Sequence) -> dict[str, Any]:
-    """Accuracy and macro-F1 (classification) or entity-level precision / recall / F1 with seqeval (tagging)."""
-    from crosswrite_jax.metrics import classification_scores, entity_scores  # scikit-learn, seqeval: on first use
+    def scores(self, predicted: list, examples: Sequence) -> dict[str, Any]:
+        """The scores of predicted labels against the examples' gold ones."""
+        raise NotImplementedError
 
-    references = [gold for _, gold in examples]
-    if task_name == "classification":
-        return classification_scores(predicted, references)
-    return entity_scores(predicted, references)
-
-
-# The metric each task's validation reports under these names, and which direction is better.
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "f1", "precision", "recall", "bleu", "chrf", "rouge1", "rouge2",
-                    "rougeL"}

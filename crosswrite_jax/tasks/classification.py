@@ -1,0 +1,32 @@
+"""Classification: one label per example (an encoder's pooled output), scored with accuracy and macro-F1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from crosswrite_jax.tasks.base import HELD_OUT
+from crosswrite_jax.tasks.labeling import LabelingTask, classify
+
+
+@dataclass(frozen=True)
+class Classification(LabelingTask):
+    def predicted_labels(self, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
+                         examples: Sequence, labels: Sequence[str]) -> list:
+        out: list = [None] * len(examples)
+        for batch, ids in zip(batches, predictions):
+            for row, index in enumerate(batch["example_index"]):
+                if index >= 0:
+                    out[index] = labels[int(ids[row])]
+        return out
+
+    def scores(self, predicted: list, examples: Sequence) -> dict[str, Any]:
+        from crosswrite_jax.metrics import classification_scores  # scikit-learn: on first use
+
+        return classification_scores(predicted, [gold for _, gold in examples])
+
+
+TASK = Classification("classification", "encoder", classify, ("inputs",), head="classification",
+                      metrics=HELD_OUT + ("macro_f1",))
