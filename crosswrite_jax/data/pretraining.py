@@ -10,43 +10,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
 
-from crosswrite_jax import objectives
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from crosswrite_jax.tasks import Task
 
 SEGMENT_SUFFIXES = (("_segment_ids", "_segments"), ("_positions", "_positions"))
 
 
-def features(task: str, inputs_length: int, targets_length: int) -> dict[str, int]:
+def _task(task: "str | Task") -> "Task":
+    """The Task itself, or the one registered under that name."""
+    from crosswrite_jax.tasks import get_task
+
+    return get_task(task) if isinstance(task, str) else task
+
+
+def features(task: "str | Task", inputs_length: int, targets_length: int) -> dict[str, int]:
     """The packed row length of each feature a task's batches carry."""
-    if task == "span_corruption":
-        return {"inputs": inputs_length, "targets": targets_length}
-    if task == "mlm":
-        return {"inputs": inputs_length, "targets": inputs_length}
-    if task == "causal_lm":
-        return {"targets": inputs_length}
-    if task == "prefix_lm":
-        return {"targets": inputs_length, "targets_prefix": inputs_length}
-    raise UserError(f"config key 'task' is {task!r}, which does not read raw text; use mlm, span_corruption, "
-                    f"causal_lm or prefix_lm with data.sources")
+    return _task(task).batch_features(inputs_length, targets_length)
 
 
-def chunk_length(task: str, inputs_length: int, targets_length: int, noise_density: float,
+def chunk_length(task: "str | Task", inputs_length: int, targets_length: int, noise_density: float,
                  mean_noise_span_length: float) -> int:
     """Raw tokens per example, so that the example after corruption (and its EOS) fits the row."""
-    if task != "span_corruption":
-        return inputs_length - 1
-    tokens, needed = objectives.span_corruption_lengths(inputs_length, noise_density=noise_density,
-                                                        mean_noise_span_length=mean_noise_span_length)
-    if needed > targets_length:
-        raise UserError(f"span corruption of {inputs_length}-token inputs makes targets of {needed} tokens, more "
-                        f"than data.max_target_length={targets_length}; raise it to {needed}")
-    return tokens
+    return _task(task).chunk_length(inputs_length, targets_length, noise_density, mean_noise_span_length)
 
 
 class _Chunk(grain.experimental.FlatMapTransform):
@@ -63,7 +56,7 @@ class _Chunk(grain.experimental.FlatMapTransform):
 class _Corrupt(grain.transforms.RandomMap):
     """One chunk -> the objective's example (a dict of 1-D int32 arrays), seeded per element."""
 
-    def __init__(self, task: str, tokenizer: Tokenizer, objective: Any, vocab_size: int):
+    def __init__(self, task: Task, tokenizer: Tokenizer, objective: Any, vocab_size: int):
         self.task, self.objective, self.vocab_size = task, objective, vocab_size
         self.eos_id, self.mask_id = tokenizer.eos_id, tokenizer.mask_id
         self.sentinel_ids = tokenizer.sentinel_ids
@@ -71,23 +64,7 @@ class _Corrupt(grain.transforms.RandomMap):
                                    *(i for i in [tokenizer.mask_id] if i is not None), *tokenizer.sentinel_ids})
 
     def random_map(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        o = self.objective
-        if self.task == "span_corruption":
-            inputs, targets = objectives.span_corruption(
-                ids, rng, sentinel_ids=self.sentinel_ids, eos_id=self.eos_id, noise_density=o.noise_density,
-                mean_noise_span_length=o.mean_noise_span_length)
-            return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
-        tokens = np.append(ids, self.eos_id).astype(np.int32)
-        if self.task == "mlm":
-            inputs, targets = objectives.mask_tokens(
-                tokens, rng, vocab_size=self.vocab_size, mask_id=self.mask_id, special_ids=self.special_ids,
-                probability=o.mlm_probability, mask_rate=o.mask_token_rate, random_rate=o.random_token_rate)
-            return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
-        if self.task == "prefix_lm":
-            prefix = np.zeros_like(tokens)
-            prefix[:objectives.prefix_split(len(tokens), rng, prefix_fraction=o.prefix_fraction)] = 1
-            return {"targets": tokens, "targets_prefix": prefix}
-        return {"targets": tokens}
+        return self.task.corrupt(ids, rng, self)
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -104,16 +81,6 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def check_tokenizer(task: str, tokenizer: Tokenizer) -> None:
-    """Fails when the tokenizer lacks the special tokens the objective needs."""
-    if task == "mlm" and tokenizer.mask_id is None:
-        raise UserError("task 'mlm' needs a tokenizer with a mask token; train one with `crosswrite tokenizer "
-                        "train` (it adds <mask>) or leave data.tokenizer empty")
-    if task == "span_corruption" and not tokenizer.sentinel_ids:
-        raise UserError("task 'span_corruption' needs sentinel tokens (<extra_id_0>, ...); train a tokenizer with "
-                        "`crosswrite tokenizer train --sentinels 100` or leave data.tokenizer empty")
-
-
 def tokenized_source(documents: Sequence[str], tokenizer: Tokenizer, *, seed: int, shuffle: bool,
                      process_index: int, process_count: int) -> grain.MapDataset:
     """This process's documents as token-id arrays; shuffled anew every epoch and endless when `shuffle`."""
@@ -127,7 +94,7 @@ def tokenized_source(documents: Sequence[str], tokenizer: Tokenizer, *, seed: in
     return ds.map(lambda text: np.asarray(tokenizer.encode_batch([text])[0], dtype=np.int32))
 
 
-def pretraining_dataset(sources: Sequence[Sequence[str]], tokenizer: Tokenizer, *, task: str, objective: Any,
+def pretraining_dataset(sources: Sequence[Sequence[str]], tokenizer: Tokenizer, *, task: str | Task, objective: Any,
                         vocab_size: int, global_batch_size: int, inputs_length: int, targets_length: int,
                         seed: int, weights: Sequence[float] = (), shuffle: bool = True, packing: bool = True,
                         process_index: int = 0, process_count: int = 1,
@@ -141,8 +108,11 @@ def pretraining_dataset(sources: Sequence[Sequence[str]], tokenizer: Tokenizer, 
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise UserError(f"config key 'train.batch_size' ({global_batch_size}) must be a positive multiple of "
                         f"the process count ({process_count})")
-    lengths = features(task, inputs_length, targets_length)
-    check_tokenizer(task, tokenizer)
+    task = _task(task)
+    if not task.pretraining:
+        raise UserError(task.not_raw_text())
+    lengths = task.batch_features(inputs_length, targets_length)
+    task.check_tokenizer(tokenizer)
     per_source = [tokenized_source(docs, tokenizer, seed=seed + 7919 * i, shuffle=shuffle,
                                    process_index=process_index, process_count=process_count)
                   for i, docs in enumerate(sources)]
@@ -150,8 +120,7 @@ def pretraining_dataset(sources: Sequence[Sequence[str]], tokenizer: Tokenizer, 
         mixed = grain.MapDataset.mix(per_source, list(weights) or None) if len(per_source) > 1 else per_source[0]
     else:
         mixed = grain.MapDataset.concatenate(per_source) if len(per_source) > 1 else per_source[0]
-    size = chunk_length(task, inputs_length, targets_length, objective.noise_density,
-                        objective.mean_noise_span_length)
+    size = task.chunk_length(inputs_length, targets_length, objective.noise_density, objective.mean_noise_span_length)
     ds = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(), _Chunk(size, longest_document))
     ds = ds.filter(lambda ids: len(ids) > 0)
     ds = ds.random_map(_Corrupt(task, tokenizer, objective, vocab_size), seed=seed)

@@ -62,5 +62,9 @@ class Task:
 
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         """The row length of each feature its training batches carry."""
-        raise UserError(f"config key 'task' is {self.name!r}, which does not read raw text; use mlm, span_corruption, "
-                        f"causal_lm or prefix_lm with data.sources")
+        raise UserError(self.not_raw_text())
+
+    def not_raw_text(self) -> str:
+        """The error for reading raw text with a task that does not."""
+        return (f"config key 'task' is {self.name!r}, which does not read raw text; use mlm, span_corruption, "
+                f"causal_lm or prefix_lm with data.sources")

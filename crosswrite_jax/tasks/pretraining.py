@@ -63,7 +63,8 @@ class PretrainingTask(Task):
 
     pretraining: bool = True
 
-    def chunk_length(self, inputs_length: int, targets_length: int, objective: Any) -> int:
+    def chunk_length(self, inputs_length: int, targets_length: int, noise_density: float,
+                     mean_noise_span_length: float) -> int:
         """Raw tokens per example, so that the example after corruption (and its EOS) fits the row."""
         return inputs_length - 1
 
@@ -81,9 +82,10 @@ class SpanCorruption(PretrainingTask):
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         return {"inputs": inputs_length, "targets": targets_length}
 
-    def chunk_length(self, inputs_length: int, targets_length: int, objective: Any) -> int:
-        tokens, needed = objectives.span_corruption_lengths(inputs_length, noise_density=objective.noise_density,
-                                                            mean_noise_span_length=objective.mean_noise_span_length)
+    def chunk_length(self, inputs_length: int, targets_length: int, noise_density: float,
+                     mean_noise_span_length: float) -> int:
+        tokens, needed = objectives.span_corruption_lengths(inputs_length, noise_density=noise_density,
+                                                            mean_noise_span_length=mean_noise_span_length)
         if needed > targets_length:
             raise UserError(f"span corruption of {inputs_length}-token inputs makes targets of {needed} tokens, "
                             f"more than data.max_target_length={targets_length}; raise it to {needed}")
