@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from crosswrite_jax import sharding
-from crosswrite_jax.chips import ALIASES, CHIPS, GiB, Chip
+from crosswrite_jax.chips import ALIASES, CHIPS, Chip, GiB
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.flops import step_flops

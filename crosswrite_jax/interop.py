@@ -10,7 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from crosswrite_jax import checkpoint, config as config_lib, sharding
+from crosswrite_jax import checkpoint, sharding
+from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf

@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
