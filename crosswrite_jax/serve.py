@@ -286,13 +286,9 @@ def decoding_key(predictor: Predictor, settings: dict[str, Any]) -> Any:
     return None if key == default else key
 
 
-def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, shapes: list[tuple[int, int]]):
-    """The FastAPI app: GET /, /healthz, /v1/model; POST /v1/predict."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+def _request_model():
+    """The pydantic schema of POST /v1/predict."""
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     class PredictRequest(BaseModel):
         """Texts to predict from, one line each, and optional decoding settings (generating runs only)."""
@@ -308,18 +304,22 @@ def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, sha
         top_p: float | None = Field(None, gt=0, le=1)
         seed: StrictInt | None = Field(None, ge=0, lt=2 ** 31)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        batcher.stop()  # after uvicorn has let in-flight requests finish
+    return PredictRequest
 
-    app = FastAPI(title="crosswrite serve", lifespan=lifespan,
-                  description=f"{predictor.task} run {predictor.restored.run.workdir}, step {predictor.restored.step}")
-    body_limit = options.max_texts * (options.max_chars * 6 + 16) + 4096  # UTF-8 / JSON escapes at worst
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": _one_line(message)}, status_code=status,
-                            headers={"Retry-After": "1"} if status == 503 else None)
+def _error(status: int, message: str):
+    """A one-line JSON error response (503s say when to retry)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": _one_line(message)}, status_code=status,
+                        headers={"Retry-After": "1"} if status == 503 else None)
+
+
+def _add_error_handlers(app, batcher: Batcher, body_limit: int) -> None:
+    """Oversized bodies, malformed or invalid requests, unknown endpoints and refusals: one-line JSON errors."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     def refuse_large_bodies(asgi_app):  # plain ASGI: no per-request cost beyond reading one header
         async def middleware(scope, receive, send):
@@ -327,7 +327,7 @@ def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, sha
                 length = dict(scope["headers"]).get(b"content-length", b"")
                 if length.isdigit() and int(length) > body_limit:
                     batcher.counters["bad_requests"] += 1
-                    response = error(413, f"request body of {int(length)} bytes; at most {body_limit}")
+                    response = _error(413, f"request body of {int(length)} bytes; at most {body_limit}")
                     return await response(scope, receive, send)
             await asgi_app(scope, receive, send)
         return middleware
@@ -339,28 +339,36 @@ def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, sha
         batcher.counters["bad_requests"] += 1
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
-            return error(400, "malformed JSON in the request body; send {\"texts\": [\"...\"]}")
+            return _error(400, "malformed JSON in the request body; send {\"texts\": [\"...\"]}")
         described = []
         for p in problems[:3]:
             where = ".".join(str(part) for part in p.get("loc", ()) if part != "body") or "body"
             described.append(f"{where}: {p.get('msg', 'invalid')}")
-        return error(422, "; ".join(described) + " (expected {\"texts\": [\"...\"], ...}; see GET /docs)")
+        return _error(422, "; ".join(described) + " (expected {\"texts\": [\"...\"], ...}; see GET /docs)")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         batcher.counters["bad_requests"] += 1
         if exc.status_code == 404:
-            return error(404, f"no endpoint {request.url.path}; the endpoints are POST /v1/predict, GET /v1/model, "
-                              f"GET /healthz, GET / and GET /docs")
+            return _error(404, f"no endpoint {request.url.path}; the endpoints are POST /v1/predict, GET /v1/model, "
+                               f"GET /healthz, GET / and GET /docs")
         if exc.status_code == 405:
-            return error(405, f"{request.method} is not allowed on {request.url.path}")
-        return error(exc.status_code, str(exc.detail))
+            return _error(405, f"{request.method} is not allowed on {request.url.path}")
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
         if exc.status != 503:  # a full queue is counted as queue_full
             batcher.counters["bad_requests"] += 1
-        return error(exc.status, exc.message)
+        return _error(exc.status, exc.message)
+
+
+def _add_routes(app, predictor: Predictor, batcher: Batcher, options: ServeOptions,
+                shapes: list[tuple[int, int]]) -> None:
+    """GET /, /healthz, /v1/model; POST /v1/predict (texts wait in the batcher, answers come back per request)."""
+    from fastapi.responses import HTMLResponse
+
+    PredictRequest = _request_model()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -394,13 +402,28 @@ def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, sha
         try:
             outputs = await future
         except Exception as exc:  # noqa: BLE001
-            return error(500, f"prediction failed: {type(exc).__name__}: {exc}")
+            return _error(500, f"prediction failed: {type(exc).__name__}: {exc}")
         limit = predictor.input_limit()
         truncated = [n > limit for n in lengths]
         batcher.counters["truncated"] += sum(truncated)
         return {"outputs": [dict(o, input_tokens=n, truncated=t) for o, n, t in zip(outputs, lengths, truncated)],
                 "step": predictor.restored.step}
 
+
+def build_app(predictor: Predictor, batcher: Batcher, options: ServeOptions, shapes: list[tuple[int, int]]):
+    """The FastAPI app: GET /, /healthz, /v1/model; POST /v1/predict."""
+    from fastapi import FastAPI
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.stop()  # after uvicorn has let in-flight requests finish
+
+    app = FastAPI(title="crosswrite serve", lifespan=lifespan,
+                  description=f"{predictor.task} run {predictor.restored.run.workdir}, step {predictor.restored.step}")
+    body_limit = options.max_texts * (options.max_chars * 6 + 16) + 4096  # UTF-8 / JSON escapes at worst
+    _add_error_handlers(app, batcher, body_limit)
+    _add_routes(app, predictor, batcher, options, shapes)
     return app
 
 
