@@ -165,7 +165,7 @@ def _time_steps(trainer: Trainer, compiled: dict, xla_flops: dict, state, batche
         times.append(elapsed)
         counts = _token_counts(batch, trainer.task.token_keys)
         real, padded = real + counts[0], padded + counts[1]
-        model_flops += flops.training_flops(config.model, config.task, batch)
+        model_flops += flops.training_flops(config.model, batch)
         counted_xla += xla_flops[_shape_key(batch)] * jax.device_count()
 
     timed = list(zip(batches, device_batches))[warmup:]

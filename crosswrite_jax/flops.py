@@ -104,19 +104,18 @@ def step_flops(m: ModelConfig, batch: int, source_length: int = 0, target_length
     return StepFlops(projections=projections, attention=attention, output=output)
 
 
-def batch_lengths(task: str, batch: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
-    """(rows, source_length, target_length) of a task's batch, for `step_flops`."""
+def batch_lengths(family: str, batch: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+    """(rows, source_length, target_length) of a batch for a model.family, for `step_flops`; an encoder's
+    `targets` (MLM's) are labels, not a sequence a decoder reads."""
     rows = int(next(iter(batch.values())).shape[0])
     source = int(batch["inputs"].shape[1]) if "inputs" in batch else 0
-    target = int(batch["targets"].shape[1]) if "targets" in batch else 0
-    if task == "mlm":
-        target = 0
+    target = int(batch["targets"].shape[1]) if "targets" in batch and family != "encoder" else 0
     return rows, source, target
 
 
-def training_flops(m: ModelConfig, task: str, batch: Mapping[str, np.ndarray], causal_halving: bool = False) -> float:
+def training_flops(m: ModelConfig, batch: Mapping[str, np.ndarray], causal_halving: bool = False) -> float:
     """Model FLOPs of one training step on this batch (3x forward)."""
-    rows, source, target = batch_lengths(task, batch)
+    rows, source, target = batch_lengths(m.family, batch)
     return step_flops(m, rows, source, target, causal_halving).training
 
 

@@ -58,7 +58,7 @@ def test_training_flops_from_a_batch_and_mfu():
 
     t5 = CONFIGS["t5-v1.1"]
     batch = {"inputs": np.ones((8, 48), np.int32), "targets": np.ones((8, 40), np.int32)}
-    assert flops.training_flops(t5, "translation", batch) == flops.step_flops(t5, 8, 48, 40).training
+    assert flops.training_flops(t5, batch) == flops.step_flops(t5, 8, 48, 40).training
     assert flops.mfu(1e9, 0.5, 4e9) == pytest.approx(0.5)
     assert flops.measure_matmul_peak(size=128, repeats=2) > 1e6  # a real, positive FLOP/s figure
 
