@@ -23,7 +23,6 @@ from crosswrite_jax.data import labeled, pipeline
 from crosswrite_jax.decode import describe, make_decoder
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.losses import SUMS, summarize, task_losses, token_losses
-from crosswrite_jax.metrics import summarization_scores, translation_scores
 from crosswrite_jax.preflight import check_params
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import StateLayout, build_layout
@@ -55,7 +54,7 @@ class Restored:
         """The jitted decoder `run.config.decode` describes, sharded like training."""
         return make_decoder(self.model, self.run.config.decode, max_length, self.run.tokenizer.eos_id,
                             self.param_shardings, sharding.batch_sharding(self.mesh),
-                            prefix_lm=self.run.config.task == "prefix_lm")
+                            prefix_lm=get_task(self.run.config.task).bidirectional_prompt)
 
 
 def resolve(workdir: str | Path | None, checkpoint_path: str | Path | None,
@@ -121,7 +120,7 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
                         f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
     hypotheses, references = translate_split(restored)
-    scores = generation_scores(task.name, hypotheses, references)
+    scores = task.generation_scores(hypotheses, references)
     scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
                   decoding=describe(run.config.decode), beam_size=run.config.decode.beam_size,
                   devices=jax.device_count())
@@ -136,13 +135,6 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
         scores["hypotheses_file"] = str(out / f"{stem}.hyp.txt")
         _record(restored, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return scores
-
-
-def generation_scores(task_name: str, hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
-    """ROUGE for summaries; sacreBLEU BLEU and chrF (first reference) for translations."""
-    if task_name == "summarization":
-        return summarization_scores(hypotheses, references)
-    return translation_scores(hypotheses, [refs[0] for refs in references])
 
 
 def _record(restored: Restored, scores: dict[str, float]) -> None:
@@ -166,12 +158,7 @@ def labeled_scores(restored: Restored) -> dict[str, Any]:
         out.mkdir(exist_ok=True)
         path = out / f"{c.eval.split}-step{restored.step}.predictions.tsv"
         with path.open("w", encoding="utf-8") as f:
-            for (text, gold), guess in zip(split.examples, predicted):
-                if task.name == "classification":
-                    f.write(f"{text}\t{gold}\t{guess}\n")
-                else:
-                    f.writelines(f"{word}\t{g}\t{p}\n" for word, g, p in zip(text, gold, guess))
-                    f.write("\n")
+            f.writelines(task.prediction_lines(split.examples, predicted))
         scores["predictions_file"] = str(path)
         _record(restored, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return scores
@@ -331,7 +318,7 @@ class Validator:
             self.eval_step = jit_eval_step(layout.model, task, config.train.label_smoothing,
                                            config.train.logits_chunk_length, layout.shardings.params, layout.mesh)
             self.batches = validation_batches(run, task)
-        self.decoded = config.train.eval_decode_examples if task.name in ("translation", "summarization") else 0
+        self.decoded = config.train.eval_decode_examples if task.generates else 0
         if self.decoded:
             self.decode = self.restored.decoder(config.eval.max_decode_length)
 
@@ -347,6 +334,6 @@ class Validator:
             self.restored.params = params
             hypotheses, references = translate_split(self.restored, self.run.config.data.eval_split, self.decoded,
                                                      self.decode)
-            scores.update({k: v for k, v in generation_scores(self.task.name, hypotheses, references).items()
+            scores.update({k: v for k, v in self.task.generation_scores(hypotheses, references).items()
                            if isinstance(v, (int, float))})
         return scores

@@ -27,6 +27,9 @@ class Classification(LabelingTask):
 
         return classification_scores(predicted, [gold for _, gold in examples])
 
+    def prediction_lines(self, examples: Sequence, predicted: list) -> list[str]:
+        return [f"{text}\t{gold}\t{guess}\n" for (text, gold), guess in zip(examples, predicted)]
+
 
 TASK = Classification("classification", "encoder", classify, ("inputs",), head="classification",
                       metrics=HELD_OUT + ("macro_f1",))

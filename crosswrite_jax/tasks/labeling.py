@@ -55,3 +55,7 @@ class LabelingTask(Task):
         """The scores of predicted labels against the examples' gold ones."""
         raise NotImplementedError
 
+    def prediction_lines(self, examples: Sequence, predicted: list) -> list[str]:
+        """The lines of a predictions file: text (or word), gold and predicted label, tab-separated."""
+        raise NotImplementedError
+

@@ -28,6 +28,13 @@ class Tagging(LabelingTask):
 
         return entity_scores(predicted, [gold for _, gold in examples])
 
+    def prediction_lines(self, examples: Sequence, predicted: list) -> list[str]:
+        """A word per line, a blank line after each sentence (CoNLL)."""
+        lines = []
+        for (words, gold), guess in zip(examples, predicted):
+            lines += [f"{word}\t{g}\t{p}\n" for word, g, p in zip(words, gold, guess)] + ["\n"]
+        return lines
+
 
 TASK = Tagging("tagging", "encoder", tag, ("inputs",), head="token_classification", per_word=True,
                metrics=HELD_OUT + ("precision", "recall", "f1"))
