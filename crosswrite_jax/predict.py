@@ -33,7 +33,6 @@ log = logging.getLogger("crosswrite")
 
 UNLIMITED = 1 << 30  # a max_length that truncates nothing
 # The key beside "output" that names a generated text, by task (decoder-only runs: "continuation").
-GENERATED = {"translation": "translation", "summarization": "summary"}
 
 
 def batches_of(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -79,7 +78,8 @@ class Predictor:
 
         c = restored.run.config
         self.restored, self.task, self.family = restored, c.task, restored.model.config.family
-        self.labeled = get_task(c.task).labeled
+        self.spec = get_task(c.task)  # what the task is; self.task is its name
+        self.labeled = self.spec.labeled
         if self.family not in ("encoder_decoder", "decoder") and not self.labeled:
             raise UserError(f"crosswrite predict generates text, classifies or tags, but this run's task is "
                             f"'{c.task}'; predict from a translation, summarization, language-model, "
@@ -90,10 +90,10 @@ class Predictor:
         self._decoders: dict[tuple[DecodeConfig, int], Any] = {}
         # Encoding to a max length switches the tokenizer's truncation on and off: one thread at a time.
         self._tokenizer_lock = threading.Lock()
-        if self.task == "classification":
+        if self.labeled and not self.spec.per_word:  # classification: probabilities as well
             self._label_step = jax.jit(_classify(restored.model))
         elif self.labeled:
-            predict_ids = make_predict_step(restored.model, get_task(c.task))
+            predict_ids = make_predict_step(restored.model, self.spec)
             self._label_step = jax.jit(lambda params, inputs: (predict_ids(params, {"inputs": inputs}), None))
 
     @property
@@ -111,9 +111,9 @@ class Predictor:
         """The tokens each text would take untruncated, special tokens included (compare with input_limit)."""
         tokenizer = self.restored.run.tokenizer
         with self._tokenizer_lock:
-            if self.task == "classification":
+            if self.labeled and not self.spec.per_word:
                 return [len(ids) for ids in tokenizer.encode_for_model(texts, UNLIMITED)]
-            if self.task == "tagging":
+            if self.labeled:
                 words = [t.split() or ["."] for t in texts]
                 return [len(ids) for ids, _ in tokenizer.encode_words(words, UNLIMITED)]
             return [len(ids) + 1 for ids in tokenizer.encode_batch(texts)]  # + EOS, or the decoder's start token
@@ -196,16 +196,14 @@ class Predictor:
             else:
                 ids, padding = source_batch(self.restored, texts, rows), None
         generated = self._decode_ids(ids, padding, decode, max_length, rng)[:len(texts)]
-        key = "continuation" if self.family == "decoder" else GENERATED.get(self.task, "text")
+        key = "continuation" if self.family == "decoder" else self.spec.output_key
         return [{"output": " ".join(text.splitlines()), key: text}
                 for text in self.restored.run.tokenizer.decode_batch(generated)]
 
     def _label(self, texts: list[str], rows: int) -> list[dict[str, Any]]:
         from crosswrite_jax.data import labeled
-        from crosswrite_jax.tasks import get_task
-
         c, labels = self.restored.run.config, self.labels
-        if self.task == "classification":
+        if not self.spec.per_word:
             examples = [(text, labels[0]) for text in texts]
         else:  # a blank text gets a blank output
             examples = [(text.split() or ["."], [labels[0]] * max(len(text.split()), 1)) for text in texts]
@@ -214,8 +212,8 @@ class Predictor:
                                           max_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
         ids, probabilities = self._label_step(self.restored.params, global_batch(self.restored, batch["inputs"]))
         ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
-        predicted = get_task(self.task).predicted_labels([batch], [ids], examples, labels)
-        if self.task == "classification":
+        predicted = self.spec.predicted_labels([batch], [ids], examples, labels)
+        if not self.spec.per_word:
             probabilities = np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))
             return [{"output": label, "label": label,
                      "probabilities": {name: round(float(p), 6) for name, p in zip(labels, probabilities[row])}}

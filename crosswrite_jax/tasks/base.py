@@ -36,6 +36,7 @@ class Task:
     pretraining: bool = False  # reads raw text (data.sources) rather than sentence pairs
     head: str = "none"  # the model.head it needs (encoder family)
     labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
+    per_word: bool = False  # labels words (tagging), not whole examples (classification)
     generates: bool = False  # decodes text from a source (translation, summarization), scored in validation
     output_key: str = "text"  # the field predict writes the generated text under
     bidirectional_prompt: bool = False  # the prompt attends both ways (prefix LM): decoded in one prefill pass

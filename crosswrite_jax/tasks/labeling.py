@@ -44,7 +44,6 @@ class LabelingTask(Task):
     """An encoder with a label head over data.examples; its label vocabulary is data.labels."""
 
     labeled: bool = True
-    per_word: bool = False  # a label per word (tagging) rather than one per example (classification)
 
     def predicted_labels(self, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
                          examples: Sequence, labels: Sequence[str]) -> list:
