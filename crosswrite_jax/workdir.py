@@ -15,10 +15,10 @@ from crosswrite_jax.config import Config
 from crosswrite_jax.data import sources, subsets, text_sources
 from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.tasks import get_task
 
 CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
 BEST = "best"  # the checkpoint with the best validation metric (train.best_metric)
-PRETRAINING_TASKS = ("mlm", "span_corruption", "causal_lm", "prefix_lm")
 NUM_SENTINELS = 100  # <extra_id_0> ... <extra_id_99>, as T5
 
 
@@ -130,7 +130,7 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
         tokenizer = Tokenizer.load(d.tokenizer)
     elif config.train.init_from and (_init_tokenizer(config) / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(_init_tokenizer(config))  # keep the tokenizer the starting point learned
-    elif config.task in PRETRAINING_TASKS:
+    elif get_task(config.task).pretraining:
         if not d.sources:
             raise UserError(f"task '{config.task}' reads raw text, but config key 'data.sources' is empty; name "
                             f"files there, e.g. --config.data.sources='text:corpus/*.txt'")
@@ -150,7 +150,7 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
 def _training_texts(config: Config, workdir: Path) -> list[str]:
     """The text of the training split, both sides (or the words of tagged sentences), to learn a vocabulary on."""
     run = Run(workdir, config, None)
-    if config.task in ("classification", "tagging"):
+    if get_task(config.task).labeled:
         examples = run.read_examples(config.data.train_split)
         return [text if isinstance(text, str) else " ".join(text) for text, _ in examples]
     pairs = run.read_split(config.data.train_split)
