@@ -132,15 +132,11 @@ def _on_tpu_vm() -> bool:
 
 def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of one global training batch, as the task's pipeline makes them (longest bucket when unpacked)."""
-    from crosswrite_jax.data import pretraining
+    from crosswrite_jax.tasks import get_task
 
-    d, rows = config.data, config.train.batch_size
-    if config.task == "translation":
-        lengths = {"inputs": d.max_source_length, "targets": d.max_target_length}
-        segmented = d.packing
-    else:
-        lengths = pretraining.features(config.task, d.max_source_length, d.max_target_length)
-        segmented = True  # pretraining rows always carry segment ids and positions
+    d, rows, task = config.data, config.train.batch_size, get_task(config.task)
+    lengths = task.batch_features(d.max_source_length, d.max_target_length)
+    segmented = d.packing or task.pretraining  # pretraining rows always carry segment ids and positions
     keys = dict(lengths)
     if segmented:
         for key, length in lengths.items():
