@@ -22,13 +22,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from crosswrite_jax import config as config_lib
 from crosswrite_jax import flops, peft, sharding
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.batches import training_batches, with_labels
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import PAD_ID
+from crosswrite_jax.tasks import check_config
 from crosswrite_jax.trainer import Trainer
 
 log = logging.getLogger("crosswrite")
@@ -66,7 +66,7 @@ def trainer_and_batches(config: Config, count: int) -> tuple[Trainer, list[dict[
 
     The tokenizer is trained in a scratch directory unless data.tokenizer names one (a run's tokenizer/).
     """
-    config_lib.check_task_model(config, head_too=True)
+    check_config(config, head_too=True)
     with tempfile.TemporaryDirectory(prefix="crosswrite-bench-") as scratch:
         config = with_labels(peft.resolve(config), scratch)  # as `crosswrite train` does: PEFT and label sets
         run = workdir_lib.prepare(config, scratch)

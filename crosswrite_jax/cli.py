@@ -146,8 +146,11 @@ def quickstart_config_path() -> Path:
 
 def _load_config(path: str | Path, overrides: dict[str, str]):
     from crosswrite_jax import config as config_lib
+    from crosswrite_jax.tasks import check_config
 
-    return config_lib.override(config_lib.load(path), overrides)
+    config = config_lib.override(config_lib.load(path), overrides)
+    check_config(config)
+    return config
 
 
 def _print_json(record: dict) -> None:

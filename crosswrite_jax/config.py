@@ -293,25 +293,6 @@ _CHOICES = {
 }
 
 
-# The model each task trains: (model.family, model.head or None for any).
-TASK_MODELS = {"translation": ("encoder_decoder", None), "summarization": ("encoder_decoder", None),
-               "classification": ("encoder", "classification"), "tagging": ("encoder", "token_classification"),
-               "span_corruption": ("encoder_decoder", None),
-               "mlm": ("encoder", "mlm"), "causal_lm": ("decoder", None), "prefix_lm": ("decoder", None)}
-
-
-def check_task_model(config: "Config", head_too: bool = False) -> None:
-    """Fails when the model family (and, for training, the head) cannot serve the task."""
-    family, head = TASK_MODELS[config.task]
-    m = config.model
-    if m.family != family:
-        raise UserError(f"task '{config.task}' trains a model.family='{family}' model, but the config has "
-                        f"'{m.family}'; set --config.model.family={family} (or pick another task)")
-    if head_too and head is not None and m.head != head:
-        raise UserError(f"task '{config.task}' needs model.head='{head}', but the config has '{m.head}'; "
-                        f"set --config.model.head={head}")
-
-
 def all_keys(config: Any = None, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config (of the base config if none is given)."""
     config = Config() if config is None else config
@@ -428,10 +409,6 @@ def validate(config: Config) -> None:
                         f"({config.train.batch_size})")
     if config.train.logits_chunk_length < 0:
         raise UserError(f"config key 'train.logits_chunk_length' must be >= 0, got {config.train.logits_chunk_length}")
-    family, head = TASK_MODELS.get(config.task, (None, None))
-    if config.train.logits_chunk_length and family == "encoder" and head != "mlm":  # as Task.vocabulary_outputs
-        raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's or MLM head's vocabulary outputs; "
-                        f"task '{config.task}' has none: set it to 0")
     if config.train.profile_steps < 0:
         raise UserError(f"config key 'train.profile_steps' must be >= 0, got {config.train.profile_steps}")
     if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):
@@ -450,7 +427,6 @@ def validate(config: Config) -> None:
                             f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
-    check_task_model(config)
     o = config.objective
     for key in ("objective.mlm_probability", "objective.noise_density", "objective.prefix_fraction"):
         if not 0.0 < get(config, key) < 1.0:
@@ -497,8 +473,6 @@ def validate(config: Config) -> None:
         raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
     if dc.prefill_chunk < 0:
         raise UserError(f"config key 'decode.prefill_chunk' must be >= 0, got {dc.prefill_chunk}")
-    if dc.prefill_chunk and config.task == "prefix_lm":
-        raise UserError(PREFIX_LM_PREFILL_CHUNK)
 
 
 def _check_types(obj: Any, prefix: str) -> None:

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from crosswrite_jax import checkpoint, peft, sharding
-from crosswrite_jax import config as config_lib
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.batches import training_batches, with_labels
 from crosswrite_jax.config import Config
@@ -28,7 +27,7 @@ from crosswrite_jax.preflight import check_params
 from crosswrite_jax.profiling import StepProfiler
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import TrainState
-from crosswrite_jax.tasks import Task
+from crosswrite_jax.tasks import Task, check_config
 from crosswrite_jax.trainer import Trainer
 
 log = logging.getLogger("crosswrite")
@@ -77,7 +76,7 @@ def _prepare(config: Config, workdir: str | Path) -> tuple[workdir_lib.Run, Trai
     if micro % ways:
         raise UserError(f"config key 'train.grad_accum_steps' ({config.train.grad_accum_steps}) leaves microbatches "
                         f"of {micro} rows, not a multiple of the data-parallel size {ways}; lower it")
-    config_lib.check_task_model(config, head_too=True)
+    check_config(config, head_too=True)
     return run, Trainer.build(config, mesh)
 
 

@@ -106,6 +106,7 @@ class Trainer:
             raise UserError(f"config key 'model.attention_kernel' is 'cudnn', a GPU kernel, but this run's devices "
                             f"are {platform}; set --config.model.attention_kernel=xla")
         task = get_task(config.task)
+        task.check_config(config)
         return cls(config, task, build_layout(config, mesh),
                    learning_rate_schedule(config.optimizer, config.train.steps))
 

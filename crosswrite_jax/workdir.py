@@ -15,7 +15,7 @@ from crosswrite_jax.config import Config
 from crosswrite_jax.data import sources, subsets, text_sources
 from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.tasks import get_task
+from crosswrite_jax.tasks import check_config, get_task
 
 CONFIG_FILE, CHECKPOINTS, TOKENIZER = "config.json", "checkpoints", "tokenizer"
 BEST = "best"  # the checkpoint with the best validation metric (train.best_metric)
@@ -202,6 +202,7 @@ def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     config = config_lib.load_json(path)
     if overrides:
         config = config_lib.override(config, overrides)
+    check_config(config)
     folder = workdir / TOKENIZER
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"--workdir '{workdir}' has no {TOKENIZER}/tokenizer.json; it is needed to decode")

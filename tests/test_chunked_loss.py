@@ -4,17 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+from test_grad_accumulation import _batch, _step
+
 from crosswrite_jax import sharding
 from crosswrite_jax.config import ModelConfig
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.models.transformer import build_model
-from crosswrite_jax.tasks import get_task
 from crosswrite_jax.losses import task_losses
+from crosswrite_jax.models.transformer import build_model
 from crosswrite_jax.sharding import to_global_batch
+from crosswrite_jax.tasks import check_config, get_task
 from crosswrite_jax.trainer import Trainer
-from test_grad_accumulation import _batch, _step
 
 
 @pytest.mark.parametrize("mesh_shape,chunk,accumulation", [((2, 2, 2), 5, 1), ((1, 1, 1), 8, 1), ((1, 1, 1), 5, 4)])
@@ -115,7 +115,7 @@ def test_chunking_shrinks_the_compiled_step_by_about_the_logits():
 
 def test_chunking_needs_vocabulary_outputs():
     with pytest.raises(UserError, match="train.logits_chunk_length"):
-        tiny_config(task="classification", model__family="encoder", model__num_decoder_layers=0,
-                    model__head="classification", train__logits_chunk_length=8)
+        check_config(tiny_config(task="classification", model__family="encoder", model__num_decoder_layers=0,
+                                 model__head="classification", train__logits_chunk_length=8))
     with pytest.raises(UserError, match="train.logits_chunk_length"):
         tiny_config(train__logits_chunk_length=-1)

@@ -16,6 +16,7 @@ from crosswrite_jax.config import DecodeConfig
 from crosswrite_jax.decode import (beam_decode, beam_search, filter_logits, greedy_decode, make_decoder,
                                    sample_decode, sampling_choice, search)
 from crosswrite_jax.models.transformer import EncoderDecoder, build_model, param_shapes
+from crosswrite_jax.tasks import check_config
 
 EOS = 1
 
@@ -147,7 +148,7 @@ def test_chunked_prefill_decodes_the_same(chunk):
     with pytest.raises(UserError, match="decode.prefill_chunk"):
         greedy_decode(model, params, left, 6, EOS, prefix_lm=True, prefill_chunk=3)
     with pytest.raises(UserError, match="prefix LM's prompt attends both ways"):
-        tiny_config(task="prefix_lm", model__family="decoder", decode__prefill_chunk=4)
+        check_config(tiny_config(task="prefix_lm", model__family="decoder", decode__prefill_chunk=4))
     with pytest.raises(UserError, match="'decode.prefill_chunk' must be >= 0"):
         tiny_config(decode__prefill_chunk=-1)
 

@@ -12,7 +12,7 @@ from crosswrite_jax.tasks import classification, pretraining, summarization, tag
 from crosswrite_jax.tasks.base import Batch, Forward, Task
 from crosswrite_jax.tasks.pretraining import first_positions
 
-__all__ = ["TASKS", "Batch", "Forward", "Task", "first_positions", "get_task"]
+__all__ = ["TASKS", "Batch", "Forward", "Task", "check_config", "first_positions", "get_task"]
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     translation.TASK,
@@ -31,3 +31,8 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"config key 'task' is {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def check_config(config, head_too: bool = False) -> None:
+    """Fails when `config` names no task, or one its model (and, for training, its head) cannot serve."""
+    get_task(config.task).check_config(config, head_too)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 from flax import linen as nn
 
+from crosswrite_jax.config import PREFIX_LM_PREFILL_CHUNK
 from crosswrite_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
@@ -60,6 +61,16 @@ class Task:
         if head_too and self.head != "none" and model.head != self.head:
             raise UserError(f"task '{self.name}' needs model.head='{self.head}', but the config has '{model.head}'; "
                             f"set --config.model.head={self.head}")
+
+    def check_config(self, config: Any, head_too: bool = False) -> None:
+        """Fails when a run's config cannot serve this task: its model (check_model), logits chunking without
+        vocabulary outputs, or a chunked prefill of a prompt that attends both ways."""
+        self.check_model(config.model, head_too)
+        if config.train.logits_chunk_length and not self.vocabulary_outputs:
+            raise UserError(f"config key 'train.logits_chunk_length' chunks a decoder's or MLM head's vocabulary "
+                            f"outputs; task '{self.name}' has none: set it to 0")
+        if config.decode.prefill_chunk and self.bidirectional_prompt:
+            raise UserError(PREFIX_LM_PREFILL_CHUNK)
 
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         """The row length of each feature its training batches carry."""
