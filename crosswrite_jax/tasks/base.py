@@ -38,6 +38,10 @@ class Task:
     head: str = "none"  # the model.head it needs (encoder family)
     labeled: bool = False  # classification / tagging: data.examples with a label per example or per word
     per_word: bool = False  # labels words (tagging), not whole examples (classification)
+    # Labeled examples (data/labeled.py): the two fields of one, the formats that hold them, and a sample spec.
+    example_fields: tuple[str, ...] = ()
+    example_formats: tuple[str, ...] = ()
+    example_spec: str = ""
     generates: bool = False  # decodes text from a source (translation, summarization), scored in validation
     output_key: str = "text"  # the field predict writes the generated text under
     bidirectional_prompt: bool = False  # the prompt attends both ways (prefix LM): decoded in one prefill pass

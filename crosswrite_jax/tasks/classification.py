@@ -32,4 +32,5 @@ class Classification(LabelingTask):
 
 
 TASK = Classification("classification", "encoder", classify, ("inputs",), head="classification",
-                      metrics=HELD_OUT + ("macro_f1",))
+                      metrics=HELD_OUT + ("macro_f1",), example_fields=("text", "label"),
+                      example_formats=("tsv", "csv", "jsonl"), example_spec="tsv:sst2/{split}.tsv?text=0&label=1")

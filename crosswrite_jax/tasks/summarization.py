@@ -17,4 +17,6 @@ class Summarization(Seq2SeqTask):
         return summarization_scores(hypotheses, references)
 
 
-TASK = Summarization("summarization", output_key="summary", metrics=HELD_OUT + ("rouge1", "rouge2", "rougeL"))
+TASK = Summarization("summarization", output_key="summary", metrics=HELD_OUT + ("rouge1", "rouge2", "rougeL"),
+                     example_fields=("source", "target"), example_formats=("tsv", "csv", "jsonl"),
+                     example_spec="jsonl:scitldr/{split}.jsonl?source=source&target=target")

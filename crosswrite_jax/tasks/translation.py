@@ -17,4 +17,6 @@ class Translation(Seq2SeqTask):
         return translation_scores(hypotheses, [refs[0] for refs in references])
 
 
-TASK = Translation("translation", output_key="translation", metrics=HELD_OUT + ("bleu", "chrf"))
+TASK = Translation("translation", output_key="translation", metrics=HELD_OUT + ("bleu", "chrf"),
+                   example_fields=("source", "target"), example_formats=("tsv", "csv", "jsonl"),
+                   example_spec="tsv:pairs/{split}.tsv?source=0&target=1")
