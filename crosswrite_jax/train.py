@@ -121,7 +121,7 @@ class _Loop:
         self.start = start = int(jax.device_get(state.step))
         is_main = jax.process_index() == 0
         self.validate = Validator(run, trainer.layout, trainer.task) if config.train.eval_every > 0 else None
-        self.best = _Best(config, run.workdir, resumed)
+        self.best = _Best(config, trainer.task, run.workdir, resumed)
         self.writer = MetricsWriter(run.workdir, enabled=is_main)
         self.train_step = trainer.jit_train_step()
         self.metadata = {"tokenizer_fingerprint": run.tokenizer.fingerprint, "data_index": start}
@@ -204,15 +204,13 @@ class _Loop:
         self.best.close()
 
 
-LOWER_IS_BETTER = ("loss", "nll", "perplexity")
-
-
 class _Best:
     """Keeps the checkpoint with the best validation `train.best_metric` in WORKDIR/best; counts validations
     without improvement for early stopping. Its progress rides in every checkpoint's metadata, so resume keeps it."""
 
-    def __init__(self, config: Config, workdir: Path, resumed: dict[str, Any]):
+    def __init__(self, config: Config, task: Task, workdir: Path, resumed: dict[str, Any]):
         self.metric, self.patience = config.train.best_metric, config.train.early_stopping_patience
+        self.task = task  # says which direction of the metric is better
         self.value, self.step = resumed.get("best_value"), resumed.get("best_step")
         self.stale = int(resumed.get("stale_validations", 0))
         self.manager = None
@@ -227,7 +225,7 @@ class _Best:
             raise UserError(f"config key 'train.best_metric' is {self.metric!r}, but validation reports "
                             f"{', '.join(sorted(val))}; pick one of those")
         value = float(val[self.metric])
-        lower = self.metric in LOWER_IS_BETTER
+        lower = self.task.metric_direction(self.metric) == "min"
         if self.value is None or (value < self.value if lower else value > self.value):
             self.value, self.step, self.stale = value, step, 0
             checkpoint.save(self.manager, state, dict(metadata, **self.progress()), force=True)
