@@ -12,11 +12,6 @@ from crosswrite_jax.tasks import TASKS, Task, get_task
 PACKAGE = Path(__file__).resolve().parent.parent / "crosswrite_jax"
 TASK_NAMES = {"task", "task_name"}
 
-# Comparisons of a task name with a literal still waiting to become questions to the Task, per module. Only
-# ever shrinks: the test fails on any comparison beyond these, and on an entry that no longer needs its count.
-REMAINING: dict[str, int] = {}
-
-
 def _names_a_task(node: ast.expr) -> bool:
     """`task`, `task_name`, `x.task`, `task.name` or `x.task.name`."""
     if isinstance(node, ast.Name):
@@ -59,10 +54,7 @@ def test_no_module_outside_tasks_compares_task_names():
         module = str(path.relative_to(PACKAGE))
         if not module.startswith("tasks/") and (lines := task_name_comparisons(path.read_text())):
             found[module] = lines
-    over = {m: lines for m, lines in found.items() if len(lines) > REMAINING.get(m, 0)}
-    assert not over, f"ask the Task (crosswrite_jax/tasks/) instead of comparing task names: {over}"
-    stale = {m: n for m, n in REMAINING.items() if len(found.get(m, ())) < n}
-    assert not stale, f"lower REMAINING to what is left: {stale} (found {found})"
+    assert not found, f"ask the Task (crosswrite_jax/tasks/) instead of comparing task names: {found}"
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
