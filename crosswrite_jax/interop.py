@@ -17,6 +17,7 @@ from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf
 from crosswrite_jax.models.transformer import param_shapes
 from crosswrite_jax.state import build_layout
+from crosswrite_jax.tasks import pretraining_task
 from crosswrite_jax.workdir import CHECKPOINTS, CONFIG_FILE, TOKENIZER, locate_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -41,7 +42,7 @@ def import_hf(source: str | Path, out: str | Path) -> dict[str, Any]:
     hf_config, tensors = hf.read_checkpoint(source)
     kind, model_config = hf.config_from_hf(hf_config, tensors)
     params = hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config))
-    task = {"encoder_decoder": "span_corruption", "encoder": "mlm", "decoder": "causal_lm"}[model_config.family]
+    task = pretraining_task(model_config.family).name
     config = Config(name=f"imported-{kind}", task=task, model=model_config)
     metadata = {"step": 0, "source": str(source), "architecture": kind, "tokenizer_fingerprint": None}
     checkpoint.write_run(out, config, params, metadata)

@@ -94,3 +94,10 @@ def test_check_model_names_the_family_and_head():
         get_task("mlm").check_model(model, head_too=True)
     with pytest.raises(UserError, match="set --config.model.family=decoder"):
         get_task("causal_lm").check_model(model)
+
+
+def test_an_imported_model_pretrains_with_its_familys_first_pretraining_task():
+    from crosswrite_jax.tasks import pretraining_task
+
+    assert [pretraining_task(f).name for f in ("encoder_decoder", "encoder", "decoder")] == [
+        "span_corruption", "mlm", "causal_lm"]

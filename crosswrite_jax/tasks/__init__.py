@@ -12,7 +12,7 @@ from crosswrite_jax.tasks import classification, pretraining, summarization, tag
 from crosswrite_jax.tasks.base import Batch, Forward, Task
 from crosswrite_jax.tasks.pretraining import first_positions
 
-__all__ = ["TASKS", "Batch", "Forward", "Task", "check_config", "first_positions", "get_task"]
+__all__ = ["TASKS", "Batch", "Forward", "Task", "check_config", "first_positions", "get_task", "pretraining_task"]
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     translation.TASK,
@@ -36,3 +36,9 @@ def get_task(name: str) -> Task:
 def check_config(config, head_too: bool = False) -> None:
     """Fails when `config` names no task, or one its model (and, for training, its head) cannot serve."""
     get_task(config.task).check_config(config, head_too)
+
+
+def pretraining_task(family: str) -> Task:
+    """The task a model.family pretrains with by default (an imported model's): the first registered pretraining task
+    for it (span corruption, MLM, causal LM)."""
+    return next(task for task in TASKS.values() if task.pretraining and task.family == family)
