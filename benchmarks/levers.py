@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from crosswrite_jax import bench as bench_lib
 from crosswrite_jax import config as config_lib
-from crosswrite_jax.models import layers
 from crosswrite_jax import trainer as trainer_lib
+from crosswrite_jax.models import layers
 
 ROOT = Path(__file__).resolve().parent.parent
 XLA_FLAGS = ["--xla_cpu_use_onednn=true", "--xla_cpu_enable_fast_math=true", "--xla_cpu_use_xnnpack=true",

@@ -27,9 +27,11 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from crosswrite_jax import bench  # noqa: E402
+from crosswrite_jax import (
+    bench,  # noqa: E402
+    sharding,  # noqa: E402
+)
 from crosswrite_jax import config as config_lib  # noqa: E402
-from crosswrite_jax import sharding  # noqa: E402
 from crosswrite_jax.sharding import to_global_batch  # noqa: E402
 from crosswrite_jax.trainer import Trainer  # noqa: E402
 

@@ -50,8 +50,12 @@ def ours(data: Path, steps: int, max_train: int, eval_every: int, learning_rate:
 def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_rate: float, seed: int = 0) -> dict:
     import torch
     from torch.utils.data import DataLoader
-    from transformers import (AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        AutoTokenizer,
+        BertForSequenceClassification,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     sys.path.insert(0, str(ROOT / "configs"))
     import finetune_common

@@ -4,7 +4,8 @@
 
 Prints, for one batch of random ids: each parameter group's standard deviation (the query's with the score scale
 folded in, as transformers stores it), the scale of the embedded tokens, the initial logit spread and loss, and
-the share of the squared gradient norm that falls on the token embedding. transformers' side uses T5ForConditionalGeneration
+the share of the squared gradient norm that falls on the token embedding. transformers' side uses
+T5ForConditionalGeneration
 with the same config (needs torch).
 """
 

@@ -40,13 +40,13 @@ import numpy as np
 
 from crosswrite_jax import config as config_lib
 from crosswrite_jax import sharding
+from crosswrite_jax.batches import make_dataset
 from crosswrite_jax.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from crosswrite_jax.data import pretraining, text_sources
 from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.models import hf, presets
 from crosswrite_jax.models.transformer import PAD_ID
-from crosswrite_jax.batches import make_dataset
 from crosswrite_jax.sharding import to_global_batch
 from crosswrite_jax.trainer import Trainer
 

@@ -9,8 +9,15 @@ are cut to the backbone's 128 positions. Parameter-efficient variants: --config.
 prompt, freeze).
 """
 
-from crosswrite_jax.config import (CheckpointConfig, Config, DataConfig, EvalConfig, OptimizerConfig, PeftConfig,
-                                   TrainConfig)
+from crosswrite_jax.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    OptimizerConfig,
+    PeftConfig,
+    TrainConfig,
+)
 from crosswrite_jax.models.presets import t5
 
 

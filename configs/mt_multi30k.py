@@ -8,8 +8,16 @@ Run (about 40 minutes of training on 2 cores, then scoring):
 Cased, detokenized sacreBLEU and chrF. Validation (val, 300 pairs decoded greedily) picks the checkpoint in best/.
 """
 
-from crosswrite_jax.config import (CheckpointConfig, Config, DataConfig, DecodeConfig, EvalConfig, ModelConfig,
-                                   OptimizerConfig, TrainConfig)
+from crosswrite_jax.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DecodeConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> Config:

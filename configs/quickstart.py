@@ -7,8 +7,15 @@ or, equivalently, with any --config.KEY=VALUE overrides:
     crosswrite eval --workdir runs/quickstart --split test
 """
 
-from crosswrite_jax.config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimizerConfig,
-                                   TrainConfig)
+from crosswrite_jax.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> Config:

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crosswrite_jax import config as config_lib, integrity
+from crosswrite_jax import config as config_lib
+from crosswrite_jax import integrity
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.state import StateLayout, TrainState

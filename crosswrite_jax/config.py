@@ -154,7 +154,8 @@ class TrainConfig:
     # chunks (e.g. length / 8); on CPU, 8-16 positions keep a chunk's logits in cache.
     logits_chunk_length: int = 0
     profile_steps: int = 0  # > 0: a jax.profiler trace of this many steps after the first into WORKDIR/profile
-    best_metric: str = ""  # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
+    # validation metric whose best value keeps a checkpoint in WORKDIR/best, e.g. accuracy, f1, loss
+    best_metric: str = ""
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best_metric
     eval_decode_examples: int = 0  # translation / summarization: validation also decodes and scores this many
     # JAX PRNG of the dropout masks. threefry4x32 draws the same masks on any mesh, like JAX's default threefry2x32,
@@ -252,7 +253,8 @@ class Config:
     """A whole run."""
 
     name: str = "run"
-    task: str = "translation"  # translation | summarization | classification | tagging | mlm | span_corruption | causal_lm | prefix_lm
+    # translation | summarization | classification | tagging | mlm | span_corruption | causal_lm | prefix_lm
+    task: str = "translation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -383,6 +385,13 @@ def validate(config: Config) -> None:
         value = get(config, key)
         if value not in choices:
             raise UserError(f"config key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+    for check in (_check_model, _check_sizes, _check_train, _check_mesh, _check_data, _check_objective,
+                  _check_decode, _check_peft):
+        check(config)
+
+
+def _check_model(config: Config) -> None:
+    """Heads, kernels and the Llama 3 RoPE settings."""
     m = config.model
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise UserError("config key 'model.num_heads' must divide 'model.d_model' (or set 'model.head_dim')")
@@ -396,13 +405,30 @@ def validate(config: Config) -> None:
         dim = m.head_dim or m.d_model // m.num_heads
         if dim % 8 or dim > 256:
             raise UserError(f"config key 'model.attention_kernel' is 'cudnn', which needs a head dimension that is a "
-                            f"multiple of 8 up to 256, but it is {dim}; set model.head_dim or model.attention_kernel=xla")
+                            f"multiple of 8 up to 256, but it is {dim}; set model.head_dim or "
+                            f"model.attention_kernel=xla")
+    if m.rope_factor <= 0 or m.rope_low_freq_factor <= 0 or m.rope_high_freq_factor <= m.rope_low_freq_factor \
+            or m.rope_original_max_length <= 0:
+        raise UserError("config keys 'model.rope_*': rope_factor, rope_low_freq_factor and rope_original_max_length "
+                        "must be positive and rope_high_freq_factor above rope_low_freq_factor")
+    if m.mlm_max_predictions < 0 or (m.mlm_max_predictions and m.head != "mlm"):
+        raise UserError(f"config key 'model.mlm_max_predictions' ({m.mlm_max_predictions}) must be >= 0 and is for "
+                        f"model.head=mlm (it is '{m.head}'); set it to 0")
+
+
+def _check_sizes(config: Config) -> None:
+    """Sizes and counts that must be positive."""
     positive = ["model.vocab_size", "model.d_model", "model.num_heads", "model.d_ff", "train.steps",
-                "train.batch_size", "train.log_every", "train.max_nonfinite_steps", "eval.batch_size", "eval.max_decode_length", "checkpoint.every",
+                "train.batch_size", "train.log_every", "train.max_nonfinite_steps", "eval.batch_size",
+                "eval.max_decode_length", "checkpoint.every",
                 "checkpoint.max_to_keep", "data.max_source_length", "data.max_target_length"]
     for key in positive:
         if get(config, key) <= 0:
             raise UserError(f"config key '{key}' must be positive, got {get(config, key)}")
+
+
+def _check_train(config: Config) -> None:
+    """Accumulation, chunking, profiling and early stopping."""
     accum = config.train.grad_accum_steps
     if accum < 1 or config.train.batch_size % accum:
         raise UserError(f"config key 'train.grad_accum_steps' ({accum}) must be >= 1 and divide train.batch_size "
@@ -411,6 +437,15 @@ def validate(config: Config) -> None:
         raise UserError(f"config key 'train.logits_chunk_length' must be >= 0, got {config.train.logits_chunk_length}")
     if config.train.profile_steps < 0:
         raise UserError(f"config key 'train.profile_steps' must be >= 0, got {config.train.profile_steps}")
+    if config.train.early_stopping_patience < 0:
+        raise UserError(f"config key 'train.early_stopping_patience' must be >= 0, got "
+                        f"{config.train.early_stopping_patience}")
+    if config.train.early_stopping_patience and not config.train.best_metric:
+        raise UserError("config key 'train.early_stopping_patience' needs train.best_metric (e.g. accuracy, f1, loss)")
+
+
+def _check_mesh(config: Config) -> None:
+    """The mesh and its multi-slice shape."""
     if sum(1 for s in config.mesh.shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh.shape):
         raise UserError(f"config key 'mesh.shape' {config.mesh.shape}: sizes must be positive, one may be -1")
     if len(config.mesh.shape) != 3:
@@ -419,6 +454,11 @@ def validate(config: Config) -> None:
     if len(dcn) != 3 or sum(1 for s in dcn if s == -1) > 1 or any(s == 0 or s < -1 for s in dcn):
         raise UserError(f"config key 'mesh.dcn_shape' {dcn}: needs 3 positive sizes (slices along data, fsdp, "
                         f"tensor), one may be -1")
+
+
+def _check_data(config: Config) -> None:
+    """Buckets and lengths against the model, dropout, mixture weights."""
+    m = config.model
     if not config.data.bucket_lengths or list(config.data.bucket_lengths) != sorted(config.data.bucket_lengths):
         raise UserError("config key 'data.bucket_lengths' must be a non-empty increasing tuple")
     for key in ("data.max_source_length", "data.max_target_length", "eval.max_decode_length"):
@@ -427,6 +467,14 @@ def validate(config: Config) -> None:
                             f"model.max_length={m.max_length}; lower it or raise model.max_length")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise UserError(f"config key 'model.dropout_rate' must be in [0, 1), got {m.dropout_rate}")
+    if config.data.mixture_weights and (len(config.data.mixture_weights) != len(config.data.sources)
+                                        or min(config.data.mixture_weights) <= 0):
+        raise UserError(f"config key 'data.mixture_weights' needs one positive weight per data.sources entry "
+                        f"({len(config.data.sources)}), got {config.data.mixture_weights}")
+
+
+def _check_objective(config: Config) -> None:
+    """Masking and span-corruption rates."""
     o = config.objective
     for key in ("objective.mlm_probability", "objective.noise_density", "objective.prefix_fraction"):
         if not 0.0 < get(config, key) < 1.0:
@@ -436,19 +484,24 @@ def validate(config: Config) -> None:
                         f"and sum to at most 1, got {o.mask_token_rate} and {o.random_token_rate}")
     if o.mean_noise_span_length < 1.0:
         raise UserError(f"config key 'objective.mean_noise_span_length' must be >= 1, got {o.mean_noise_span_length}")
-    if config.data.mixture_weights and (len(config.data.mixture_weights) != len(config.data.sources)
-                                        or min(config.data.mixture_weights) <= 0):
-        raise UserError(f"config key 'data.mixture_weights' needs one positive weight per data.sources entry "
-                        f"({len(config.data.sources)}), got {config.data.mixture_weights}")
+
+
+def _check_decode(config: Config) -> None:
+    """Search, sampling and prefill settings."""
     dc = config.decode
     if dc.beam_size < 1 or dc.temperature <= 0 or dc.top_k < 0 or not 0.0 < dc.top_p <= 1.0:
         raise UserError(f"config keys 'decode.*': beam_size >= 1, temperature > 0, top_k >= 0 and top_p in (0, 1] "
                         f"are needed, got beam_size={dc.beam_size}, temperature={dc.temperature}, "
                         f"top_k={dc.top_k}, top_p={dc.top_p}")
-    if m.mlm_max_predictions < 0 or (m.mlm_max_predictions and m.head != "mlm"):
-        raise UserError(f"config key 'model.mlm_max_predictions' ({m.mlm_max_predictions}) must be >= 0 and is for "
-                        f"model.head=mlm (it is '{m.head}'); set it to 0")
-    p = config.peft
+    if dc.sample and dc.beam_size > 1:
+        raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
+    if dc.prefill_chunk < 0:
+        raise UserError(f"config key 'decode.prefill_chunk' must be >= 0, got {dc.prefill_chunk}")
+
+
+def _check_peft(config: Config) -> None:
+    """LoRA and soft-prompt settings."""
+    m, p = config.model, config.peft
     if p.lora_rank <= 0 or p.prompt_length <= 0 or m.lora_rank < 0 or m.prompt_length < 0:
         raise UserError(f"config keys 'peft.lora_rank' and 'peft.prompt_length' must be positive (and model.lora_rank, "
                         f"model.prompt_length >= 0), got {p.lora_rank}, {p.prompt_length}")
@@ -464,15 +517,6 @@ def validate(config: Config) -> None:
                         "none: pick peft.method lora or bitfit")
     if m.prompt_length and config.data.packing:
         raise UserError("a soft prompt (model.prompt_length > 0) needs unpacked rows; set --config.data.packing=false")
-    if config.train.early_stopping_patience < 0:
-        raise UserError(f"config key 'train.early_stopping_patience' must be >= 0, got "
-                        f"{config.train.early_stopping_patience}")
-    if config.train.early_stopping_patience and not config.train.best_metric:
-        raise UserError("config key 'train.early_stopping_patience' needs train.best_metric (e.g. accuracy, f1, loss)")
-    if dc.sample and dc.beam_size > 1:
-        raise UserError("config keys 'decode.sample' and 'decode.beam_size' > 1 exclude each other; pick one")
-    if dc.prefill_chunk < 0:
-        raise UserError(f"config key 'decode.prefill_chunk' must be >= 0, got {dc.prefill_chunk}")
 
 
 def _check_types(obj: Any, prefix: str) -> None:

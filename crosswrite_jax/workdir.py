@@ -74,7 +74,8 @@ class Run:
         d = self.config.data
         if not d.examples:
             raise UserError(f"task '{self.config.task}' reads labeled examples, but config key 'data.examples' is "
-                            f"empty; name them there, e.g. --config.data.examples='tsv:sst2/{{split}}.tsv?text=0&label=1'")
+                            f"empty; name them there, e.g. "
+                            f"--config.data.examples='tsv:sst2/{{split}}.tsv?text=0&label=1'")
         if self._seeded(split, max_examples):
             examples = labeled.read_examples(self.config.task, d.examples, split, d.data_dir or None)
             return subsets.seeded_subset(examples, max_examples, d.train_subset_seed)

@@ -4,8 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import QUICKSTART, ROOT, TINY_OVERRIDES
+
 from crosswrite_jax import cli
 
 
@@ -48,7 +48,8 @@ def _pretrain(t: Path, source: str | None, name: str = "", content: bytes = b"",
     if name:
         (folder / name).write_bytes(content)
     flags = {"model.vocab_size": 512, "model.d_model": 32, "model.num_decoder_layers": 1, "model.d_ff": 64,
-             "data.data_dir": str(folder), "data.mixture_weights": "()", "train.steps": 2, "train.eval_every": 0, "train.progress_bar": False,
+             "data.data_dir": str(folder), "data.mixture_weights": "()", "train.steps": 2, "train.eval_every": 0,
+             "train.progress_bar": False,
              **extra}
     sources = f"('{source}',)" if source else "()"
     return ["train", "--config", PRETRAIN, "--workdir", str(t / "r"), f"--config.data.sources={sources}",

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
 from conftest import QUICKSTART, tiny_config
 from test_cli import _overrides, _run
+
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.train import train
 
@@ -95,6 +95,7 @@ def test_gpu_decoder_config_is_a_1b_bfloat16_llama():
     import math
 
     from conftest import ROOT
+
     from crosswrite_jax import config as config_lib
     from crosswrite_jax.models.transformer import param_shapes
 

@@ -4,8 +4,8 @@ import json
 
 import jax
 import numpy as np
-
 from conftest import assert_trees_equal, tiny_config
+
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.train import train
 from crosswrite_jax.trainer import Trainer

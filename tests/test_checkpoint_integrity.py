@@ -6,8 +6,8 @@ import shutil
 
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import tiny_config
+
 from crosswrite_jax import checkpoint, integrity, sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.train import train

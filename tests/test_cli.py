@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import QUICKSTART, TINY_OVERRIDES
 
 CROSSWRITE = shutil.which("crosswrite") or str(Path(sys.executable).parent / "crosswrite")

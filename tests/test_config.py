@@ -1,8 +1,8 @@
 """Config files, strict overrides and the saved resolved config."""
 
 import pytest
-
 from conftest import QUICKSTART, ROOT
+
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError

@@ -8,13 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import linen as nn
 
-from conftest import tiny_config
 from crosswrite_jax import sharding
 from crosswrite_jax.config import DecodeConfig
-from crosswrite_jax.decode import (beam_decode, beam_search, filter_logits, greedy_decode, make_decoder,
-                                   sample_decode, sampling_choice, search)
+from crosswrite_jax.decode import (
+    beam_decode,
+    beam_search,
+    filter_logits,
+    greedy_decode,
+    make_decoder,
+    sample_decode,
+    sampling_choice,
+    search,
+)
 from crosswrite_jax.models.transformer import EncoderDecoder, build_model, param_shapes
 from crosswrite_jax.tasks import check_config
 

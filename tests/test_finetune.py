@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_trees_equal
-from crosswrite_jax import adapters, config as config_lib, peft, sharding
+
+from crosswrite_jax import adapters, peft, sharding
+from crosswrite_jax import config as config_lib
 from crosswrite_jax.cli import main
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.evaluate import evaluate, restore

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.sharding import to_global_batch

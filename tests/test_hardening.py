@@ -5,8 +5,8 @@ import logging
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf

@@ -6,9 +6,17 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import linen as nn
-from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification,
-                          BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trees_equal, tiny_config
 from transformers import AutoModel, AutoTokenizer, BertModel
 
-from conftest import assert_trees_equal, tiny_config
 from crosswrite_jax import checkpoint, cli, sharding
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.data.sources import read_parallel

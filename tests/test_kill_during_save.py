@@ -31,8 +31,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli import CROSSWRITE, _overrides  # noqa: E402
 from conftest import QUICKSTART  # noqa: E402
+from test_cli import CROSSWRITE, _overrides  # noqa: E402
+
 from crosswrite_jax import integrity  # noqa: E402
 
 STEPS = 40

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 TPU_POD = ROOT / "launch" / "tpu_pod.sh"

@@ -1,12 +1,12 @@
 """Model behaviour: packed rows equal separate examples; the padding and dtype options."""
 
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import tiny_config
 from flax import linen as nn
 
-from conftest import tiny_config
 from crosswrite_jax.models.layers import flat_matmul
 from crosswrite_jax.models.transformer import EncoderDecoder
 

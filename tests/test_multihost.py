@@ -22,8 +22,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import QUICKSTART, ROOT, TINY_OVERRIDES, assert_trees_equal, tiny_config
+
 from crosswrite_jax import checkpoint, integrity, sharding
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.batches import validation_batches

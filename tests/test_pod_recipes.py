@@ -6,8 +6,8 @@ import math
 
 import jax
 import pytest
-
 from conftest import ROOT, tiny_config
+
 from crosswrite_jax import compile_check as cc
 from crosswrite_jax import config as config_lib
 from crosswrite_jax import sharding

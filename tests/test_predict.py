@@ -12,9 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import linen as nn
 
-from conftest import tiny_config
 from crosswrite_jax import cli
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.evaluate import evaluate, resolve

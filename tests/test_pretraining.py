@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_trees_equal
+
 from crosswrite_jax import checkpoint
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.data import pretraining
@@ -363,8 +363,8 @@ def test_tokenizer_sources_widen_the_vocabulary_beyond_the_pretraining_text(corp
 def test_mlm_head_on_the_first_masked_positions_only(corpus, tokenizer):
     """model.mlm_max_predictions: the same loss sums and gradients as projecting every position while the cap
     covers each row's masked positions; beyond it, each row predicts its first `cap` positions."""
-    from crosswrite_jax.tasks import TASKS, first_positions
     from crosswrite_jax.losses import task_losses
+    from crosswrite_jax.tasks import TASKS, first_positions
 
     batch = {k: jnp.asarray(v) for k, v in next(iter(_dataset(corpus, tokenizer, "mlm"))).items()}
     masked_per_row = np.asarray(batch["targets"] != 0).sum(1)

@@ -2,8 +2,8 @@
 checkpoint and stops when validation stalls."""
 
 import pytest
-
 from conftest import ROOT
+
 from crosswrite_jax import config as config_lib
 
 FINETUNING = sorted(p for p in (ROOT / "configs").glob("finetune_*.py") if p.name != "finetune_common.py")

@@ -8,14 +8,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import QUICKSTART, assert_trees_equal, tiny_config
+from test_cli import CROSSWRITE, _overrides
 
 import crosswrite_jax.losses as losses_lib
-from conftest import QUICKSTART, assert_trees_equal, tiny_config
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.sharding import to_global_batch
 from crosswrite_jax.train import NonFiniteError, train
 from crosswrite_jax.trainer import Trainer
-from test_cli import CROSSWRITE, _overrides
 
 POISON = 3  # a target id that makes the patched loss NaN
 

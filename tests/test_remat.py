@@ -5,8 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import tiny_config
+
 from crosswrite_jax.models.transformer import build_model, example_inputs
 from crosswrite_jax.state import strip_boxes
 

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from crosswrite_jax.cli import main
 from crosswrite_jax.report import curves, summary
 

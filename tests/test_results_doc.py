@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from crosswrite_jax import config as config_lib
 
 FIELDS = ("section", "run", "metric", "mean", "std", "seeds", "labeled_examples", "wall_seconds", "command")

@@ -2,9 +2,9 @@
 
 import jax
 import pytest
+from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.optim import path_str

@@ -1,8 +1,8 @@
 """Few-label training sets: N examples drawn with a seed, the same for every model, disjoint parts of a corpus."""
 
 import pytest
-
 from conftest import tiny_config
+
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.data.subsets import permuted_positions, seeded_subset
 

@@ -13,8 +13,14 @@ import sys
 import pytest
 
 from crosswrite_jax.data import text_sources
-from crosswrite_jax.data.text_sources import (SourceSpec, parse_source, read_conll, read_delimited, read_documents,
-                                              read_jsonl)
+from crosswrite_jax.data.text_sources import (
+    SourceSpec,
+    parse_source,
+    read_conll,
+    read_delimited,
+    read_documents,
+    read_jsonl,
+)
 from crosswrite_jax.errors import UserError
 
 

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import assert_trees_equal, tiny_config
+
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.optim import tree_bytes

@@ -54,7 +54,8 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
             head_dim=hf["d_kv"], d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
             num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
             activation={"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}[act],
-            norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_max_distance=hf.get("relative_attention_max_distance", 128),
             dropout_rate=hf.get("dropout_rate", 0.1), tie_output_embedding=hf.get("tie_word_embeddings", True),
             # T5 v1.0 scales decoder outputs by d_model**-0.5; v1.1 does not (transformers 5 records this as
@@ -89,7 +90,8 @@ def _llama_rope(hf: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"config.json: rope_type '{rope_type}' is not supported by import-hf (default and llama3 "
                         f"are); such a checkpoint would import with wrong positions")
     names = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
-             "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_length"}
+             "high_freq_factor": "rope_high_freq_factor",
+             "original_max_position_embeddings": "rope_original_max_length"}
     unknown = sorted(set(rope) - set(names))
     if unknown:
         raise UserError(f"config.json: rope field '{unknown[0]}' is not one llama3 scaling uses; import-hf refuses it")

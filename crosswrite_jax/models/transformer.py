@@ -8,8 +8,17 @@ from flax import linen as nn
 
 from crosswrite_jax.config import ModelConfig
 from crosswrite_jax.data.tokenizer import PAD_ID  # also the decoder's start token
-from crosswrite_jax.models.layers import (ACTIVATIONS, DTYPES, Dense, Embed, Norm, RelativePositionBias, TransformerBlock,
-                                          constrain, sinusoidal_positions)
+from crosswrite_jax.models.layers import (
+    ACTIVATIONS,
+    DTYPES,
+    Dense,
+    Embed,
+    Norm,
+    RelativePositionBias,
+    TransformerBlock,
+    constrain,
+    sinusoidal_positions,
+)
 
 Array = jax.Array
 LAYER_STACKS = ("encoder", "decoder")  # the top-level names of the layer stacks; no output head uses them
