@@ -66,7 +66,7 @@ def _current_rows():
 def test_rows_of_older_code_name_a_commit_of_this_repository():
     for row in _summary()["rows"]:
         if row.get("code_commit"):
-            assert row["command"].startswith(f"git checkout {row['code_commit']} && ")
+            assert row["command"].startswith(f"git checkout {row['code_commit']} -- crosswrite_jax && ")
             done = subprocess.run(["git", "cat-file", "-e", f"{row['code_commit']}^{{commit}}"], cwd=ROOT)
             assert done.returncode == 0, row["code_commit"]
 
