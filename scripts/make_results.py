@@ -356,7 +356,7 @@ def readme_block(results_text: str) -> str:
 # ------------------------------------------------------------------------------------------ plots
 
 
-def plots(rows: list[dict], runs: Path, out: Path) -> None:
+def plots(runs: Path, out: Path) -> None:
     """PNG curves for the experiments whose run directories are present (others keep their last plot)."""
     import matplotlib
 
@@ -408,7 +408,7 @@ def main() -> None:
     summary = {"rows": rows, "side_by_side": compared or summary.get("side_by_side"), "notes": summary.get("notes", {})}
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    plots(rows, runs, SUMMARY.parent)
+    plots(runs, SUMMARY.parent)
     text = render_stored(summary)
     (ROOT / "docs" / "RESULTS.md").write_text(text)
     readme = (ROOT / "README.md").read_text()
