@@ -6,8 +6,8 @@ Run (data from ../shared/data in a checkout; any folder holding pretrain_text/ w
 Inputs are 128 tokens with 15% of the text in spans of mean length 3 replaced by sentinels; the targets
 (the dropped spans behind their sentinels) then take 29 tokens, so rows of 32 hold them.
 The vocabulary also learns from both sides of Multi30k's training text (no pairs, and no pretraining on it), so
-the translation recipe (finetune_mt.py) that starts here finds German words in it: learned on the English corpus
-alone, German took 39 tokens a sentence against English's 16, and 'ß' or 'ä' were unknown.
+the translation recipe (finetune_mt_span_corruption.py) that starts here finds German words in it: learned on the
+English corpus alone, German took 39 tokens a sentence against English's 16, and 'ß' or 'ä' were unknown.
 """
 
 import dataclasses

@@ -98,7 +98,7 @@ class DataConfig:
     # More text for a new vocabulary to learn from, besides the training text: e.g. the German side of a later
     # translation task, so that pretraining on English text leaves a vocabulary that also covers German.
     tokenizer_sources: tuple[str, ...] = ()
-    # Pretraining text (tasks mlm, span_corruption, causal_lm, prefix_lm); see crosswrite_jax/data/sources.py:
+    # Pretraining text (tasks mlm, span_corruption, denoising, causal_lm, prefix_lm); crosswrite_jax/data/sources.py:
     # "text:GLOB", "text:GLOB?document=file", "tsv:GLOB?column=0", "csv:GLOB?column=text", "jsonl:GLOB?field=text",
     # "conll:GLOB?column=0", "tfds:NAME?split=train&field=text&data_dir=gs://BUCKET/tfds".
     sources: tuple[str, ...] = ()
@@ -172,7 +172,7 @@ class ObjectiveConfig:
     mlm_probability: float = 0.15  # share of tokens the MLM task predicts
     mask_token_rate: float = 0.8  # of those: replaced by the mask token
     random_token_rate: float = 0.1  # of those: replaced by a random token (the rest stay as they are)
-    noise_density: float = 0.15  # span corruption: share of tokens inside noise spans
+    noise_density: float = 0.15  # span corruption and denoising: share of tokens inside noise spans
     mean_noise_span_length: float = 3.0
     prefix_fraction: float = 0.5  # prefix LM: the prefix is a uniform share in [0, 2 * this] of each example, capped
 
@@ -253,7 +253,8 @@ class Config:
     """A whole run."""
 
     name: str = "run"
-    # translation | summarization | classification | tagging | mlm | span_corruption | causal_lm | prefix_lm
+    # translation | summarization | classification | tagging | mlm | span_corruption | denoising | causal_lm |
+    # prefix_lm
     task: str = "translation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,8 +285,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_kernel": ("xla", "cudnn"),
-    "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "causal_lm",
-             "prefix_lm"),
+    "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "denoising",
+             "causal_lm", "prefix_lm"),
     "peft.method": ("full", "freeze", "lora", "bitfit", "prompt"),
     "peft.freeze": ("embeddings", "encoder", "all_but_head"),
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),

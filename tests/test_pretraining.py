@@ -86,6 +86,33 @@ def test_span_corruption_rows_hold_whole_examples_that_reconstruct_the_text(corp
     assert checked > 8  # several examples share rows
 
 
+def test_denoising_hides_each_span_behind_one_mask_and_targets_the_whole_text(corpus, tokenizer):
+    objective = config_lib.ObjectiveConfig(noise_density=0.35)
+    batch = next(iter(_dataset(corpus, tokenizer, "denoising", objective=objective)))
+    assert batch["inputs"].shape == batch["targets"].shape == (8, 64)
+    documents = [tokenizer.encode_batch([d])[0] for docs in _documents(corpus) for d in docs]
+    chunk = pretraining.chunk_length("denoising", 64, 64, 0.35, 3.0)
+    pieces = {tuple(ids[i:i + chunk]) for ids in documents for i in range(0, len(ids), chunk)}
+    hidden = shown = 0
+    for r in range(8):
+        inputs = _segments_of(batch["inputs"][r], batch["inputs_segments"][r])
+        targets = _segments_of(batch["targets"][r], batch["targets_segments"][r])
+        assert len(inputs) == len(targets) >= 1
+        for x, y in zip(inputs, targets):
+            assert y[-1] == tokenizer.eos_id and tuple(y[:-1]) in pieces  # the whole original text
+            kept = x[x != tokenizer.mask_id]
+            masks = int((x == tokenizer.mask_id).sum())
+            assert masks >= 1 and not np.any(np.diff(np.flatnonzero(x == tokenizer.mask_id)) == 1)
+            assert len(kept) < len(y) and _is_subsequence(kept, y)
+            hidden, shown = hidden + len(y) - len(kept), shown + len(y)
+    assert 0.25 < hidden / shown < 0.45  # about noise_density of the tokens
+
+
+def _is_subsequence(short: np.ndarray, long: np.ndarray) -> bool:
+    position = iter(long.tolist())
+    return all(token in position for token in short.tolist())
+
+
 def test_mlm_batches_predict_only_corrupted_positions(corpus, tokenizer):
     batches = list(itertools.islice(iter(_dataset(corpus, tokenizer, "mlm")), 6))
     selected = total = masked = 0
@@ -170,7 +197,7 @@ def test_eval_pass_is_finite_and_covers_every_document(corpus, tokenizer):
 
 def test_objective_needs_its_special_tokens(corpus):
     plain = Tokenizer.train(_documents(corpus)[1], 300, "bpe")
-    for task, word in (("mlm", "mask token"), ("span_corruption", "sentinel")):
+    for task, word in (("mlm", "mask token"), ("span_corruption", "sentinel"), ("denoising", "mask token")):
         with pytest.raises(UserError, match=word):
             _dataset(corpus, plain, task)
 
@@ -243,7 +270,7 @@ def pretrain_config(recipe: str, corpus: Path, **overrides) -> config_lib.Config
     return config_lib.override(config, updates)
 
 
-@pytest.mark.parametrize("recipe", ["mlm", "span_corruption", "causal_lm"])
+@pytest.mark.parametrize("recipe", ["mlm", "span_corruption", "causal_lm", "mt_monolingual"])
 def test_each_recipe_pretrains_and_reports_held_out_loss(recipe, corpus, tmp_path):
     config = pretrain_config(recipe, corpus)
     last = train(config, tmp_path / recipe)

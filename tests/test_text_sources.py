@@ -35,7 +35,8 @@ def write(path, text: str | bytes, gz: bool = False):
 
 
 def test_parse_source_defaults_and_options():
-    assert parse_source("text:a/*.txt") == SourceSpec("text", "a/*.txt", {"document": "line", "encoding": "utf-8"})
+    assert parse_source("text:a/*.txt") == SourceSpec("text", "a/*.txt", {"document": "line", "encoding": "utf-8",
+                                                                         "part": ""})
     spec = parse_source("csv:x.csv?column=text&header=true")
     assert (spec.format, spec.pattern, spec.options["column"], spec.options["header"]) == ("csv", "x.csv", "text",
                                                                                            "true")
@@ -63,6 +64,29 @@ def test_text_line_paragraph_file_gz_crlf(tmp_path):
         "first line", "second line third", "para one still one", "para two"]
     assert read_documents("text:*?document=file", str(tmp_path)) == [
         "first line\n\n  second line  \nthird", "para one\nstill one\n\n\npara two"]
+
+
+def test_parts_of_one_permutation_are_disjoint_and_count_lines_before_empty_ones_drop(tmp_path):
+    from crosswrite_jax.data.subsets import permuted_positions
+
+    lines = [f"line {i}" if i % 7 else "" for i in range(60)]  # lines 0, 7, 14, ... are empty
+    write(tmp_path / "a.txt", "\n".join(lines) + "\n")
+    first = read_documents("text:a.txt?part=5:0:20", str(tmp_path))
+    rest = read_documents("text:a.txt?part=5:20:60", str(tmp_path))
+    assert not set(first) & set(rest)
+    assert sorted(first + rest) == sorted(line for line in lines if line)
+    # positions count file lines, empty ones included: part N of a source is part N of a line-aligned pair file
+    assert first == [lines[i] for i in permuted_positions(60, 5, 0, 20) if lines[i]]
+    assert read_documents("text:a.txt?part=6:0:20", str(tmp_path)) != first
+
+
+@pytest.mark.parametrize("part, message", [("1:5", "SEED:START:STOP"), ("0:9:3", "START < STOP"),
+                                           ("0:a:3", "SEED:START:STOP"), ("0:10:61", "lower STOP to at most 60")])
+def test_a_bad_part_names_the_spec_and_the_fix(tmp_path, part, message):
+    write(tmp_path / "a.txt", "\n".join(f"line {i}" for i in range(60)) + "\n")
+    with pytest.raises(UserError, match=message) as error:
+        read_documents(f"text:a.txt?part={part}", str(tmp_path))
+    assert f"part={part}" in str(error.value)
 
 
 def test_text_bom_and_encoding_fallback(tmp_path):

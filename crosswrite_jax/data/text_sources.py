@@ -10,6 +10,10 @@ A source is a spec string ``FORMAT:PATTERN[?key=value&key=value]``:
   of strings is joined with single spaces.
 - ``conll:GLOB?column=0``: whitespace-separated columns, a blank line between sentences, ``-DOCSTART-`` lines
   skipped; a document is one sentence's tokens of that column joined by single spaces.
+- Any local format takes ``part=SEED:START:STOP``: documents START..STOP-1 of a permutation of the source's documents
+  drawn with SEED (`crosswrite_jax.data.subsets.permuted_positions`). Ranges of one permutation are disjoint, and
+  ``data.max_train_examples=N`` with ``data.train_subset_seed=SEED`` keeps positions 0..N-1 of the same one: e.g.
+  ``text:multi30k/train.en?part=0:2900:15950`` is English text whose sentences are in none of the 2,900 labeled pairs.
 - ``tfds:NAME?split=train&field=text&data_dir=DIR``: a prepared TFDS dataset (``name``, ``name/config``,
   ``name:version``, ...) read with random access through ``tfds.data_source`` (ArrayRecord; no TensorFlow needed).
   Nothing is downloaded: prepare the dataset first with ``file_format='array_record'``.
@@ -31,7 +35,7 @@ import os
 import re
 from typing import Any
 
-from crosswrite_jax.data import specs
+from crosswrite_jax.data import specs, subsets
 from crosswrite_jax.data.files import base_dir, read_lines, resolve_paths
 from crosswrite_jax.data.specs import SourceSpec
 from crosswrite_jax.errors import UserError
@@ -48,11 +52,11 @@ _EXAMPLES = {
 }
 # Per format: option -> default (None: required).
 _OPTIONS: dict[str, dict[str, str | None]] = {
-    "text": {"document": "line", "encoding": "utf-8"},
-    "tsv": {"column": "0", "header": "false", "encoding": "utf-8"},
-    "csv": {"column": "0", "header": "false", "encoding": "utf-8"},
-    "jsonl": {"field": None, "encoding": "utf-8"},
-    "conll": {"column": "0", "encoding": "utf-8"},
+    "text": {"document": "line", "encoding": "utf-8", "part": ""},
+    "tsv": {"column": "0", "header": "false", "encoding": "utf-8", "part": ""},
+    "csv": {"column": "0", "header": "false", "encoding": "utf-8", "part": ""},
+    "jsonl": {"field": None, "encoding": "utf-8", "part": ""},
+    "conll": {"column": "0", "encoding": "utf-8", "part": ""},
     "tfds": {"split": None, "field": None, "data_dir": ""},
 }
 _GRAMMAR = specs.Grammar(options=_OPTIONS, examples=_EXAMPLES)
@@ -79,6 +83,27 @@ def _check_values(spec: str, fmt: str, options: dict[str, str]) -> None:
         if not by_name and not column.isdigit():
             hint = " or set header=true to pick a column by its header name" if fmt in ("tsv", "csv") else ""
             raise UserError(f"source '{spec}': column={column!r} is not a column index (0, 1, ...){hint}")
+    if options.get("part"):
+        _part(spec, options["part"])
+
+
+def _part(spec: str, value: str) -> tuple[int, int, int]:
+    """(seed, start, stop) of a part=SEED:START:STOP option."""
+    fields = value.split(":")
+    if len(fields) != 3 or not all(f.isdigit() for f in fields) or int(fields[1]) >= int(fields[2]):
+        raise UserError(f"source '{spec}': part={value!r} is not SEED:START:STOP with START < STOP, e.g. "
+                        f"part=0:2900:15950 (positions 2900..15949 of the permutation drawn with seed 0)")
+    seed, start, stop = map(int, fields)
+    return seed, start, stop
+
+
+def _take_part(spec: str, value: str, documents: list[str]) -> list[str]:
+    """The documents that option part=SEED:START:STOP keeps, in their original order."""
+    seed, start, stop = _part(spec, value)
+    if stop > len(documents):
+        raise UserError(f"source '{spec}': part={value} reaches position {stop}, but the source has "
+                        f"{len(documents)} documents; lower STOP to at most {len(documents)}")
+    return [documents[i] for i in subsets.permuted_positions(len(documents), seed, start, stop)]
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -294,7 +319,10 @@ def read_documents(spec: str, data_dir: str | None = None) -> collections.abc.Se
             found = _jsonl_documents(path, options["field"], encoding)
         else:
             found = _conll_documents(path, int(options["column"]), encoding)
-        documents.extend(d for d in (doc.strip() for doc in found) if d)
+        documents.extend(doc.strip() for doc in found)
+    if options.get("part"):  # before empty documents are dropped, so that line N is pair N of a parallel corpus
+        documents = _take_part(spec, options["part"], documents)
+    documents = [doc for doc in documents if doc]
     if not documents:
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         raise UserError(f"source '{spec}' yields no documents from {shown}: every document is empty; check the "

@@ -20,6 +20,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     classification.TASK,
     tagging.TASK,
     pretraining.SPAN_CORRUPTION,
+    pretraining.DENOISING,
     pretraining.MLM,
     pretraining.CAUSAL_LM,
     pretraining.PREFIX_LM,

@@ -83,4 +83,4 @@ class Task:
     def not_raw_text(self) -> str:
         """The error for reading raw text with a task that does not."""
         return (f"config key 'task' is {self.name!r}, which does not read raw text; use mlm, span_corruption, "
-                f"causal_lm or prefix_lm with data.sources")
+                f"denoising, causal_lm or prefix_lm with data.sources")

@@ -1,6 +1,6 @@
-"""Pretraining tasks on raw text (data.sources): masked LM (encoder), span corruption (encoder-decoder), causal
-and prefix LM (decoder). Each owns its batch features, the raw tokens a row takes, its corruption of a chunk of
-tokens (crosswrite_jax/objectives.py) and the special tokens its tokenizer needs."""
+"""Pretraining tasks on raw text (data.sources): masked LM (encoder), span corruption and denoising
+(encoder-decoder), causal and prefix LM (decoder). Each owns its batch features, the raw tokens a row takes, its
+corruption of a chunk of tokens (crosswrite_jax/objectives.py) and the special tokens its tokenizer needs."""
 
 from __future__ import annotations
 
@@ -105,6 +105,31 @@ class SpanCorruption(PretrainingTask):
 
 
 @dataclass(frozen=True)
+class Denoising(PretrainingTask):
+    """BART / mBART text infilling: noise spans each become one mask token, and the decoder writes the whole
+    original text. Trained on monolingual text of two languages, the decoder learns to write each of them."""
+
+    def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
+        return {"inputs": inputs_length, "targets": targets_length}
+
+    def chunk_length(self, inputs_length: int, targets_length: int, noise_density: float,
+                     mean_noise_span_length: float) -> int:
+        return min(inputs_length, targets_length) - 1  # infilling never lengthens the text; targets are it whole
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        if tokenizer.mask_id is None:
+            raise UserError("task 'denoising' needs a tokenizer with a mask token; train one with `crosswrite "
+                            "tokenizer train` (it adds <mask>) or leave data.tokenizer empty")
+
+    def corrupt(self, ids: np.ndarray, rng: np.random.Generator, corruption: Any) -> dict[str, np.ndarray]:
+        o = corruption.objective
+        inputs, targets = objectives.text_infilling(
+            ids, rng, mask_id=corruption.mask_id, eos_id=corruption.eos_id, noise_density=o.noise_density,
+            mean_noise_span_length=o.mean_noise_span_length)
+        return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+
+
+@dataclass(frozen=True)
 class MaskedLM(PretrainingTask):
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         return {"inputs": inputs_length, "targets": inputs_length}
@@ -142,6 +167,7 @@ class PrefixLM(PretrainingTask):
 
 
 SPAN_CORRUPTION = SpanCorruption("span_corruption", "encoder_decoder", seq2seq.forward, ("inputs", "targets"))
+DENOISING = Denoising("denoising", "encoder_decoder", seq2seq.forward, ("inputs", "targets"))
 MLM = MaskedLM("mlm", "encoder", _masked_lm, ("inputs",), head="mlm")
 CAUSAL_LM = CausalLM("causal_lm", "decoder", _language_model, ("targets",))
 PREFIX_LM = PrefixLM("prefix_lm", "decoder", _language_model, ("targets",), bidirectional_prompt=True)
