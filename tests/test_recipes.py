@@ -1,6 +1,8 @@
 """Every fine-tuning recipe is sound by default: it scores the starting model, keeps its best validation
 checkpoint and stops when validation stalls."""
 
+import dataclasses
+
 import pytest
 from conftest import ROOT
 
@@ -33,7 +35,8 @@ def test_few_pair_translation_splits_multi30k_into_disjoint_labeled_english_and_
     monkeypatch.setenv("CROSSWRITE_DATA", str(tmp_path))
     pretrain = config_lib.load(ROOT / "configs" / "pretrain_mt_monolingual.py")
     finetune = config_lib.load(ROOT / "configs" / "finetune_mt.py")
-    assert finetune.train.init_from == "runs/pretrain_mt_monolingual" and finetune.model == pretrain.model
+    assert finetune.train.init_from == "runs/pretrain_mt_monolingual"
+    assert dataclasses.replace(finetune.model, dropout_rate=pretrain.model.dropout_rate) == pretrain.model
     labeled = Run(tmp_path / "run", finetune, None).read_split("train", finetune.data.max_train_examples)
     english, german = (read_documents(spec) for spec in pretrain.data.sources)
     assert all(s.split()[1] == t.split()[1] for s, t in labeled)  # still aligned pairs
