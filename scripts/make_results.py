@@ -1,6 +1,7 @@
 """Regenerates docs/results/summary.json, docs/RESULTS.md, its PNG plots and README's results table.
 
     python scripts/make_results.py [--runs runs]
+    python scripts/make_results.py --commands REGEX   # the commands of the matching runs not yet done, one a line
 
 docs/results/summary.json holds one object per result row (section, run, metric, mean, std, seeds,
 labeled_examples, wall_seconds, command, and the run's saved config): it is the record that outlives the run
@@ -46,6 +47,7 @@ class Experiment:
     labeled_examples: int | None = None
     beam_size: int = 1  # which `crosswrite eval` record of the split: greedy (1) or beam search
     code_commit: str = ""  # the commit whose package code the run used (a before/after row); recipes are today's
+    start: str = ""  # the starting point of a learning curve's line (scratch, own MLM, ...)
 
     def directories(self) -> list[str]:
         return [f"{self.run}_s{seed}" for seed in self.seeds] if self.seeds else [self.run]
@@ -83,13 +85,42 @@ def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str,
     subset = f"--config.data.max_train_examples={n} --config.data.train_subset_seed=0 --config.train.seed={{seed}}"
     return [Experiment(section, f"{stem}_mlm_n{n}", f"own MLM encoder, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_mlm_n{n}_s{{seed}} "
-                       f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n),
+                       f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="own MLM"),
             Experiment(section, f"{stem}_scratch_n{n}", f"scratch, same architecture and tokenizer, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_scratch_n{n}_s{{seed}} "
-                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n)]
+                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="scratch")]
+
+
+FEW_MT = "Few pairs: Multi30k en-de test_2016_flickr BLEU, monolingual denoising pretraining against scratch"
+MT_SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_mt_monolingual/tokenizer"
+
+
+def _few_pairs(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[Experiment]:
+    rows = []
+    for start, what, flags in (("pretrained", "denoising-pretrained (E + G text)", ""),
+                               ("scratch", "scratch, same model and tokenizer", f" {MT_SCRATCH}")):
+        workdir = f"runs/mt_{start}_n{n}_s{{seed}}"
+        rows.append(Experiment(
+            FEW_MT, f"mt_{start}_n{n}", f"{what}, {n:,} pairs",
+            f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir {workdir} "
+            f"--config.data.max_train_examples={n} --config.train.seed={{seed}}{flags} && {DATA}crosswrite eval "
+            f"--checkpoint {workdir}/best --split test_2016_flickr", "test_2016_flickr", ("bleu", "chrf"),
+            seeds=seeds, labeled_examples=n, start=start))
+    return rows
 
 
 EXPERIMENTS += [
+    Experiment("Denoising pretraining for few-pair translation: Multi30k parts E (English) + G (German)",
+               "pretrain_mt_monolingual", "text infilling, mt_multi30k's Transformer",
+               f"{DATA}crosswrite train --config configs/pretrain_mt_monolingual.py "
+               "--workdir runs/pretrain_mt_monolingual", "", ("loss", "perplexity")),
+    *_few_pairs(2900),
+    Experiment(FEW_MT, "mt_scratch_dropout01_n2900", "scratch with dropout 0.1 (the setting check), 2,900 pairs",
+               f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt_scratch_dropout01_n2900_s0 "
+               f"--config.data.max_train_examples=2900 --config.train.seed=0 {MT_SCRATCH} "
+               f"--config.model.dropout_rate=0.1 && {DATA}crosswrite eval "
+               "--checkpoint runs/mt_scratch_dropout01_n2900_s0/best --split test_2016_flickr",
+               "test_2016_flickr", ("bleu", "chrf"), seeds=(0,), labeled_examples=2900),
     Experiment("Masked-LM pretraining: books + news, held-out WikiText-2 validation", "pretrain_mlm",
                "BERT-style, 4 layers, d 256, cased 8k WordPiece (configs/pretrain_mlm.py)",
                f"{DATA}crosswrite train --config configs/pretrain_mlm.py --workdir runs/pretrain_mlm", "",
@@ -200,7 +231,7 @@ def measure(e: Experiment, runs: Path) -> dict | None:
         "split": e.split or "val", "beam_size": e.beam_size,
         "trainable_parameters": first.get("trainable_parameters"), "trainable_percent": first.get("trainable_percent"),
         "optimizer_state_bytes": first.get("optimizer_state_bytes"), "readme": e.readme, "legacy": False,
-        "code_commit": e.code_commit,
+        "code_commit": e.code_commit, "start": e.start,
         "config": json.loads(config_path.read_text()) if config_path.is_file() else None,
     }
 
@@ -397,11 +428,35 @@ def render_stored(summary: dict, out: Path = SUMMARY.parent) -> str:
     return render(summary["rows"], images(out), summary.get("side_by_side"), {**summary.get("notes", {}), **NOTES})
 
 
+def pending_commands(runs: Path, pattern: str) -> list[str]:
+    """The command of each seed of the experiments whose run name matches `pattern` and that has not finished
+    (no summary record in its run directory), in EXPERIMENTS order, seeds interleaved: every run's seed 0 first."""
+    matching = [e for e in EXPERIMENTS if re.search(pattern, e.run)]
+    width = max((len(e.seeds) for e in matching), default=0)
+    commands = []
+    for i in range(max(width, 1)):
+        for e in matching:
+            seeds = e.seeds or (None,)
+            if i >= len(seeds):
+                continue
+            directory = e.directories()[i]
+            if any(r["split"] == "summary" for r in read_metrics(runs / directory)):
+                continue
+            command = e.command.replace("{seed}", str(seeds[i]))
+            if command not in commands:
+                commands.append(command)
+    return commands
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs", help="folder holding the run directories (default: runs)")
+    parser.add_argument("--commands", metavar="REGEX", help="print the pending commands of the runs matching REGEX")
     args = parser.parse_args()
     runs = Path(args.runs)
+    if args.commands is not None:
+        print("\n".join(pending_commands(runs, args.commands)))
+        return
     summary = load_summary()
     rows = collect(runs, summary["rows"])
     compared = json.loads((runs / SIDE_BY_SIDE).read_text()) if (runs / SIDE_BY_SIDE).is_file() else None
