@@ -316,6 +316,35 @@ def _section_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def curve_rows(rows: list[dict]) -> list[dict]:
+    """The rows that are points of a learning curve: a starting point and a number of labeled examples."""
+    return [row for row in rows if row.get("start") and row.get("labeled_examples")]
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    """Starting points down, labeled examples across: the section's learning curve as a table."""
+    points = curve_rows(rows)
+    if not points:
+        return []
+    sizes = sorted({row["labeled_examples"] for row in points})
+    metric = points[0]["metric"]
+    lines = [f"Learning curve ({metric}, mean ± standard deviation over seeds):", "",
+             "| start | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for start in dict.fromkeys(row["start"] for row in points):
+        cells = []
+        for n in sizes:
+            row = next((r for r in points if r["start"] == start and r["labeled_examples"] == n), None)
+            std = "" if row is None or row["std"] is None else f" ± {row['std']:.2f}"
+            cells.append("" if row is None or row["mean"] is None else f"{row['mean']:.2f}{std}")
+        lines.append(f"| {start} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def curve_image(section: str) -> str:
+    """The file name of a section's learning-curve plot."""
+    return "curve_" + re.sub(r"[^a-z0-9]+", "_", section.split(",")[0].lower()).strip("_") + ".png"
+
+
 def readme_table(rows: list[dict]) -> str:
     lines = ["| experiment | result | trained parameters | optimizer state | wall (2 CPU cores) |",
              "|---|---|---|---|---|"]
@@ -364,13 +393,18 @@ def render(rows: list[dict], images: list[str], compared: dict | None = None, no
         if title:
             parts += [f"## {title}", "", LEGACY_NOTE, ""]
         for section in dict.fromkeys(row["section"] for row in group):
-            parts += [f"{level} {section}", ""] + _section_table([r for r in group if r["section"] == section])
+            in_section = [r for r in group if r["section"] == section]
+            parts += [f"{level} {section}", ""] + _section_table(in_section)
             parts.append("")
+            parts += curve_table(in_section)
+            if curve_rows(in_section) and curve_image(section) in images:
+                parts += [f"![{curve_image(section)}](results/{curve_image(section)})", ""]
             if section in notes:
                 parts += [notes[section], ""]
     parts += _side_by_side_section(compared)
     for image in images:
-        parts += [f"![{image}](results/{image})", ""]
+        if not image.startswith("curve_"):
+            parts += [f"![{image}](results/{image})", ""]
     missing = [e for e in EXPERIMENTS if e.key() not in {_row_key(r) for r in rows}]
     if missing:
         parts += ["## Not run yet", ""] + [f"- {e.section}: {e.what} (`{e.command}`)" for e in missing] + [""]
@@ -409,6 +443,32 @@ def plots(runs: Path, out: Path) -> None:
         axes.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(out / "mt_multi30k_bleu.png", dpi=100)
+        plt.close(figure)
+
+
+def curve_plots(rows: list[dict], out: Path) -> None:
+    """One PNG per section with learning-curve rows: the metric against labeled examples (log axis), a line with
+    error bars (one standard deviation) per starting point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    current = curve_rows([row for row in rows if not row.get("legacy")])
+    for section in dict.fromkeys(row["section"] for row in current):
+        points = [row for row in current if row["section"] == section and row["mean"] is not None]
+        out.mkdir(parents=True, exist_ok=True)
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for start in dict.fromkeys(row["start"] for row in points):
+            line = sorted((r["labeled_examples"], r["mean"], r["std"] or 0.0) for r in points if r["start"] == start)
+            axes.errorbar([p[0] for p in line], [p[1] for p in line], yerr=[p[2] for p in line], marker="o",
+                          capsize=3, label=start)
+        axes.set(xscale="log", xlabel="labeled training examples", ylabel=points[0]["metric"],
+                 title=section.split(":")[0])
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / curve_image(section), dpi=100)
         plt.close(figure)
 
 
@@ -464,6 +524,7 @@ def main() -> None:
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     plots(runs, SUMMARY.parent)
+    curve_plots(rows, SUMMARY.parent)
     text = render_stored(summary)
     (ROOT / "docs" / "RESULTS.md").write_text(text)
     readme = (ROOT / "README.md").read_text()

@@ -113,3 +113,16 @@ def test_side_by_side_section_shows_both_sides_or_is_left_out():
     shown = make_results.render([], [], result, {})
     assert "| crosswrite_jax | 88.10 | 10m 00s |" in shown and "**1.50x**" in shown
     assert "Side by side" not in make_results.render([], [], None, {})
+
+
+def test_a_learning_curve_table_puts_each_mean_under_its_label_count():
+    make_results = _script()
+    row = {"section": "S", "metric": "accuracy", "std": None}
+    rows = [dict(row, start="scratch", labeled_examples=1000, mean=61.0, std=2.5),
+            dict(row, start="own MLM", labeled_examples=250, mean=70.0),
+            dict(row, start="own MLM", labeled_examples=1000, mean=80.125, std=0.5),
+            dict(row, start="", labeled_examples=1000, mean=1.0)]  # not a curve point
+    lines = make_results.curve_table(rows)
+    assert lines[2] == "| start | 250 | 1,000 |"
+    assert lines[4:6] == ["| scratch |  | 61.00 ± 2.50 |", "| own MLM | 70.00 | 80.12 ± 0.50 |"]
+    assert make_results.curve_table([rows[-1]]) == []
