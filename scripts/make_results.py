@@ -76,19 +76,25 @@ EXPERIMENTS = [
                "--workdir runs/quickstart_t5 --split test", "test", ("bleu", "chrf")),
 ]
 
-FEW_SST2 = "Few labels: SST-2 dev accuracy, the project's own masked-LM encoder against scratch"
-FEW_CONLL = "Few labels: CoNLL-2003 valid entity F1, the project's own masked-LM encoder against scratch"
+FEW_SST2 = "Few labels: SST-2 dev accuracy, the project's own masked-LM encoder against scratch and MiniLM"
+FEW_CONLL = "Few labels: CoNLL-2003 valid entity F1, the project's own masked-LM encoder against scratch and MiniLM"
 SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_mlm/tokenizer"
 
 
-def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str, ...]) -> list[Experiment]:
+def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str, ...],
+               minilm_recipe: str) -> list[Experiment]:
     subset = f"--config.data.max_train_examples={n} --config.data.train_subset_seed=0 --config.train.seed={{seed}}"
+    minilm = Experiment(section, f"{stem}_minilm_n{n}", f"imported all-MiniLM-L6-v2, {n:,} labels",
+                        f"{DATA}crosswrite train --config configs/{minilm_recipe} "
+                        f"--workdir runs/{stem}_minilm_n{n}_s{{seed}} {subset}", "", metrics, seeds=(0, 1, 2),
+                        labeled_examples=n, start="MiniLM (imported)")
     return [Experiment(section, f"{stem}_mlm_n{n}", f"own MLM encoder, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_mlm_n{n}_s{{seed}} "
                        f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="own MLM"),
             Experiment(section, f"{stem}_scratch_n{n}", f"scratch, same architecture and tokenizer, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_scratch_n{n}_s{{seed}} "
-                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="scratch")]
+                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="scratch"),
+            minilm]
 
 
 FEW_MT = "Few pairs: Multi30k en-de test_2016_flickr BLEU, monolingual denoising pretraining against scratch"
@@ -125,8 +131,11 @@ EXPERIMENTS += [
                "BERT-style, 4 layers, d 256, cased 8k WordPiece (configs/pretrain_mlm.py)",
                f"{DATA}crosswrite train --config configs/pretrain_mlm.py --workdir runs/pretrain_mlm", "",
                ("perplexity", "loss")),
-    *_few_label(FEW_SST2, "finetune_sst2_mlm.py", "sst2", 1000, ("accuracy", "macro_f1")),
-    *_few_label(FEW_CONLL, "finetune_ner_conll_mlm.py", "ner_conll", 2000, ("f1", "precision", "recall")),
+    *(e for n in (1000, 250, 6920)
+      for e in _few_label(FEW_SST2, "finetune_sst2_mlm.py", "sst2", n, ("accuracy", "macro_f1"), "finetune_sst2.py")),
+    *(e for n in (2000, 500, 14041)
+      for e in _few_label(FEW_CONLL, "finetune_ner_conll_mlm.py", "ner_conll", n, ("f1", "precision", "recall"),
+                          "finetune_ner_conll.py")),
     Experiment(QUICKSTART_T5, "quickstart_t5_before_fix", "T5 v1.1 of the same size, before the init fix",
                "git checkout eb87928 -- crosswrite_jax && crosswrite train --config configs/quickstart_t5.py "
                "--workdir runs/quickstart_t5_before_fix && crosswrite eval --workdir runs/quickstart_t5_before_fix "
