@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Any command takes --config.KEY=VALUE overrides, e.g. --config.train.steps=100.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    debuggable = _run_commands(commands) + _model_commands(commands) + _tool_commands(commands)
+    debuggable = (_run_commands(commands) + _model_commands(commands) + _tool_commands(commands)
+                  + [_sweep_command(commands)])
     for sub in debuggable:
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
@@ -115,7 +116,8 @@ def _model_commands(commands) -> list[argparse.ArgumentParser]:
 def _tool_commands(commands) -> list[argparse.ArgumentParser]:
     """report, checkpoint verify, tokenizer train."""
     report = commands.add_parser("report", help="curves of runs' metrics.jsonl as PNG files, and a summary table")
-    report.add_argument("workdirs", nargs="+", help="run directories")
+    report.add_argument("workdirs", nargs="+", help="run directories, or sweep directories (Optuna plots)")
+    report.add_argument("--storage", default=None, help="a sweep's database URL, when it has no journal file")
     report.add_argument("--out", default="report", help="folder for the PNG files (default: report)")
     ckpt = commands.add_parser("checkpoint", help="inspect checkpoints offline")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True)
@@ -134,6 +136,28 @@ def _tool_commands(commands) -> list[argparse.ArgumentParser]:
     tok_train.add_argument("--max-lines", type=int, default=None, help="read at most this many texts")
     tok_train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
     return [report, ckpt, verify, tokenizer, tok_train]
+
+
+def _sweep_command(commands) -> argparse.ArgumentParser:
+    sweep = commands.add_parser("sweep", help="hyperparameter search over a recipe (Optuna); rerun to resume")
+    sweep.add_argument("--config", required=True, help="the recipe; its get_sweep() (if any) is the search space")
+    sweep.add_argument("--workdir", required=True, help="sweep directory: study.journal, trials/NNNN, sweep.md")
+    sweep.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                       help="a searched key: log(1e-4,3e-3), uniform(0,0.3), int(4,32) or choice(8,16,32) "
+                            "(repeatable; replaces the recipe's get_sweep())")
+    sweep.add_argument("--trials", type=int, default=12, help="finished (complete or pruned) trials (default 12)")
+    sweep.add_argument("--metric", default=None, help="validation metric to optimize (default: train.best_metric)")
+    sweep.add_argument("--direction", default=None, choices=("max", "min"), help="default: the metric's own")
+    sweep.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
+    sweep.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    sweep.add_argument("--storage", default=None,
+                       help="database URL shared by workers on several machines (default: DIR/study.journal)")
+    sweep.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
+                       help="stops bad trials at a validation (default: median)")
+    sweep.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    sweep.add_argument("--study-name", default="", help="default: the config's name")
+    sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers' processes
+    return sweep
 
 
 def quickstart_config_path() -> Path:
@@ -302,9 +326,61 @@ def run_report(args, overrides) -> dict:
     from crosswrite_jax.report import format_table, report
 
     _no_overrides(overrides, "report")
-    rows, files = report(args.workdirs, args.out)
-    print(format_table(rows))
-    return {"command": "report", "runs": len(rows), "files": [str(f) for f in files]}
+    sweeps = [w for w in args.workdirs if (Path(w) / "study.journal").is_file() or args.storage]
+    runs = [w for w in args.workdirs if w not in sweeps]
+    files = []
+    if sweeps:
+        from crosswrite_jax.sweep import plot_sweep
+
+        for workdir in sweeps:
+            files += plot_sweep(workdir, args.out, args.storage)
+    rows = []
+    if runs:
+        rows, run_files = report(runs, args.out)
+        files += run_files
+        print(format_table(rows))
+    return {"command": "report", "runs": len(rows), "sweeps": len(sweeps), "files": [str(f) for f in files]}
+
+
+def run_sweep(args, overrides) -> dict:
+    from crosswrite_jax import config as config_lib
+    from crosswrite_jax import sweep as sweep_lib
+
+    config = _load_config(args.config, overrides)
+    if args.space:
+        pairs = [item.partition("=") for item in args.space]
+        bad = [key for key, eq, _ in pairs if not eq]
+        if bad:
+            raise UserError(f"--space {bad[0]!r} has no '='; write --space KEY=SPEC, e.g. "
+                            f"--space optimizer.learning_rate='log(1e-4,3e-3)'")
+        space = {key.strip().removeprefix("config."): spec for key, _, spec in pairs}
+    else:
+        space = config_lib.call_recipe(args.config, "get_sweep") or {}
+    if args.trials < 1 or args.workers < 1:
+        raise UserError("--trials and --workers must be at least 1")
+    metric, direction = sweep_lib.resolve_metric(config, args.metric, args.direction)
+    sweep = sweep_lib.Sweep(config=config, workdir=Path(args.workdir), space=sweep_lib.parse_space(space, config),
+                            metric=metric, direction=direction, trials=args.trials, storage_url=args.storage,
+                            seed=args.seed, pruner=args.pruner, timeout=args.timeout, study_name=args.study_name,
+                            recipe=args.config, overrides=tuple(f"--config.{k}={v}" for k, v in overrides.items()))
+    if args.worker:
+        sweep_lib.work(sweep)
+        return {}
+    worker = [sys.executable, "-m", "crosswrite_jax.cli", *_without_option(args.argv, "--workers"), "--worker"]
+    return sweep_lib.run_sweep(sweep, args.workers, worker if args.workers > 1 else None)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv less one option and its value (`--name V` or `--name=V`)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == name:
+            skip = True
+        elif not word.startswith(f"{name}="):
+            out.append(word)
+    return out
 
 
 def run_peft(args, overrides) -> dict:
@@ -325,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     for noisy in ("orbax", "jax._src", "absl"):
@@ -344,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                    "keys": run_keys, "import-hf": run_import_hf, "export-hf": run_export_hf,
                    "checkpoint": run_checkpoint, "tokenizer": run_tokenizer, "compile-check": run_compile_check,
                    "bench": run_bench,
-                   "peft": run_peft, "report": run_report}
+                   "peft": run_peft, "report": run_report, "sweep": run_sweep}
         result = handler[args.command](args, overrides)
     except UserError as error:
         if args.debug:

@@ -560,6 +560,29 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def call_recipe(path: str | Path, function: str, required: bool = False) -> Any:
+    """What a python recipe's `function()` returns (get_config, get_sweep); None when the recipe has no such
+    function and it is not `required`."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
+    module = types.ModuleType(spec.name)
+    module.__file__ = str(path)
+    sys.path.insert(0, str(path.parent.resolve()))  # a recipe may import shared pieces (and recipes) from its folder
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, function, None)):
+            if not required:
+                return None
+            raise UserError(f"defines no {function}(); it must return a crosswrite_jax.config.Config")
+        return getattr(module, function)()
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    except Exception as error:  # a broken config file is bad input, not a crash
+        raise UserError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from None
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+
+
 def load(path: str | Path) -> Config:
     """Loads a python config file whose `get_config()` returns a Config, or a run's saved config.json."""
     path = Path(path)
@@ -567,21 +590,7 @@ def load(path: str | Path) -> Config:
         raise UserError(f"config file '{path}' not found; pass --config with a file under configs/")
     if path.suffix == ".json":  # a run's saved config.json: the whole resolved config, reused as it is
         return load_json(path)
-    spec = importlib.util.spec_from_file_location(f"crosswrite_config_{path.stem}", path)
-    module = types.ModuleType(spec.name)
-    module.__file__ = str(path)
-    sys.path.insert(0, str(path.parent.resolve()))  # a recipe may import shared pieces (and recipes) from its folder
-    try:
-        spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_config", None)):
-            raise UserError("defines no get_config(); it must return a crosswrite_jax.config.Config")
-        config = module.get_config()
-    except UserError as error:
-        raise UserError(f"{path}: {error}") from None
-    except Exception as error:  # a broken config file is bad input, not a crash
-        raise UserError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from None
-    finally:
-        sys.path.remove(str(path.parent.resolve()))
+    config = call_recipe(path, "get_config", required=True)
     if not isinstance(config, Config):
         raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a Config")
     try:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -33,10 +33,13 @@ from crosswrite_jax.trainer import Trainer
 log = logging.getLogger("crosswrite")
 
 
-def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> dict[str, Any]:
+def train(config: Config, workdir: str | Path, stop_at: int | None = None,
+          on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Trains (resuming from the newest checkpoint in `workdir`) and returns the last metrics.
 
     `stop_at` ends this invocation early at that step, with a checkpoint, as a preemption would.
+    `on_validation(step, metrics)` sees each validation after the first step; when it returns True the run stops
+    there with a checkpoint (a sweep's pruner), and the result holds `pruned_at`.
     """
     started = time.perf_counter()
     run, trainer = _prepare(config, workdir)
@@ -48,7 +51,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None) -> di
     manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
     state, resumed = _initial_state(run, trainer, manager, data_iterator)
-    loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at)
+    loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at, on_validation)
     try:
         loop.run()
     finally:
@@ -115,8 +118,9 @@ class _Loop:
     """One invocation's steps: log windows, validation, the best checkpoint, saves, early stopping, preemption."""
 
     def __init__(self, run: workdir_lib.Run, trainer: Trainer, manager, data_iterator: grain.DatasetIterator,
-                 state: TrainState, resumed: dict[str, Any], stop_at: int | None):
+                 state: TrainState, resumed: dict[str, Any], stop_at: int | None, on_validation=None):
         config = self.config = run.config
+        self.on_validation = on_validation
         self.trainer, self.manager, self.data_iterator, self.state = trainer, manager, data_iterator, state
         self.start = start = int(jax.device_get(state.step))
         is_main = jax.process_index() == 0
@@ -168,13 +172,19 @@ class _Loop:
     def _stops(self, done: int) -> bool:
         """Validation and saves after step `done`; whether the run stops here (early stopping, preemption)."""
         config = self.config
-        stop_early = False
+        stop_early = pruned = False
         if self.validate and (done % config.train.eval_every == 0 or done == config.train.steps):
             val = self.validate(self.state.params)
             self.writer.write(done, "val", val)
             self.last.update({f"val_{k}": v for k, v in val.items()})
             stop_early = self.best.update(done, val, self.state, dict(self.metadata, data_index=done))
+            pruned = bool(self.on_validation and self.on_validation(done, val))
         self.metadata.update(self.best.progress())
+        if pruned:
+            self._save(done)
+            log.info("stopped at step %d: the sweep's pruner stopped this trial", done)
+            self.last["pruned_at"] = done
+            return True
         if stop_early:
             self._save(done)
             log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d validations",
