@@ -31,3 +31,9 @@ def get_config() -> Config:
         checkpoint=CheckpointConfig(every=500, max_to_keep=2),
         eval=EvalConfig(split="test", batch_size=200, max_decode_length=64),
     )
+
+
+def get_sweep() -> dict[str, str]:
+    """The search space of `crosswrite sweep --config configs/quickstart.py` (docs/sweep.md)."""
+    return {"optimizer.learning_rate": "log(3e-4,3e-3)", "optimizer.warmup_steps": "int(20,300)",
+            "model.d_ff": "choice(512,1024,2048)"}

@@ -166,3 +166,11 @@ def test_a_killed_sweep_resumes_its_running_trial_from_the_checkpoint(tmp_path):
     assert steps[-1] == 45  # it went on from its checkpoint: steps up to it were trained (and logged) once
     assert all(steps.count(s) == 1 for s in range(1, killed_at + 1))
     assert sorted(set(steps)) == list(range(1, 46))
+
+
+def test_the_quickstarts_own_search_space_is_valid_for_it():
+    from crosswrite_jax import config as config_lib
+
+    space = config_lib.call_recipe(QUICKSTART, "get_sweep")
+    dimensions = sweep_lib.parse_space(space, config_lib.load(QUICKSTART))
+    assert {d.kind for d in dimensions.values()} == {"log", "int", "choice"}
