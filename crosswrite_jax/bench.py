@@ -70,6 +70,7 @@ def trainer_and_batches(config: Config, count: int) -> tuple[Trainer, list[dict[
     with tempfile.TemporaryDirectory(prefix="crosswrite-bench-") as scratch:
         config = with_labels(peft.resolve(config), scratch)  # as `crosswrite train` does: PEFT and label sets
         run = workdir_lib.prepare(config, scratch)
+        workdir_lib.record_config(run)
         config = run.config
         mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
         if config.train.batch_size % (sharding.data_parallel_size(mesh) * config.train.grad_accum_steps):

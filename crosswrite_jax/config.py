@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import os
 import re
 import sys
 import types
@@ -622,8 +623,11 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def save_json(config: Config, path: str | Path) -> None:
-    """Writes the resolved config as JSON."""
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    """Writes the resolved config as JSON, atomically: a reader (or a crash) sees the old file or the new one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def read_json_object(path: str | Path, what: str = "JSON config") -> dict[str, Any]:

@@ -4,6 +4,7 @@ checkpoint, early stopping, preemption and the non-finite guard; resumes from th
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -42,15 +43,22 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
     there with a checkpoint (a sweep's pruner), and the result holds `pruned_at`.
     """
     started = time.perf_counter()
-    run, trainer = _prepare(config, workdir)
-    config = run.config
-    report = trainer.parameter_report()
-    if jax.process_index() == 0:
-        _log_sizes(config, trainer, report)
-    data_iterator = iter(training_batches(run, trainer.task))
-    manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
-                                      async_save=config.checkpoint.async_save)
-    state, resumed = _initial_state(run, trainer, manager, data_iterator)
+    new_directory = not Path(workdir).exists()
+    try:  # every check and every input read before config.json is written
+        run, trainer = _prepare(config, workdir)
+        config = run.config
+        report = trainer.parameter_report()
+        if jax.process_index() == 0:
+            _log_sizes(config, trainer, report)
+        data_iterator = iter(training_batches(run, trainer.task))
+        manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
+                                          async_save=config.checkpoint.async_save)
+        state, resumed = _initial_state(run, trainer, manager, data_iterator)
+    except BaseException:
+        if new_directory and jax.process_index() == 0:  # a failed first run leaves no directory behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    workdir_lib.record_config(run)
     loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at, on_validation)
     try:
         loop.run()
@@ -68,8 +76,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
 def _prepare(config: Config, workdir: str | Path) -> tuple[workdir_lib.Run, Trainer]:
     """The run directory (config, tokenizer) and the Trainer on this run's mesh, after the batch-size checks."""
     config = with_labels(peft.resolve(config), workdir)
-    run = workdir_lib.prepare(config, workdir)
-    config = run.config
+    check_config(config, head_too=True)
     mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
     ways = sharding.data_parallel_size(mesh)
     if config.train.batch_size % ways:
@@ -79,8 +86,8 @@ def _prepare(config: Config, workdir: str | Path) -> tuple[workdir_lib.Run, Trai
     if micro % ways:
         raise UserError(f"config key 'train.grad_accum_steps' ({config.train.grad_accum_steps}) leaves microbatches "
                         f"of {micro} rows, not a multiple of the data-parallel size {ways}; lower it")
-    check_config(config, head_too=True)
-    return run, Trainer.build(config, mesh)
+    run = workdir_lib.prepare(config, workdir)
+    return run, Trainer.build(run.config, mesh)
 
 
 def _log_sizes(config: Config, trainer: Trainer, report: dict[str, int]) -> None:

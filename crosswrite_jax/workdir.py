@@ -93,7 +93,8 @@ def has_checkpoints(workdir: Path) -> bool:
 
 
 def prepare(config: Config, workdir: str | Path) -> Run:
-    """Makes the run directory, records the config and provides the tokenizer (reused on resume)."""
+    """Makes the run directory and provides the tokenizer (reused on resume), after checking that an existing run
+    can take this config. The config itself is written by `record_config`, once everything else has passed."""
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir '{workdir}' is a file; pass a directory")
@@ -107,9 +108,13 @@ def prepare(config: Config, workdir: str | Path) -> Run:
                         f"{config.model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
     if tokenizer.pad_id != PAD_ID:
         raise UserError(f"the tokenizer's pad id is {tokenizer.pad_id}; models here need pad id {PAD_ID}")
-    if jax.process_index() == 0:
-        config_lib.save_json(config, saved_path)
     return Run(workdir, config, tokenizer)
+
+
+def record_config(run: Run) -> None:
+    """Writes the run's config.json (atomically, on process 0)."""
+    if jax.process_index() == 0:
+        config_lib.save_json(run.config, run.workdir / CONFIG_FILE)
 
 
 def _check_compatible(saved: Config, new: Config, path: Path) -> None:

@@ -1,5 +1,6 @@
 """Bad input, table-driven: exit code 2, one line naming the problem and the fix, no traceback, no lost checkpoint."""
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -190,21 +191,29 @@ def _finetune(t: Path, train_tsv: bytes = b"good film\t1\nbad film\t0\n" * 20, *
     return ["train", "--config", SST2, "--workdir", str(t / "r"), *[f"--config.{k}={v}" for k, v in flags.items()]]
 
 
-def _steps(workdir: Path) -> list[str]:
-    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, tmp_path, trained, capsys):
     _, build, fragment = case
-    before = _steps(trained)
-    code = cli.main(build(tmp_path, trained))
+    run = tmp_path / "trained"  # each case gets its own copy of a real trained run
+    shutil.copytree(trained, run)
+    before = _digests(run)
+    argv = build(tmp_path, run)
+    workdir = Path(argv[argv.index("--workdir") + 1]) if "--workdir" in argv else None
+    new_run = workdir is not None and not workdir.exists()
+    code = cli.main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("crosswrite: error:")]
     assert code == 2, err
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
-    assert _steps(trained) == before  # nothing deleted or overwritten
+    assert _digests(run) == before  # every file of the run byte-identical: nothing written, deleted or replaced
+    assert not (new_run and workdir.exists()), "a failed first run left its directory behind"
 
 
 def test_tokenizer_that_differs_from_the_checkpoint(tmp_path, trained, capsys):
