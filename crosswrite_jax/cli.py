@@ -431,6 +431,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crosswrite: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # an unwritable --workdir, a missing or unreadable file, a full disk
+        if args.debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"crosswrite: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug, not bad input: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())[:300]
+        print(f"crosswrite: internal error: {type(error).__name__}: {message}; rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
     if result:
         _print_json(result)
     return 1 if result.get("ok") is False else 0

@@ -60,3 +60,34 @@ def test_a_runs_saved_config_json_is_accepted_as_a_config(tmp_path):
     (tmp_path / "broken.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="broken.json: holds list, not a JSON object"):
         config_lib.load(tmp_path / "broken.json")
+
+
+# --- the CLI's safety net -----------------------------------------------------------------------------------
+
+
+def test_an_unwritable_workdir_is_one_line_naming_the_path(tmp_path, capsys):
+    from conftest import QUICKSTART
+
+    from crosswrite_jax.cli import main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    workdir = tmp_path / "a_file" / "run"
+    assert main(["train", "--config", str(QUICKSTART), "--workdir", str(workdir), "--config.train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crosswrite: error: ") and "a_file" in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_an_unexpected_exception_is_one_line_pointing_at_debug(monkeypatch, capsys):
+    from crosswrite_jax import cli
+
+    def broken(args, overrides):
+        raise RuntimeError("something\ninside broke")
+
+    monkeypatch.setattr(cli, "run_keys", broken)
+    assert cli.main(["keys"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("crosswrite: internal error: RuntimeError: something inside broke; rerun with --debug for the "
+                   "traceback")
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "keys"])
