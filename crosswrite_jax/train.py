@@ -70,6 +70,8 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
                    "seconds": round(time.perf_counter() - started, 1)}
         loop.writer.write(int(jax.device_get(loop.state.step)), "summary", summary)  # this invocation: wall time, sizes
         loop.writer.close()
+    if loop.preemption.interrupted:  # Ctrl-C: saved; the command exits 130 as an interrupted one does
+        raise KeyboardInterrupt
     return {**loop.last, **loop.initial, **summary}
 
 
@@ -285,15 +287,21 @@ def _account(window: "_Window", step: int, metrics, token_counts, config: Config
 
 
 class _Preemption:
-    """SIGTERM -> save and stop. One process: a signal handler; several: JAX's agreed preemption sync point."""
+    """SIGTERM, or a first Ctrl-C (SIGINT) -> save at the next step boundary and stop; a second Ctrl-C stops at
+    once. One process: signal handlers; several: JAX's agreed preemption sync point."""
 
     def __init__(self, manager):
-        self.manager, self.requested, self.previous = manager, False, None
+        self.manager, self.requested, self.interrupted, self.previous = manager, False, False, {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self.requested = True
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            log.warning("interrupted: saving at the end of this step (press Ctrl-C again to stop at once)")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -301,8 +309,8 @@ class _Preemption:
         return self.requested
 
     def close(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _skip_to(data_iterator: grain.DatasetIterator, index: int, task: Task) -> None:

@@ -1,6 +1,7 @@
 """Non-finite steps leave the state untouched; SIGTERM saves and the rerun resumes at the next step."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -77,7 +78,9 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path,
     assert_trees_equal(params_after, params_before)
 
 
-def test_sigterm_saves_exits_zero_and_the_rerun_resumes_at_the_next_step(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_and_the_rerun_resumes_at_the_next_step(tmp_path, signum, code):
+    """SIGTERM (a preemption) and a first Ctrl-C both save at the step boundary; Ctrl-C then exits 130."""
     workdir = tmp_path / "run"
 
     def command(steps):
@@ -89,11 +92,14 @@ def test_sigterm_saves_exits_zero_and_the_rerun_resumes_at_the_next_step(tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    stopped = json.loads(stdout.strip().splitlines()[-1])["preempted_at"]
-    assert f"preempted: saved step {stopped}" in stderr
+    assert process.returncode == code, stderr
+    stopped = int(re.search(r"preempted: saved step (\d+)", stderr).group(1))
+    if signum == signal.SIGTERM:
+        assert json.loads(stdout.strip().splitlines()[-1])["preempted_at"] == stopped
+    else:
+        assert "crosswrite: interrupted" in stderr and "Traceback" not in stderr
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [stopped]
 
     rerun = subprocess.run(command(stopped + 3), capture_output=True, text=True, timeout=300)
