@@ -241,17 +241,37 @@ def _tagged(words: list[str], tags: list[str]) -> dict[str, Any]:
             "entities": entities}
 
 
-def write_predictions(predictor: Predictor, lines: Iterable[str], out: TextIO) -> int:
-    """Writes one output line per input line, in order, flushing after each batch; returns the line count."""
+def text_lines(raw: Iterable[bytes], name: str) -> Iterator[str]:
+    """Lines of bytes decoded as strict UTF-8; a line that is not (or holds NUL bytes) is one error naming
+    NAME:LINE."""
+    for number, line in enumerate(raw, 1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # a byte order mark
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{name}:{number}: not UTF-8 text (byte {line[error.start]:#04x} at column "
+                            f"{error.start + 1}); convert the input to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        if "\x00" in text:
+            raise UserError(f"{name}:{number}: holds NUL bytes, so it is binary, not text; pass a text file with one "
+                            f"input per line")
+        yield text
+
+
+def write_predictions(predictor: Predictor, lines: Iterable[str], out: TextIO) -> tuple[int, int]:
+    """Writes one output line per input line, in order, flushing after each batch; returns the line count and
+    how many of the inputs were longer than the model takes (and cut)."""
     rng = jax.random.key(predictor.restored.run.config.decode.seed)
-    written = 0
+    written = cut = 0
+    limit = predictor.input_limit()
     for number, chunk in enumerate(batches_of(lines, predictor.rows)):
+        cut += sum(length > limit for length in predictor.input_lengths(chunk))
         outputs = predictor.outputs(chunk, rng=jax.random.fold_in(rng, number))
         if jax.process_index() == 0:
             out.write("".join(o["output"] + "\n" for o in outputs))
             out.flush()
         written += len(chunk)
-    return written
+    return written, cut
 
 
 def checkpoint_to_use(workdir: str | Path, step: int | None = None,
@@ -304,16 +324,20 @@ def predict(workdir: str | Path, *, input_path: str | Path | None = None, out: T
     out = sys.stdout if out is None else out
     started = time.perf_counter()
     if input_path is None or str(input_path) == "-":
-        lines = write_predictions(predictor, sys.stdin, out)
+        lines, cut = write_predictions(predictor, text_lines(sys.stdin.buffer, "<stdin>"), out)
     else:
         path = Path(input_path)
         if not path.is_file():
             raise UserError(f"--input '{path}' is not a file; pass a text file with one input per line, or omit "
                             f"--input to read stdin")
-        with path.open(encoding="utf-8") as handle:
-            lines = write_predictions(predictor, handle, out)
+        with path.open("rb") as handle:
+            lines, cut = write_predictions(predictor, text_lines(handle, str(path)), out)
+    if cut:
+        log.warning("%d input%s longer than %d tokens %s cut", cut, "s" if cut > 1 else "", predictor.input_limit(),
+                    "were" if cut > 1 else "was")
     seconds = time.perf_counter() - started
     log.info("predicted %d lines with step %d (%s) in %.1fs", lines, restored.step,
              describe(restored.run.config.decode), seconds)
     return {"command": "predict", "step": restored.step, "checkpoint": str(predictor.folder),
-            "lines": lines, "decoding": describe(restored.run.config.decode), "seconds": round(seconds, 1)}
+            "lines": lines, "truncated": cut, "decoding": describe(restored.run.config.decode),
+            "seconds": round(seconds, 1)}

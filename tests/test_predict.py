@@ -64,7 +64,7 @@ def test_an_8_device_checkpoint_scores_the_same_on_one_device(trained):
 
 
 def test_predict_cli_writes_one_line_per_input_line_in_order(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(SOURCES) + "\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(("\n".join(SOURCES) + "\n").encode())))
     assert cli.main(["predict", "--workdir", str(trained), "--config.eval.batch_size=3"]) == 0  # 2 batches of 8
     from_stdin = capsys.readouterr()
     lines = from_stdin.out.splitlines()
@@ -77,6 +77,27 @@ def test_predict_cli_writes_one_line_per_input_line_in_order(trained, tmp_path, 
 
     assert cli.main(["predict", "--workdir", str(trained), "--input", str(tmp_path / "missing.txt")]) == 2
     assert "--input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"A man.\nA caf\xe9.\n", "in.txt:2: not UTF-8 text (byte 0xe9 at column 6)"),
+    (b"\x00\x01\x02binary\n", "in.txt:1: holds NUL bytes"),
+])
+def test_predict_refuses_input_that_is_not_utf8_text_naming_the_line(trained, tmp_path, capsys, content, message):
+    (tmp_path / "in.txt").write_bytes(content)
+    assert cli.main(["predict", "--workdir", str(trained), "--input", str(tmp_path / "in.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("crosswrite: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_predict_counts_the_inputs_it_cut(trained, tmp_path, capsys, caplog):
+    long = " ".join(["word"] * 200)
+    (tmp_path / "in.txt").write_text(f"A man.\n{long}\n{long} again\n")
+    assert cli.main(["predict", "--workdir", str(trained), "--input", str(tmp_path / "in.txt")]) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["lines"] == 3 and summary["truncated"] == 2
+    assert "2 inputs longer than 32 tokens were cut" in caplog.text
 
 
 def test_predict_continues_prompts_with_a_decoder_only_run(trained, tmp_path):
