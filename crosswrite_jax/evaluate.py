@@ -110,6 +110,18 @@ def evaluate(workdir: str | Path | None = None, *, step: int | None = None, spli
     if split is not None:
         overrides["eval.split"] = split
     restored = restore(workdir, step, overrides, folder)
+    scores = _scores(restored)
+    newest = max((int(p.name) for p in (Path(folder) if folder else restored.run.checkpoint_dir).iterdir()
+                  if p.name.isdigit()), default=restored.step)
+    scores.update(step=restored.step, fell_back=restored.step != newest and step is None)
+    if scores["fell_back"]:  # the newest step did not verify or restore: say so where the scores are read
+        scores["newest_step"] = newest
+        log.warning("scored step %d, NOT the newest step %d, which is damaged (see above)", restored.step, newest)
+    return scores
+
+
+def _scores(restored: Restored) -> dict[str, Any]:
+    """The task's scores of a restored checkpoint on its eval split."""
     run = restored.run
     task = get_task(run.config.task)
     if task.pretraining:

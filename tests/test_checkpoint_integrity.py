@@ -181,6 +181,21 @@ def test_explicit_corrupt_step_is_a_user_error_and_read_only_restores_fall_back_
     manager.close()
 
 
+def test_eval_states_the_step_it_scored_and_that_it_fell_back(run, capsys):
+    from crosswrite_jax.cli import main
+
+    data = _largest_file(run / "checkpoints" / "10", under="params/")
+    data.write_bytes(data.read_bytes()[:-1])
+    assert main(["eval", "--workdir", str(run)]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (scores["step"], scores["fell_back"], scores["newest_step"]) == (5, True, 10)
+    assert main(["eval", "--workdir", str(run), "--step", "10"]) == 2  # an explicit step never falls back
+    assert "checkpoint step 10" in capsys.readouterr().err
+    assert main(["eval", "--workdir", str(run), "--step", "5"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (scores["step"], scores["fell_back"]) == (5, False) and "newest_step" not in scores
+
+
 def test_no_intact_step_is_a_user_error_and_moves_nothing(run):
     checkpoints = run / "checkpoints"
     for n in ("5", "10"):
