@@ -94,6 +94,7 @@ def _trials(path):
     return study.get_trials(deepcopy=False)
 
 
+@pytest.mark.slow  # worker processes, each compiling its trials
 def test_two_local_workers_share_one_journal_and_a_rerun_adds_only_missing_trials(tmp_path, capsys):
     workdir = tmp_path / "sweep"
     command = ["sweep", "--config", str(QUICKSTART), "--workdir", str(workdir), *TRIAL_ARGS,
@@ -140,6 +141,7 @@ def test_the_pruner_stops_a_trial_whose_validation_is_worse_than_the_median(tmp_
     assert steps == [3]
 
 
+@pytest.mark.slow  # a subprocess killed mid-trial, then the sweep run again
 def test_a_killed_sweep_resumes_its_running_trial_from_the_checkpoint(tmp_path):
     workdir = tmp_path / "sweep"
     command = [sys.executable, "-m", "crosswrite_jax.cli", "sweep", "--config", str(QUICKSTART), "--workdir",
