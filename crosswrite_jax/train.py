@@ -15,7 +15,7 @@ import grain
 import jax
 import numpy as np
 
-from crosswrite_jax import checkpoint, peft, sharding
+from crosswrite_jax import checkpoint, flops, peft, sharding
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.batches import training_batches, with_labels
 from crosswrite_jax.config import Config
@@ -145,7 +145,7 @@ class _Loop:
             self.writer.write(0, "val", val)
             self.initial = {f"initial_val_{k}": v for k, v in val.items()}
         self.progress = _progress_bar(start, config, enabled=is_main and config.train.progress_bar)
-        self.window = _Window()
+        self.window = _Window(peak_flops())
         self.pending = None  # metrics of the step before, read after the next one is dispatched
         self.profiler = StepProfiler(run.workdir / "profile", start + 1, config.train.profile_steps, enabled=is_main)
         self.end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
@@ -168,15 +168,16 @@ class _Loop:
         """Accounts the step before (its metrics are ready now); writes a record every train.log_every steps."""
         if self.pending is not None:
             _account(self.window, *self.pending, self.config)
-        self.pending = (step, metrics, _token_counts(local, self.trainer.task))
+        self.pending = (step, metrics, _token_counts(local, self.trainer.task, self.config.model))
         done = step + 1
         if done % self.config.train.log_every == 0 or done == self.end:
             _account(self.window, *self.pending, self.config)
             self.pending = None
             self.last = self.window.flush()
             self.writer.write(done, "train", self.last)
+            mfu = f"{100 * self.last['mfu']:.1f}%" if "mfu" in self.last else "?"
             self.progress.set_postfix(loss=f"{self.last['loss']:.3f}", tok_s=f"{self.last['tokens_per_second']:.0f}",
-                                      lr=f"{self.last['learning_rate']:.2e}", refresh=False)
+                                      lr=f"{self.last['learning_rate']:.2e}", mfu=mfu, refresh=False)
 
     def _stops(self, done: int) -> bool:
         """Validation and saves after step `done`; whether the run stops here (early stopping, preemption)."""
@@ -321,31 +322,46 @@ def _skip_to(data_iterator: grain.DatasetIterator, index: int, task: Task) -> No
     data_iterator.set_state({"next_index": int(index)})
 
 
-def _token_counts(local: dict[str, np.ndarray], task: Task) -> tuple[int, int]:
-    """Real (non-pad) and padded token counts of the global batch, over the task's token entries."""
+def _token_counts(local: dict[str, np.ndarray], task: Task, model: Any) -> tuple[int, int, float]:
+    """Real (non-pad) and padded token counts of the global batch, over the task's token entries, and the
+    model FLOPs of its training step (crosswrite_jax/flops.py, as `crosswrite bench` counts them)."""
     real = sum(int(np.count_nonzero(local[k] != PAD_ID)) for k in task.token_keys)
     padded = sum(int(local[k].size) for k in task.token_keys)
-    return real * jax.process_count(), padded * jax.process_count()
+    count = jax.process_count()
+    return real * count, padded * count, flops.training_flops(model, local) * count
+
+
+def peak_flops() -> float | None:
+    """FLOP/s of all devices at their peak: the chip's table peak, or on CPU a quick float32 matmul measurement."""
+    peak = flops.device_peak_flops()
+    if peak is not None:
+        return peak * jax.device_count()
+    if jax.devices()[0].platform == "cpu":
+        return flops.measure_matmul_peak(size=1024, repeats=5) * jax.local_device_count()
+    return None
 
 
 class _Window:
     """Accumulates step metrics between log records."""
 
-    def __init__(self):
+    def __init__(self, peak_flops_per_second: float | None = None):
         self.consecutive_nonfinite = 0
+        self.peak = peak_flops_per_second
         self.reset()
 
     def reset(self):
         self.sums: dict[str, float] = {}
         self.steps, self.real_tokens, self.padded_tokens, self.started = 0, 0, 0, time.perf_counter()
+        self.model_flops = 0.0
         self.nonfinite_steps = 0
 
-    def add(self, metrics, token_counts: tuple[int, int]) -> bool:
+    def add(self, metrics, token_counts: tuple[int, int, float]) -> bool:
         """Adds one step; returns True when that step was skipped as non-finite."""
         metrics = jax.device_get(metrics)
         self.steps += 1
         self.real_tokens += token_counts[0]
         self.padded_tokens += token_counts[1]
+        self.model_flops += token_counts[2]
         if metrics["nonfinite"]:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
@@ -367,7 +383,9 @@ class _Window:
                    tokens_per_second=self.real_tokens / elapsed,
                    padding_fraction=1.0 - self.real_tokens / max(self.padded_tokens, 1),
                    padded_tokens_per_second=self.padded_tokens / elapsed,
-                   steps_per_second=self.steps / elapsed)
+                   steps_per_second=self.steps / elapsed, model_flops_per_second=self.model_flops / elapsed)
+        if self.peak:
+            out["mfu"] = out["model_flops_per_second"] / self.peak
         self.reset()
         return out
 

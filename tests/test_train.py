@@ -87,3 +87,20 @@ def test_frozen_subtree_is_bit_identical_and_has_no_moments():
 def test_freeze_pattern_matching_nothing_is_an_error():
     with pytest.raises(UserError, match="'encodr/.*' matches no parameter"):
         Trainer.build(tiny_config(optimizer__freeze=("encodr/.*",)), sharding.make_mesh((-1, 1, 1)))
+
+
+def test_training_logs_model_flops_and_mfu(tmp_path):
+    from crosswrite_jax import flops
+    from crosswrite_jax.reporting import read_metrics
+    from crosswrite_jax.train import train
+
+    config = tiny_config(train__steps=4, train__log_every=2, data__packing=True, data__max_source_length=32,
+                         data__max_target_length=32)
+    train(config, tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(records) == 2
+    batch = {"inputs": np.zeros((16, 32), np.int32), "targets": np.zeros((16, 32), np.int32)}  # one packed shape
+    per_step = flops.training_flops(config.model, batch)
+    for record in records:
+        assert record["model_flops_per_second"] == pytest.approx(per_step * record["steps_per_second"], rel=1e-3)
+        assert 0 < record["mfu"] < 1
