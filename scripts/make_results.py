@@ -175,6 +175,27 @@ NOTES = {
     "attention and folded into the query only at import and export, and the bias table at transformers' std.",
 }
 
+NOTES[FEW_MT] = (
+    "Multi30k's 29,000 training pairs are split once with seed 0 (`data/subsets.py`): L, 2,900 labeled pairs; E, the "
+    "English sides of 13,050 other pairs; G, the German sides of the remaining 13,050, so no sentence of E is the "
+    "translation of one in G. `configs/pretrain_mt_monolingual.py` trains mt_multi30k's Transformer (3+3 layers, d "
+    "256) on E + G with BART-style text infilling (35% of the tokens in spans of mean length 3, each span one "
+    "`<mask>`; the decoder writes the whole sentence in its own language), over a BPE vocabulary learned on E + G. "
+    "`configs/finetune_mt.py` then trains on L alone: dropout 0.3, label smoothing 0.1, 600 steps of 16 packed rows "
+    "at 1e-3 (cosine), validation on 300 val pairs every 100 steps, the best val BLEU kept and scored once on "
+    "test_2016_flickr (greedy). The scratch rows use the same model, tokenizer, data, steps and evaluation; their "
+    "dropout was checked on val (the dropout-0.1 row). Each row's `before fine-tuning` is val BLEU at step 0.")
+NOTES[FEW_SST2] = (
+    "`configs/finetune_sst2_mlm.py` and `configs/finetune_ner_conll_mlm.py` put a fresh pooler and classifier (or "
+    "tagger) on the encoder of `configs/pretrain_mlm.py` and train everything with AdamW at 3e-4 (linear warmup "
+    "and decay, dropout 0.1) for the MiniLM recipes' steps (432 of 32 sentences for SST-2, 877 for CoNLL), "
+    "validating every eighth of the run and stopping after 3 validations without a better score; the best "
+    "validation score is the row's. Subsets are drawn with `data.train_subset_seed=0` (the same sentences for every "
+    "starting point); `train.seed` changes the initialisation and the order of batches. Scratch is the same "
+    "architecture and tokenizer with random weights. MiniLM is all-MiniLM-L6-v2 (22.7M parameters, uncased) with "
+    "its own recipe (`configs/finetune_sst2.py`, `configs/finetune_ner_conll.py`).")
+NOTES[FEW_CONLL] = NOTES[FEW_SST2]
+
 LEGACY_NOTE = ("Rows measured before results were kept with their runs' saved configs (sessions 1-8). Their "
                "commands no longer reproduce them exactly: the T5 rows predate the T5 initialisation fix (token table "
                "at unit scale, the attention scale kept out of the query, a small relative-bias table), so their "
