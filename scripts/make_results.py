@@ -79,6 +79,7 @@ EXPERIMENTS = [
 FEW_SST2 = "Few labels: SST-2 dev accuracy, the project's own masked-LM encoder against scratch and MiniLM"
 FEW_CONLL = "Few labels: CoNLL-2003 valid entity F1, the project's own masked-LM encoder against scratch and MiniLM"
 SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_mlm/tokenizer"
+TARGET_POINTS = (1000, 2000)  # the label counts the few-label targets are set at (SST-2, CoNLL)
 
 
 def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str, ...],
@@ -90,10 +91,12 @@ def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str,
                         labeled_examples=n, start="MiniLM (imported)")
     return [Experiment(section, f"{stem}_mlm_n{n}", f"own MLM encoder, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_mlm_n{n}_s{{seed}} "
-                       f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="own MLM"),
+                       f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="own MLM",
+                       readme=n in TARGET_POINTS),
             Experiment(section, f"{stem}_scratch_n{n}", f"scratch, same architecture and tokenizer, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_scratch_n{n}_s{{seed}} "
-                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="scratch"),
+                       f"{subset} {SCRATCH}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="scratch",
+                       readme=n in TARGET_POINTS),
             minilm]
 
 
@@ -111,7 +114,7 @@ def _few_pairs(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[Experiment]:
             f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir {workdir} "
             f"--config.data.max_train_examples={n} --config.train.seed={{seed}}{flags} && {DATA}crosswrite eval "
             f"--checkpoint {workdir}/best --split test_2016_flickr", "test_2016_flickr", ("bleu", "chrf"),
-            seeds=seeds, labeled_examples=n, start=start))
+            seeds=seeds, labeled_examples=n, start=start, readme=True))
     return rows
 
 
