@@ -417,7 +417,10 @@ def render(rows: list[dict], images: list[str], compared: dict | None = None, no
              "measured from the run directories' `metrics.jsonl`); do not edit by hand. Wall times are on this "
              "project's 2-core CPU machine. Validation-based figures are the best of the run's validations (the "
              "checkpoint kept in `WORKDIR/best`); figures on a named split come from `crosswrite eval`. Rows over "
-             "seeds give the mean ± the sample standard deviation; `{seed}` in a command stands for each seed.", ""]
+             "seeds give the mean ± the sample standard deviation; `{seed}` in a command stands for each seed. "
+             "`python scripts/make_results.py --commands REGEX` prints the command of every seed of the rows whose run "
+             "name matches and that have no finished run under `runs/` (pipe it to `bash` to run them), and "
+             "`python scripts/make_results.py` then measures the runs again and rewrites this page.", ""]
     current = [row for row in rows if not row.get("legacy")]
     legacy = [row for row in rows if row.get("legacy")]
     for title, group, level in (("", current, "##"), ("Earlier results", legacy, "###")):
