@@ -67,6 +67,29 @@ def test_dry_run_prints_create_install_train_and_delete(tpu_pod):
     assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", *where, "--quiet"]
 
 
+def test_multislice_dry_run_creates_n_nodes_and_gives_each_its_megascale_slice(tpu_pod):
+    done = tpu_pod(*BASE, "--queued", "--num-slices", "3", "--dry-run", "--delete", "--config.train.steps=100")
+    assert done.returncode == 0, done.stderr
+    commands = _commands(done.stdout)
+    create = commands[0]
+    assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    assert "--node-count=3" in create and "--node-prefix=t5-base" in create
+    assert not any(w.startswith("--node-id") for w in create)
+    ssh = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+    installs, starts, follow = ssh[:3], ssh[3:6], ssh[6]
+    assert [c[5] for c in installs] == [c[5] for c in starts] == ["t5-base-0", "t5-base-1", "t5-base-2"]
+    for slice_id, start in enumerate(starts):
+        script = _option(start, "--command")
+        assert f"MEGASCALE_SLICE_ID={slice_id} " in script and "MEGASCALE_NUM_SLICES=3" in script
+        assert "MEGASCALE_COORDINATOR_ADDRESS=SLICE0_WORKER0_IP:8080" in script
+        assert "--config.train.steps=100 --config.mesh.dcn_shape=3,1,1" in script
+    assert follow[5] == "t5-base-0" and "--worker=0" in follow
+    assert commands[-1][:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+
+    given = tpu_pod(*BASE, "--queued", "--num-slices=2", "--dry-run", "--config.mesh.dcn_shape=1,2,1")
+    assert "--config.mesh.dcn_shape=1,2,1" in given.stdout and "dcn_shape=2,1,1" not in given.stdout
+
+
 def test_dry_run_with_queued_spot_capacity_and_options_from_the_environment(tpu_pod):
     done = tpu_pod("--dry-run", "--queued", "--spot", "--delete", "--copy", "--config", "configs/llama_8b_pod.py",
                     "--workdir", "/data/runs/llama", CROSSWRITE_TPU_NAME="llama-8b", CROSSWRITE_TPU_ZONE="us-east5-a",
@@ -102,6 +125,8 @@ def test_delete_only(tpu_pod):
       "--dry-run"], "config file 'configs/nope.py' not found"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
     (["--name"], "--name needs a value"),
+    (["--name", "a", "--zone", "z", "--accelerator", "v5p-8", "--num-slices", "2", "--dry-run"], "add --queued"),
+    (["--name", "a", "--zone", "z", "--num-slices", "0", "--dry-run"], "not a positive whole number"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tpu_pod, args, message):
     done = tpu_pod(*args)
