@@ -9,7 +9,8 @@ The model is mt_multi30k.py's Transformer. It learns BART-style text infilling: 
 mean length 3, each span shown as one <mask>; the decoder writes the whole sentence back in its own language. The
 BPE vocabulary is learned on E + G, so it is shared by both languages.
 
-Run (2,000 steps of 32 rows: about 35 minutes on 2 cores), then fine-tune on L with configs/finetune_mt.py:
+Run (2,000 steps of 32 rows; measured: 44 min 51 s on one core, the other busy with another run; held-out
+denoising loss on val 9.60 -> 3.02), then fine-tune on L with configs/finetune_mt.py:
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/pretrain_mt_monolingual.py \
         --workdir runs/pretrain_mt_monolingual
 """
