@@ -126,3 +126,18 @@ def test_a_learning_curve_table_puts_each_mean_under_its_label_count():
     assert lines[2] == "| start | 250 | 1,000 |"
     assert lines[4:6] == ["| scratch |  | 61.00 ± 2.50 |", "| own MLM | 70.00 | 80.12 ± 0.50 |"]
     assert make_results.curve_table([rows[-1]]) == []
+
+
+def test_pending_commands_list_each_unfinished_seed_once_seed_0_first(tmp_path):
+    make_results = _script()
+    done = tmp_path / "mt_scratch_n2900_s0"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text('{"step": 600, "split": "summary", "seconds": 1.0}\n')
+    started = tmp_path / "mt_pretrained_n2900_s1"
+    started.mkdir()
+    (started / "metrics.jsonl").write_text('{"step": 100, "split": "train", "loss": 1.0}\n')  # killed: to rerun
+    commands = make_results.pending_commands(tmp_path, r"^mt_(pretrained|scratch)_n2900$")
+    workdirs = [c.split("--workdir ")[1].split()[0] for c in commands]
+    assert workdirs == [f"runs/mt_{side}_n2900_s{seed}" for seed in (0, 1, 2) for side in ("pretrained", "scratch")
+                        if (side, seed) != ("scratch", 0)]
+    assert all("{seed}" not in c for c in commands)
