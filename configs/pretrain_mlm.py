@@ -1,5 +1,9 @@
-"""BERT-style masked-LM pretraining on books + news, sized to about an hour on 2 CPU cores; held-out perplexity
-on WikiText-2 validation before, during and after.
+"""BERT-style masked-LM pretraining on books + news (pre-LN, rotary positions); held-out perplexity on WikiText-2
+validation before, every 500 steps and after.
+
+Measured: 2,000 steps in 66 min on ONE core while other runs held the other one (a step takes about 1 s on 2
+quiet cores, so about 35 minutes there); WikiText-2 masked-token perplexity 14,585 -> 146 (30% masked), training
+loss 4.1 against the unigram entropy's 6.6.
 
 Run (data from ../shared/data in a checkout; any folder holding pretrain_text/ works):
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/pretrain_mlm.py --workdir runs/pretrain_mlm
