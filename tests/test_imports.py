@@ -18,7 +18,7 @@ LAYERS = (
     ("evaluation", ("evaluate",)),
     ("steps", ("trainer", "predict")),
     ("loop", ("train",)),
-    ("commands", ("bench", "compile_check", "interop", "adapters", "report", "serve", "cli")),
+    ("commands", ("bench", "compile_check", "interop", "adapters", "report", "serve", "sweep", "cli")),
 )
 
 
