@@ -72,11 +72,12 @@ def test_a_space_value_the_config_refuses_is_caught_before_any_trial():
     (["--space", "optimizer.learning_rate=log(1e-4,1e-2)", "--storage", "sqlite:////no/such/folder/s.db"],
      "cannot open it"),
     (["--space", "optimizer.learning_rate=log(1e-4,1e-2)", "--config.train.eval_every=0"], "eval_every is 0"),
-    ([], "search space is empty"),
+    ([], "search space is empty"),  # a recipe with no get_sweep() and no --space
 ])
 def test_bad_input_exits_2_with_one_line_and_starts_no_trial(tmp_path, capsys, args, message):
     workdir = tmp_path / "sweep"
-    code = main(["sweep", "--config", str(QUICKSTART), "--workdir", str(workdir), *TRIAL_ARGS, *args])
+    recipe = QUICKSTART if args else ROOT / "configs" / "mt_multi30k.py"
+    code = main(["sweep", "--config", str(recipe), "--workdir", str(workdir), *TRIAL_ARGS, *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (workdir / "trials").exists()
