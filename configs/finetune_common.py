@@ -80,7 +80,9 @@ def mlm_encoder(**head) -> "ModelConfig":  # noqa: F821
 def on_mlm_encoder(base: "Config", name: str, steps: int, learning_rate: float, **head) -> "Config":  # noqa: F821
     """A MiniLM labeling recipe moved onto the masked-LM run's encoder: same data and schedule, AdamW at
     `learning_rate`, a fresh pooler and classifier, and a validation every eighth of the run (patience 3)."""
-    train = dataclasses.replace(base.train, init_from=MLM_RUN, init_exclude=("pooler/.*", "classifier/.*"),
-                                eval_every=steps // 8, early_stopping_patience=3)
+    # a fresh classifier (and pooler: a tagger has none) on the pretrained encoder
+    fresh = ("pooler/.*", "classifier/.*") if head.get("head") == "classification" else ("classifier/.*",)
+    train = dataclasses.replace(base.train, init_from=MLM_RUN, init_exclude=fresh, eval_every=steps // 8,
+                                early_stopping_patience=3)
     return dataclasses.replace(base, name=name, model=mlm_encoder(**head), optimizer=adamw(learning_rate, steps),
                                train=train)

@@ -44,3 +44,22 @@ def test_few_pair_translation_splits_multi30k_into_disjoint_labeled_english_and_
     assert [len(part) for part in ids] == [2900, 13050, 13050]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert {text.split()[0] for text in english} == {"en"} and {text.split()[0] for text in german} == {"de"}
+
+
+@pytest.mark.parametrize("path", [p for p in FINETUNING if "mlm" in p.stem or "t5" in p.stem], ids=lambda p: p.stem)
+def test_fresh_parameter_patterns_of_the_recipes_match_their_models(path, monkeypatch):
+    import re
+
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from crosswrite_jax.models.transformer import build_model
+
+    monkeypatch.setenv("CROSSWRITE_DATA", str(ROOT / "missing-data-is-fine-here"))
+    config = config_lib.load(path)
+    model = build_model(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.ones((1, 8), np.int32))
+    names = list(traverse_util.flatten_dict(dict(shapes["params"]), sep="/"))
+    for pattern in config.train.init_exclude:
+        assert any(re.fullmatch(pattern, name) for name in names), (pattern, names[:5])
