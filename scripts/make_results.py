@@ -186,8 +186,10 @@ NOTES[FEW_MT] = (
     "`<mask>`; the decoder writes the whole sentence in its own language), over a BPE vocabulary learned on E + G. "
     "`configs/finetune_mt.py` then trains on L alone: dropout 0.3, label smoothing 0.1, 600 steps of 16 packed rows "
     "at 1e-3 (cosine), validation on 300 val pairs every 100 steps, the best val BLEU kept and scored once on "
-    "test_2016_flickr (greedy). The scratch rows use the same model, tokenizer, data, steps and evaluation; their "
-    "dropout was checked on val (the dropout-0.1 row). Each row's `before fine-tuning` is val BLEU at step 0.")
+    "test_2016_flickr (greedy). The scratch rows use the same model, tokenizer, data, steps and evaluation; a check "
+    "of scratch's dropout (0.1 instead of 0.3) is defined below but not run yet. Each row's `before fine-tuning` is "
+    "val BLEU at step 0. Wall times were measured with two or three runs sharing the 2 cores (the scratch runs "
+    "mostly at low priority), so they are not comparable across rows.")
 NOTES[FEW_SST2] = (
     "`configs/finetune_sst2_mlm.py` and `configs/finetune_ner_conll_mlm.py` put a fresh pooler and classifier (or "
     "tagger) on the encoder of `configs/pretrain_mlm.py` and train everything with AdamW at 3e-4 (linear warmup "
