@@ -89,7 +89,7 @@ def test_freeze_pattern_matching_nothing_is_an_error():
         Trainer.build(tiny_config(optimizer__freeze=("encodr/.*",)), sharding.make_mesh((-1, 1, 1)))
 
 
-def test_training_logs_model_flops_and_mfu(tmp_path):
+def test_training_logs_model_flops(tmp_path):
     from crosswrite_jax import flops
     from crosswrite_jax.reporting import read_metrics
     from crosswrite_jax.train import train
@@ -103,4 +103,4 @@ def test_training_logs_model_flops_and_mfu(tmp_path):
     per_step = flops.training_flops(config.model, batch)
     for record in records:
         assert record["model_flops_per_second"] == pytest.approx(per_step * record["steps_per_second"], rel=1e-3)
-        assert 0 < record["mfu"] < 1
+        assert "mfu" not in record  # CPU: no table peak (crosswrite bench measures one)
