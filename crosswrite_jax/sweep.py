@@ -394,8 +394,8 @@ def write_summary(sweep: Sweep, study) -> dict[str, Any]:
 
 
 def plot_sweep(workdir: str | Path, out: str | Path, storage_url: str | None = None) -> list[Path]:
-    """PNGs of each study in a sweep's storage: optimization history, parameter importances (fANOVA, from two
-    finished trials on) and a slice plot of the metric against each searched key."""
+    """PNGs of each study in a sweep's storage: optimization history, parameter importances (fANOVA, once finished
+    trials differ in their metric) and a slice plot of the metric against each searched key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,7 +413,7 @@ def plot_sweep(workdir: str | Path, out: str | Path, storage_url: str | None = N
             study = optuna.load_study(study_name=name, storage=storage)
             complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             drawings = [("history", optuna_plots.plot_optimization_history), ("slice", optuna_plots.plot_slice)]
-            if len(complete) >= 2:
+            if len({t.value for t in complete}) >= 2:  # fANOVA has nothing to attribute when every value is equal
                 evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
                 drawings.append(("importances", lambda s: optuna_plots.plot_param_importances(s, evaluator=evaluator)))
             for kind, draw in drawings:

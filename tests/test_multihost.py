@@ -139,7 +139,9 @@ def test_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
                 process.kill()
             process.communicate()
     assert processes[0].returncode != 0
-    assert "another task died" in stderr or "tasks are unhealthy" in stderr, stderr[-3000:]
+    # Whichever notices first stops it: the coordination service's heartbeat, or gloo's collective on the dead peer.
+    signs = ("another task died", "tasks are unhealthy", "gloo")
+    assert any(sign in stderr for sign in signs), stderr[-3000:]
     assert waited < 60
     print(f"process 0 stopped {waited:.1f}s after process 1 was killed")
 

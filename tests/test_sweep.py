@@ -177,3 +177,18 @@ def test_the_quickstarts_own_search_space_is_valid_for_it():
     space = config_lib.call_recipe(QUICKSTART, "get_sweep")
     dimensions = sweep_lib.parse_space(space, config_lib.load(QUICKSTART))
     assert {d.kind for d in dimensions.values()} == {"log", "int", "choice"}
+
+
+@pytest.mark.parametrize("values, importances", [([30.0, 30.0, 30.0], False), ([20.0, 30.0, 25.0], True)])
+def test_report_draws_importances_only_when_the_metric_varies(tmp_path, values, importances):
+    import optuna
+
+    storage = sweep_lib.open_storage(None, tmp_path / "sweep")
+    study = optuna.create_study(study_name="chrf", storage=storage, direction="maximize")
+    for i, value in enumerate(values):
+        trial = study.ask({"optimizer.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        study.tell(trial, value)
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "plots")]) == 0
+    drawn = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    expected = ["sweep_chrf_history.png", "sweep_chrf_slice.png"] + (["sweep_chrf_importances.png"] * importances)
+    assert drawn == sorted(expected)
