@@ -175,9 +175,11 @@ class _Loop:
             self.pending = None
             self.last = self.window.flush()
             self.writer.write(done, "train", self.last)
-            mfu = f"{100 * self.last['mfu']:.1f}%" if "mfu" in self.last else "?"
-            self.progress.set_postfix(loss=f"{self.last['loss']:.3f}", tok_s=f"{self.last['tokens_per_second']:.0f}",
-                                      lr=f"{self.last['learning_rate']:.2e}", mfu=mfu, refresh=False)
+            shown = dict(loss=f"{self.last['loss']:.3f}", lr=f"{self.last['learning_rate']:.2e}",
+                         tok_s=f"{self.last['tokens_per_second']:.0f}")
+            if "mfu" in self.last:  # only where the chip's peak is known
+                shown["mfu"] = f"{100 * self.last['mfu']:.1f}%"
+            self.progress.set_postfix(shown, refresh=False)
 
     def _stops(self, done: int) -> bool:
         """Validation and saves after step `done`; whether the run stops here (early stopping, preemption)."""
