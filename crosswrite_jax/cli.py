@@ -155,6 +155,8 @@ def _sweep_command(commands) -> argparse.ArgumentParser:
     sweep.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
                        help="stops bad trials at a validation (default: median)")
     sweep.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    sweep.add_argument("--baseline", action="store_true",
+                       help="make the first trial the recipe's own values of the searched keys, to compare against")
     sweep.add_argument("--study-name", default="", help="default: the config's name")
     sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers' processes
     return sweep
@@ -196,6 +198,8 @@ def run_train(args, overrides) -> dict:
     if args.profile and "train.profile_steps" not in overrides:
         overrides = dict(overrides, **{"train.profile_steps": "5"})
     config = _load_config(args.config, overrides)
+    if (code := _supervised(args, config.distributed)) is not None:
+        return code
     distributed.initialize(config.distributed)  # before anything touches a backend
     started = time.perf_counter()
     metrics = train(config, args.workdir)
@@ -209,6 +213,8 @@ def run_eval(args, overrides) -> dict:
     from crosswrite_jax import distributed
     from crosswrite_jax.evaluate import evaluate
 
+    if (code := _supervised(args, _distributed_config(overrides))) is not None:
+        return code
     distributed.initialize(_distributed_config(overrides))
     scores = evaluate(args.workdir, step=args.step, split=args.split, overrides=overrides,
                       checkpoint_path=args.checkpoint)
@@ -218,6 +224,18 @@ def run_eval(args, overrides) -> dict:
         print(scores.pop("bleu_signature"), f"BLEU = {scores['bleu']}")
         print(scores.pop("chrf_signature"), f"chrF = {scores['chrf']}")
     return scores
+
+
+def _supervised(args, config) -> int | None:
+    """One process of several runs as a watched child (a lost peer ends it with one line): the child's exit code.
+    None for a single process, under --debug (the runtime's own output), and in the child itself."""
+    from crosswrite_jax import distributed, supervise
+
+    arguments = distributed.initialize_arguments(config)
+    if arguments is None or args.debug or not supervise.needed():
+        return None
+    return supervise.run(supervise.cli_command(args.argv), arguments.get("process_id"),
+                         arguments.get("num_processes"))
 
 
 def _distributed_config(overrides: dict[str, str]):
@@ -362,7 +380,8 @@ def run_sweep(args, overrides) -> dict:
     sweep = sweep_lib.Sweep(config=config, workdir=Path(args.workdir), space=sweep_lib.parse_space(space, config),
                             metric=metric, direction=direction, trials=args.trials, storage_url=args.storage,
                             seed=args.seed, pruner=args.pruner, timeout=args.timeout, study_name=args.study_name,
-                            recipe=args.config, overrides=tuple(f"--config.{k}={v}" for k, v in overrides.items()))
+                            recipe=args.config, overrides=tuple(f"--config.{k}={v}" for k, v in overrides.items()),
+                            baseline=args.baseline)
     if args.worker:
         sweep_lib.work(sweep)
         return {}
@@ -423,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                    "bench": run_bench,
                    "peft": run_peft, "report": run_report, "sweep": run_sweep}
         result = handler[args.command](args, overrides)
+        if isinstance(result, int):  # a supervised child's exit code; it printed its own output
+            return result
     except UserError as error:
         if args.debug:
             raise

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "crosswrite_jax"
 # ending in '.' stands for a package and all of its modules.
 LAYERS = (
     ("foundation", ("errors", "config", "chips", "compile_cache", "reporting", "profiling", "integrity", "metrics",
-                    "distributed")),
+                    "distributed", "supervise")),
     ("blocks", ("sharding", "optim", "objectives", "flops", "preflight", "peft", "decode", "models.", "data.",
                 "tasks.")),
     ("layout", ("state",)),
