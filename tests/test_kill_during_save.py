@@ -1,12 +1,15 @@
 """Stress: SIGKILL `crosswrite train` at random moments while async saves run; every rerun must resume.
 
-Each trial trains a fresh workdir (40 steps, an async save every 2 steps, 3 kept), kills the process group
-with SIGKILL a random 0-3 s after the first checkpoint directory appears, then reruns the same command,
-which must exit 0 having resumed from the newest committed step, reach step 40, leave no Orbax temporary
-directory behind, and leave only steps that verify against their manifests.
+Each trial trains a fresh workdir (40 steps, an async save every 2 steps, 3 kept). A random 0-3 s after the first
+checkpoint directory appears, it waits for an Orbax temporary directory (a save under way) and kills the process
+group with SIGKILL a random 0-20 ms later. The temporary directories still on disk after the kill prove that it
+landed inside an unfinished save. The rerun of the same command must exit 0 having resumed from the newest
+committed step, reach step 40 with final parameters bitwise-equal to an uninterrupted run's, leave no Orbax
+temporary directory behind, and leave only steps that verify against their manifests. Trials go on until 10 kills
+have landed inside an unfinished save (at most 25 trials).
 
     python -m pytest -m slow tests/test_kill_during_save.py
-    python tests/test_kill_during_save.py --trials 20 --seed 3     # as a script; exit status 1 on a failure
+    python tests/test_kill_during_save.py --landed 20 --seed 3     # as a script; exit status 1 on a failure
 
 A warm-up run first fills a JAX compilation cache and trains the tokenizer that each trial's workdir starts
 with, so that a trial costs about 10 s on 2 CPU cores.
@@ -38,8 +41,10 @@ from crosswrite_jax import integrity  # noqa: E402
 
 STEPS = 40
 EXTRA = {"train.steps": STEPS, "checkpoint.every": 2, "checkpoint.async_save": "true", "checkpoint.max_to_keep": 3}
-TRIALS = 10
+LANDED = 10  # kills that must land inside an unfinished save
+MAX_TRIALS = 25
 MAX_DELAY_S = 3.0
+SAVE_WAIT_S = 5.0
 RESUMED = re.compile(r"resumed from step (\d+)")
 
 
@@ -54,6 +59,10 @@ class Trial:
     resumed_from: int | None = None
     final_steps: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def landed_in_save(self) -> bool:
+        return self.killed and bool(self.tmp_at_kill)
 
     def line(self) -> str:
         kill = (f"killed {self.delay_s:.2f}s after the first save (logged step {self.last_logged_at_kill}, "
@@ -111,6 +120,10 @@ def _run_trial(index: int, rng: random.Random, base: Path, tokenizer: Path, env:
                     raise TimeoutError("no checkpoint after 180 s")
                 time.sleep(0.01)
             time.sleep(trial.delay_s)
+            deadline = time.monotonic() + SAVE_WAIT_S
+            while proc.poll() is None and time.monotonic() < deadline and not _tmp_anywhere(checkpoints):
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.02))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 trial.killed = True
@@ -165,53 +178,90 @@ def _run_trial(index: int, rng: random.Random, base: Path, tokenizer: Path, env:
     return trial
 
 
-def run_trials(base: Path, trials: int = TRIALS, seed: int = 0, out=print) -> list[Trial]:
-    """Warm-up run, then `trials` kill-and-rerun trials under `base`; returns them, printing a line each."""
+def _final_params(workdir: Path):
+    """The step-40 parameters of a run, restored on one device."""
+    import jax
+
+    from crosswrite_jax import checkpoint, sharding
+    from crosswrite_jax import config as config_lib
+    from crosswrite_jax.trainer import Trainer
+
+    config = config_lib.load(workdir / "config.json")
+    trainer = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    manager = checkpoint.open_manager(workdir / "checkpoints", read_only=True)
+    try:
+        params, _, step = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params)
+    finally:
+        manager.close()
+    assert step == STEPS, step
+    return jax.device_get(params)
+
+
+def _differing_leaves(a, b) -> list[str]:
+    import jax
+    import numpy as np
+
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    if [p for p, _ in flat_a] != [p for p, _ in flat_b]:
+        return ["the parameter trees differ"]
+    return [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+
+
+def run_trials(base: Path, landed: int = LANDED, seed: int = 0, max_trials: int = MAX_TRIALS,
+               out=print) -> list[Trial]:
+    """Warm-up run (uninterrupted), then kill-and-rerun trials under `base` until `landed` kills landed inside an
+    unfinished save (or `max_trials` ran); returns them, printing a line each."""
     started = time.monotonic()
     env = _env(base / "jax-cache")
     warm = base / "warm-up"
     done = subprocess.run(_command(warm), capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = _final_params(warm)
     rng = random.Random(seed)
     results = []
-    for i in range(trials):
-        trial = _run_trial(i, rng, base, warm / "tokenizer", env)
+    while sum(t.landed_in_save for t in results) < landed and len(results) < max_trials:
+        trial = _run_trial(len(results), rng, base, warm / "tokenizer", env)
+        if not trial.failures and (differ := _differing_leaves(_final_params(base / f"trial{trial.index}"),
+                                                               uninterrupted)):
+            trial.failures.append(f"final parameters differ from the uninterrupted run's at {differ[:3]}")
         out(trial.line())
         results.append(trial)
     survived = sum(not t.failures for t in results)
-    killed = sum(t.killed for t in results)
-    out(f"kill during save: {len(results)} trials run ({killed} killed mid-run), {survived} survived, "
-        f"{time.monotonic() - started:.0f} s")
+    out(f"kill during save: {len(results)} trials run, {sum(t.killed for t in results)} killed mid-run, "
+        f"{sum(t.landed_in_save for t in results)} inside an unfinished save; {survived} survived (bitwise-equal "
+        f"to the uninterrupted run), {time.monotonic() - started:.0f} s")
     return results
 
 
 @pytest.mark.slow
 def test_sigkill_during_async_saves_always_resumes_from_a_committed_step(tmp_path, capsys):
-    trials = int(os.environ.get("CROSSWRITE_KILL_TRIALS", TRIALS))
-    results = run_trials(tmp_path, trials, seed=int(os.environ.get("CROSSWRITE_KILL_SEED", 0)))
+    landed = int(os.environ.get("CROSSWRITE_KILL_LANDED", LANDED))
+    results = run_trials(tmp_path, landed, seed=int(os.environ.get("CROSSWRITE_KILL_SEED", 0)))
     with capsys.disabled():
         print()
         for trial in results:
             print(trial.line())
     failed = [t.line() for t in results if t.failures]
     assert not failed, "\n".join(failed)
-    assert len(results) >= trials and sum(t.killed for t in results) >= trials // 2
+    assert sum(t.landed_in_save for t in results) >= landed, f"fewer than {landed} kills landed inside a save"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=TRIALS)
+    parser.add_argument("--landed", type=int, default=LANDED, help="kills inside an unfinished save to reach")
+    parser.add_argument("--max-trials", type=int, default=MAX_TRIALS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="run under this directory and keep it (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.keep:
         base = Path(args.keep)
         base.mkdir(parents=True, exist_ok=True)
-        results = run_trials(base, args.trials, args.seed)
+        results = run_trials(base, args.landed, args.seed, args.max_trials)
     else:
         with tempfile.TemporaryDirectory(prefix="kill-during-save-") as tmp:
-            results = run_trials(Path(tmp), args.trials, args.seed)
-    return 0 if all(not t.failures for t in results) else 1
+            results = run_trials(Path(tmp), args.landed, args.seed, args.max_trials)
+    enough = sum(t.landed_in_save for t in results) >= args.landed
+    return 0 if enough and all(not t.failures for t in results) else 1
 
 
 if __name__ == "__main__":
