@@ -191,6 +191,7 @@ class Sweep:
     study_name: str = ""
     recipe: str = "RECIPE"  # for the best trial's command line
     overrides: tuple[str, ...] = ()  # the sweep's own --config.KEY=VALUE arguments, repeated in that command
+    baseline: bool = False  # the first trial takes the base config's own values of the searched keys
 
     @property
     def name(self) -> str:
@@ -328,7 +329,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, worker_command: list[str] | None =
     import subprocess
     import sys
 
-    load_study(sweep)  # creates the study (and opens the storage) before any worker starts: bad URLs fail here
+    study = load_study(sweep)  # creates the study (and opens the storage) before any worker starts: bad URLs fail
+    if sweep.baseline and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(baseline_params(sweep), user_attrs={"baseline": True})
     if workers <= 1 or not worker_command:
         work(sweep)
     else:
@@ -340,11 +343,17 @@ def run_sweep(sweep: Sweep, workers: int = 1, worker_command: list[str] | None =
     return write_summary(sweep, load_study(sweep))
 
 
+def baseline_params(sweep: Sweep) -> dict[str, Any]:
+    """The base config's values of the searched keys (the recipe plus the sweep's --config overrides)."""
+    return {key: config_lib.get(sweep.config, key) for key in sweep.space}
+
+
 def trial_rows(sweep: Sweep, study) -> list[dict[str, Any]]:
     """One row per trial: number, state, values, metric, steps, wall seconds and run directory."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         rows.append({"trial": trial.number, "state": trial.state.name.lower(), "params": dict(trial.params),
+                     "baseline": bool(trial.user_attrs.get("baseline")),
                      sweep.metric: trial.value, "steps": trial.user_attrs.get("steps"),
                      "seconds": trial.user_attrs.get("seconds"), "directory": trial.user_attrs.get("directory")})
     return rows
@@ -372,7 +381,7 @@ def write_summary(sweep: Sweep, study) -> dict[str, Any]:
              "| trial | state | " + " | ".join(keys) + f" | {sweep.metric} | steps | wall (s) | directory |",
              "|---" * (len(keys) + 6) + "|"]
     for row in rows:
-        lines.append(f"| {row['trial']} | {row['state']} | "
+        lines.append(f"| {row['trial']}{' (baseline)' if row['baseline'] else ''} | {row['state']} | "
                      + " | ".join(_cell(row["params"].get(k)) for k in keys)
                      + f" | {_cell(row[sweep.metric])} | {_cell(row['steps'])} | {_cell(row['seconds'])} | "
                      f"{row['directory'] or ''} |")
@@ -389,6 +398,11 @@ def write_summary(sweep: Sweep, study) -> dict[str, Any]:
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
                        best_directory=str(sweep.workdir / best.user_attrs.get("directory", "")),
                        best_command=command)
+        if base := next((r for r in complete if r["baseline"]), None):
+            gap = best.value - base[sweep.metric]
+            lines += ["", f"Against the baseline (trial {base['trial']}, the recipe's own values): "
+                      f"{sweep.metric} {base[sweep.metric]:.4g}, a gap of {gap:+.4g}."]
+            summary.update(baseline_value=base[sweep.metric], gap=gap)
     (sweep.workdir / "sweep.md").write_text("\n".join(lines) + "\n")
     return summary
 

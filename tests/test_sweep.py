@@ -1,6 +1,7 @@
 """`crosswrite sweep`: Optuna studies over a tiny quickstart, local workers on one journal, resume, pruning, and
 bad input refused before any trial starts."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -119,8 +120,10 @@ def test_two_local_workers_share_one_journal_and_a_rerun_adds_only_missing_trial
 
     assert main(["report", str(workdir), "--out", str(tmp_path / "plots")]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "sweep_quickstart_history.png", "sweep_quickstart_importances.png", "sweep_quickstart_slice.png"]
+    drawn = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    varied = len({t.value for t in _trials(workdir)}) > 1  # fANOVA needs values that differ (a 6-step model's may not)
+    assert drawn == ["sweep_quickstart_history.png"] + ["sweep_quickstart_importances.png"] * varied + [
+        "sweep_quickstart_slice.png"]
 
     best = max(after, key=lambda t: t.value)  # the best trial's run directory scores what the study recorded
     assert main(["eval", "--checkpoint", str(workdir / best.user_attrs["directory"] / "best"), "--split", "val"]) == 0
@@ -192,3 +195,26 @@ def test_report_draws_importances_only_when_the_metric_varies(tmp_path, values, 
     drawn = sorted(p.name for p in (tmp_path / "plots").iterdir())
     expected = ["sweep_chrf_history.png", "sweep_chrf_slice.png"] + (["sweep_chrf_importances.png"] * importances)
     assert drawn == sorted(expected)
+
+
+def test_the_baseline_trial_takes_the_recipes_own_values_and_the_summary_states_the_gap(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_objective(sweep):  # no training: the value is a function of the learning rate alone
+        def value(trial):
+            learning_rate = trial.suggest_float("optimizer.learning_rate", 1e-4, 3e-2, log=True)
+            seen.append(learning_rate)
+            return -abs(learning_rate - 1e-2)
+        return value
+
+    monkeypatch.setattr(sweep_lib, "objective", fake_objective)
+    sweep = _sweep(tmp_path, trials=4, baseline=True)
+    summary = sweep_lib.run_sweep(sweep)
+    assert seen[0] == sweep.config.optimizer.learning_rate  # trial 0: the recipe's own value
+    assert len(seen) == 4 and len(set(seen)) == 4
+    assert summary["baseline_value"] == -abs(seen[0] - 1e-2)
+    assert summary["gap"] == pytest.approx(summary["best_value"] - summary["baseline_value"]) and summary["gap"] >= 0
+    text = (sweep.workdir / "sweep.md").read_text()
+    assert "| 0 (baseline) | complete |" in text and "Against the baseline (trial 0" in text
+    sweep_lib.run_sweep(dataclasses.replace(sweep, trials=5))  # a resumed sweep does not queue the baseline again
+    assert len(seen) == 5 and seen[4] != seen[0]
