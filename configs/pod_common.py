@@ -26,9 +26,17 @@ def train(steps: int, batch_size: int) -> TrainConfig:
 
 
 def optimizer(learning_rate: float, warmup_steps: int, schedule: str = "cosine") -> OptimizerConfig:
-    """AdamW as large-model pretraining uses it: b2 0.95, decay 0.1, clipping at 1."""
+    """AdamW as large-model (Llama) pretraining uses it: b2 0.95, decay 0.1, clipping at 1."""
     return OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup_steps, schedule=schedule, b1=0.9,
                            b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
+
+
+def adafactor(learning_rate: float = 1e-2, warmup_steps: int = 10_000) -> OptimizerConfig:
+    """Adafactor as T5X pretrains T5: factored second moments, updates relative to each weight's scale and clipped
+    at 1, no momentum, no weight decay or global-norm clipping; 1e-2 held for the warmup, then 1/sqrt(step) decay
+    (the rsqrt schedule here ramps up linearly over the warmup instead of holding)."""
+    return OptimizerConfig(name="adafactor", learning_rate=learning_rate, warmup_steps=warmup_steps,
+                           schedule="rsqrt", weight_decay=0.0, grad_clip_norm=0.0)
 
 
 def checkpoint() -> CheckpointConfig:

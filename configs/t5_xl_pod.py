@@ -26,7 +26,7 @@ def get_config() -> Config:
                  num_encoder_layers=24, num_decoder_layers=24, max_length=512, dropout_rate=0.0,
                  tie_output_embedding=False, dtype="bfloat16"),
         data=common.data("unigram", inputs_length=512, targets_length=114),
-        optimizer=common.optimizer(learning_rate=1e-2, warmup_steps=10_000, schedule="rsqrt"),
+        optimizer=common.adafactor(learning_rate=1e-2, warmup_steps=10_000),
         train=common.train(steps=524_288, batch_size=256),
         checkpoint=common.checkpoint(),
         mesh=MeshConfig(shape=(1, -1, 1), rules="fsdp"),

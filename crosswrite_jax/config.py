@@ -118,8 +118,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW, schedule, clipping and which parameters are frozen."""
+    """AdamW or Adafactor, schedule, clipping and which parameters are frozen."""
 
+    # adamw | adafactor (optax.adafactor as T5X trains T5: factored second moments, relative step size by the
+    # parameter's scale, update clipping at 1, no momentum; b1, b2 and eps are AdamW's and unused then)
+    name: str = "adamw"
     learning_rate: float = 1e-3
     schedule: str = "cosine"  # cosine | linear | rsqrt | constant
     warmup_steps: int = 100
@@ -291,6 +294,7 @@ _CHOICES = {
     "peft.method": ("full", "freeze", "lora", "bitfit", "prompt"),
     "peft.freeze": ("embeddings", "encoder", "all_but_head"),
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
+    "optimizer.name": ("adamw", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "rsqrt", "constant"),
     "mesh.rules": ("data_parallel", "fsdp", "tensor_parallel", "fsdp_tp"),
     "train.dropout_rng": DROPOUT_RNGS,

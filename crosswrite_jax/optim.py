@@ -1,4 +1,4 @@
-"""Learning-rate schedules, the AdamW chain, and freezing by routing parameters through labels."""
+"""Learning-rate schedules, the AdamW or Adafactor chain, and freezing by routing parameters through labels."""
 
 from __future__ import annotations
 
@@ -85,8 +85,12 @@ def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int,
     chain = []
     if config.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=_decay_mask))
+    if config.name == "adafactor":
+        chain.append(optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                                     weight_decay_mask=_decay_mask))
+    else:
+        chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                 weight_decay=config.weight_decay, mask=_decay_mask))
     labels = freeze_labels(params, config.freeze)
     if trainable is not None:
         labels = jax.tree_util.tree_map_with_path(

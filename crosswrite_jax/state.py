@@ -82,17 +82,34 @@ def build_layout(config: Config, mesh: Mesh) -> StateLayout:
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes, opt_state=opt_shapes)
     shardings = TrainState(step=replicated, params=param_shardings,
-                           opt_state=optimizer_state_shardings(tx, opt_shapes, param_shardings, replicated))
+                           opt_state=optimizer_state_shardings(opt_shapes, param_shapes, param_shardings,
+                                                                replicated))
     return StateLayout(abstract, shardings, logical_specs, mesh, rules, model, tx, labels, init)
 
 
-def optimizer_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any, param_shardings: Any,
+def optimizer_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
                               replicated: NamedSharding) -> Any:
-    """Each parameter-shaped optimizer-state leaf (moments) gets its parameter's sharding, every other leaf
-    (step counts) is replicated; frozen parameters hold no moments (`MaskedNode`s stay as they are)."""
+    """Every optimizer-state subtree laid out like the parameters (Adam's moments, Adafactor's statistics) takes,
+    leaf by leaf, its parameter's sharding where the shapes agree; everything else is replicated: step counts, and
+    Adafactor's factored row and column statistics (a vector per matrix). Frozen parameters hold no state (their
+    `MaskedNode`s stay as they are).
+
+    (`optax.tree_map_params` finds the parameter-shaped subtrees by initializing with placeholders, which
+    Adafactor cannot: it reads each parameter's shape to decide what to factor.)"""
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    return optax.tree_map_params(tx, lambda leaf, spec: leaf if masked(leaf) else spec, opt_shapes, param_shardings,
-                                 transform_non_params=lambda _: replicated, is_leaf=masked)
+    layout = jax.tree.structure(param_shapes)
+
+    def place(node: Any) -> Any:
+        if jax.tree.structure(node, is_leaf=masked) == layout:
+            return jax.tree.map(lambda leaf, param, spec: leaf if masked(leaf) else
+                                spec if leaf.shape == param.shape else replicated,
+                                node, param_shapes, param_shardings, is_leaf=masked)
+        children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0] is node:  # a leaf outside any parameter-shaped subtree
+            return replicated
+        return treedef.unflatten([place(child) for child in children])
+
+    return place(opt_shapes)
 
 
 def strip_boxes(boxed: Any) -> Any:

@@ -151,3 +151,45 @@ def test_hybrid_mesh_over_two_slices():
         assert {d.slice_index for d in row.flat} == {slice_index}
     with pytest.raises(UserError, match="mesh.dcn_shape.*needs 3 slices but 2 are present"):
         sharding.make_mesh((1, -1, 1), devices, dcn_shape=(3, 1, 1))
+
+
+BUNDLED_TEXT = ROOT / "crosswrite_jax" / "data" / "multi30k_sample" / "train.en.gz"
+DERIVED_STEPS = 30
+
+
+def tiny_derivative(name: str) -> config_lib.Config:
+    """A pod recipe with a tiny model of its own family and layout, on bundled English text, for 30 steps: its
+    optimizer, learning rate, schedule, mesh and dtype as they are, the warmup scaled to keep its share of the run."""
+    config = config_lib.load(ROOT / "configs" / f"{name}.py")
+    m, o = config.model, config.optimizer
+    layers = {"model.num_encoder_layers": 2} if m.family == "encoder_decoder" else {}
+    updates = {
+        **layers, "model.num_decoder_layers": 2, "model.vocab_size": 512, "model.d_model": 64,
+        "model.num_heads": 8, "model.num_kv_heads": 4 if m.num_kv_heads else 0, "model.head_dim": 8,
+        "model.d_ff": 128, "model.max_length": 64,
+        "data.sources": (f"text:{BUNDLED_TEXT}",), "data.eval_sources": (), "data.max_source_length": 64,
+        "data.max_target_length": 16 if config.task == "span_corruption" else 64,
+        "train.steps": DERIVED_STEPS, "train.batch_size": 16, "train.log_every": 1, "train.eval_every": 0,
+        "checkpoint.every": 1000, "checkpoint.async_save": False,
+        "optimizer.warmup_steps": max(1, round(o.warmup_steps * DERIVED_STEPS / config.train.steps)),
+    }
+    return config_lib.override(config, updates)
+
+
+@pytest.mark.slow  # five short trainings on the 8 simulated devices
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_tiny_derivative_of_each_pod_recipe_trains_with_its_optimizer(name, tmp_path):
+    from crosswrite_jax.reporting import read_metrics
+    from crosswrite_jax.train import train
+
+    config = tiny_derivative(name)
+    recipe = config_lib.load(ROOT / "configs" / f"{name}.py")
+    assert config.optimizer.name == ("adafactor" if name.startswith("t5") else "adamw")
+    assert (config.optimizer.learning_rate, config.optimizer.schedule, config.mesh, config.model.dtype) == (
+        recipe.optimizer.learning_rate, recipe.optimizer.schedule, recipe.mesh, recipe.model.dtype)
+    train(config, tmp_path / name)
+    losses = [r["loss"] for r in read_metrics(tmp_path / name) if r["split"] == "train"]
+    assert len(losses) == DERIVED_STEPS and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.25, f"{name}: loss {first:.3f} over the first 5 steps, {last:.3f} over the last 5"
+    print(f"{name}: loss {first:.3f} -> {last:.3f} over {DERIVED_STEPS} steps ({config.optimizer.name})")

@@ -1,5 +1,7 @@
 """Mesh construction and the golden PartitionSpec of every parameter under two presets, from state.build_layout."""
 
+import dataclasses
+
 import jax
 import pytest
 from conftest import tiny_config
@@ -7,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from crosswrite_jax import sharding
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.optim import path_str
+from crosswrite_jax.optim import path_str, tree_bytes
 from crosswrite_jax.state import build_layout
 
 # Every parameter of the 1+1-layer tiny model, by the last two path parts (kind of leaf).
@@ -70,6 +72,37 @@ def test_frozen_parameters_hold_no_moments_and_the_others_keep_their_shardings()
                for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.opt_state)[0] if "/mu/" in path_str(p)}
     assert moments == {path: spec for path, spec in params.items() if not path.startswith("embed/")}
     assert jax.tree.structure(layout.shardings.opt_state) == jax.tree.structure(layout.abstract.opt_state)
+
+
+def test_adafactor_statistics_follow_their_parameters_where_unfactored_and_are_replicated_where_factored():
+    # d_model 256, d_ff 512: the matrices are factored (both sides >= 128), the vectors are not.
+    config = tiny_config(mesh__rules="fsdp_tp", optimizer__name="adafactor", model__d_model=256, model__d_ff=512,
+                         optimizer__freeze=("embed/.*",))
+    layout = build_layout(config, sharding.make_mesh((2, 2, 2)))
+    params = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]}
+    shapes = {path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(layout.abstract.params)[0]}
+    state = jax.tree_util.tree_flatten_with_path(layout.shardings.opt_state)[0]
+    abstract = {path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(layout.abstract.opt_state)[0]}
+    kernel = "decoder/layer_0/mlp/wi/kernel"
+    for path, s in state:
+        path = path_str(path)
+        field, _, param = path.partition("/v_row/") if "/v_row/" in path else path.partition("/v_col/") \
+            if "/v_col/" in path else path.partition("/v/")
+        if not param:
+            assert s.spec == P(), path  # step counts
+            continue
+        assert not param.startswith("embed/")  # frozen: no statistics
+        same_shape = abstract[path] == shapes[param]
+        assert s.spec == (params[param] if same_shape else P()), path
+    assert params[kernel] == P("fsdp", "tensor") and shapes[kernel] == (256, 512)
+    factored = {path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(layout.abstract.opt_state)[0]
+                if path_str(p).endswith(kernel)}
+    assert sorted(factored.values()) == [(1,), (256,), (512,)]  # v_row, v_col, and a placeholder v
+    adam = build_layout(dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, name="adamw")),
+                        sharding.make_mesh((2, 2, 2)))
+    # At most one statistic per weight against Adam's two; per-head attention kernels [256, 4, 64] stay unfactored
+    # (their second-largest side is under optax's min_dim_size_to_factor, 128).
+    assert tree_bytes(layout.abstract.opt_state) < tree_bytes(adam.abstract.opt_state) / 2
 
 
 def test_created_state_lives_in_its_shards():
