@@ -8,7 +8,7 @@ committed step, reach step 40 with final parameters bitwise-equal to an uninterr
 temporary directory behind, and leave only steps that verify against their manifests. Trials go on until 10 kills
 have landed inside an unfinished save (at most 25 trials).
 
-    python -m pytest -m slow tests/test_kill_during_save.py
+    python -m pytest -m slow -n 0 tests/test_kill_during_save.py
     python tests/test_kill_during_save.py --landed 20 --seed 3     # as a script; exit status 1 on a failure
 
 A warm-up run first fills a JAX compilation cache and trains the tokenizer that each trial's workdir starts

@@ -4,7 +4,7 @@ Two `crosswrite train` processes with 4 CPU devices each (mesh (-1, 1, 1) over 8
 tiny quickstart model with a checkpoint; one process with one device then restores it, and the numbers must
 match. Killing one process must stop the other with an error, never leave it hanging.
 
-    python -m pytest -m slow tests/test_multihost.py
+    python -m pytest -m slow -n 0 tests/test_multihost.py
 """
 
 from __future__ import annotations

@@ -77,6 +77,12 @@ class PretrainingTask(Task):
         return {"targets": np.append(ids, corruption.eos_id).astype(np.int32)}
 
 
+def _need_mask_token(task: str, tokenizer: Any) -> None:
+    if tokenizer.mask_id is None:
+        raise UserError(f"task '{task}' needs a tokenizer with a mask token; train one with `crosswrite tokenizer "
+                        f"train` (it adds <mask>) or leave data.tokenizer empty")
+
+
 @dataclass(frozen=True)
 class SpanCorruption(PretrainingTask):
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
@@ -117,9 +123,7 @@ class Denoising(PretrainingTask):
         return min(inputs_length, targets_length) - 1  # infilling never lengthens the text; targets are it whole
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        if tokenizer.mask_id is None:
-            raise UserError("task 'denoising' needs a tokenizer with a mask token; train one with `crosswrite "
-                            "tokenizer train` (it adds <mask>) or leave data.tokenizer empty")
+        _need_mask_token(self.name, tokenizer)
 
     def corrupt(self, ids: np.ndarray, rng: np.random.Generator, corruption: Any) -> dict[str, np.ndarray]:
         o = corruption.objective
@@ -135,9 +139,7 @@ class MaskedLM(PretrainingTask):
         return {"inputs": inputs_length, "targets": inputs_length}
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        if tokenizer.mask_id is None:
-            raise UserError("task 'mlm' needs a tokenizer with a mask token; train one with `crosswrite tokenizer "
-                            "train` (it adds <mask>) or leave data.tokenizer empty")
+        _need_mask_token(self.name, tokenizer)
 
     def corrupt(self, ids: np.ndarray, rng: np.random.Generator, corruption: Any) -> dict[str, np.ndarray]:
         o, tokens = corruption.objective, np.append(ids, corruption.eos_id).astype(np.int32)
