@@ -1,11 +1,20 @@
 """Test setup: 8 simulated CPU devices, and tiny configs derived from the real recipes."""
 
+import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent XLA cache in ~/.cache (test_cli checks it)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # One cold XLA cache per test session, never ~/.cache (test_cli checks it): tests that build the same tiny
+    # model compile its programs once. Subprocesses and xdist workers inherit it; the session removes it.
+    _CACHE = tempfile.mkdtemp(prefix="crosswrite-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _CACHE, True)
 
 import jax  # noqa: E402
 

@@ -107,6 +107,7 @@ def test_gpu_decoder_config_is_a_1b_bfloat16_llama():
     assert "crosswrite bench --config configs/bench_decoder_1b.py" in path.read_text()
 
 
+@pytest.mark.slow  # every GPU-suite entry compiles
 def test_gpu_suite_runs_its_entries_tiny_on_cpu_and_tables_them(tmp_path):
     import os
     import subprocess

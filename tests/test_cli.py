@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import QUICKSTART, TINY_OVERRIDES
 
 CROSSWRITE = shutil.which("crosswrite") or str(Path(sys.executable).parent / "crosswrite")
@@ -60,6 +61,7 @@ def test_train_then_eval_through_the_console_script(tmp_path):
     assert len(hypotheses) == 24
 
 
+@pytest.mark.slow  # console-script subprocesses; tests/test_bad_input.py covers the cases in-process
 def test_bad_input_is_one_line_exit_2_and_keeps_checkpoints(tmp_path):
     workdir = tmp_path / "run"
     ok = _run("train", "--config", str(QUICKSTART), "--workdir", str(workdir),

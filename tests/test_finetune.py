@@ -256,6 +256,7 @@ def params_without_adapters(params):
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora_" not in k}, sep="/")
 
 
+@pytest.mark.slow  # two trainings, an export and a rebuild
 def test_adapters_export_small_and_rebuild_the_run_exactly(tmp_path, monkeypatch):
     data = _sentiment(tmp_path / "data")
     train(_recipe("finetune_sst2.py", data, train__steps=4, train__eval_every=0, train__best_metric="",

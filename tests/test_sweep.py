@@ -131,6 +131,7 @@ def test_two_local_workers_share_one_journal_and_a_rerun_adds_only_missing_trial
     assert scored["chrf"] == pytest.approx(best.value, abs=1e-4)
 
 
+@pytest.mark.slow  # three trials that train
 def test_the_pruner_stops_a_trial_whose_validation_is_worse_than_the_median(tmp_path):
     sweep = _sweep(tmp_path, trials=3)
     study = sweep_lib.load_study(sweep)

@@ -47,6 +47,7 @@ def test_sharded_step_matches_one_device(preset):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # two PRNGs x two meshes: four compiles with dropout
 def test_dropout_masks_follow_the_configured_prng_and_not_the_mesh():
     """threefry4x32 (the default) and threefry2x32 draw mesh-independent masks; the setting changes the masks."""
     batches = _batches(tiny_config().model.vocab_size, 2)
