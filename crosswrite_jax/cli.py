@@ -471,4 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from crosswrite_jax import supervise
+
+    supervise.die_with_parent()  # a watched child of a multi-process run dies with its parent
     sys.exit(main())

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-CHILD = "CROSSWRITE_SUPERVISED"  # set in the child: it runs the command itself
+CHILD = "CROSSWRITE_SUPERVISED"  # set in the child (to the parent's pid): it runs the command itself
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: restart every process with the same command to resume
 
 # The first line of native crash output: a C++ terminate, a glog FATAL line (F1202 12:00:00...), a check failure,
@@ -46,9 +46,8 @@ def cli_command(argv: list[str]) -> list[str]:
 def run(command: list[str], process_id: int | None, num_processes: int | None) -> int:
     """Runs `command` as a watched child; its exit code, or EXIT_PEER_LOST after one line. The process id and count
     are None where the cluster is detected (a TPU pod) and unknown before the runtime starts."""
-    env = dict(os.environ, **{CHILD: "1"})
-    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True,
-                             preexec_fn=_die_with_parent)
+    env = dict(os.environ, **{CHILD: str(os.getpid())})
+    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
     previous = {s: signal.signal(s, lambda number, _: child.send_signal(number))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -117,9 +116,15 @@ def _save_crash_log(text: str, process_id: int | None) -> str:
     return path
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent dies (Linux), so killing a process kills its run."""
+def die_with_parent(environ: dict[str, str] | None = None) -> None:
+    """In a watched child: SIGKILL when the parent dies (Linux), so killing a process kills its run. Set here
+    rather than between fork and exec, which is unsafe in a multithreaded parent; a parent already gone ends it."""
+    parent = (os.environ if environ is None else environ).get(CHILD, "")
+    if not parent.isdigit():
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent
+        return
+    if os.getppid() != int(parent):
+        os._exit(1)

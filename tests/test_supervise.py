@@ -110,3 +110,15 @@ def test_a_single_process_run_is_not_supervised(monkeypatch):
     assert main(["eval", "--workdir", "/nonexistent/run"]) == 0  # handed to the (stubbed) watched child
     assert calls and calls[0][0][-2:] == ["--workdir", "/nonexistent/run"] and calls[0][1:] == (1, 2)
     assert not supervise.needed({supervise.CHILD: "1"})  # the child runs the command itself
+
+
+@pytest.mark.parametrize("parent_is_me, code", [(True, 0), (False, 1)])
+def test_a_watched_child_whose_parent_is_gone_ends_at_once(parent_is_me, code):
+    """The child arms SIGKILL-on-parent-death itself, then exits if its recorded parent is no longer its parent."""
+    import os
+
+    env = dict(os.environ, **{supervise.CHILD: str(os.getpid()) if parent_is_me else "1"})
+    done = subprocess.run([sys.executable, "-c", "from crosswrite_jax import supervise; supervise.die_with_parent(); "
+                           "print('went on')"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code
+    assert (done.stdout == "went on\n") == parent_is_me
