@@ -59,7 +59,8 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings (BERT)
     pooler: bool = False  # encoder: dense + tanh over the first token (BERT's pooler)
     pooling: str = "first"  # what the pooler reads: first (BERT's [CLS]) | mean (over non-pad tokens: T5 encoders)
-    head: str = "none"  # encoder: none (hidden states) | mlm | classification | token_classification
+    # encoder: none (hidden states) | mlm | classification | token_classification; decoder: none | classification
+    head: str = "none"
     num_labels: int = 2  # classes of the classification heads
     dropout_rate: float = 0.1
     tie_output_embedding: bool = True
@@ -399,6 +400,9 @@ def validate(config: Config) -> None:
 def _check_model(config: Config) -> None:
     """Heads, kernels and the Llama 3 RoPE settings."""
     m = config.model
+    if m.head != "none" and m.family != "encoder" and (m.family, m.head) != ("decoder", "classification"):
+        raise UserError(f"config key 'model.head' is '{m.head}', a head model.family '{m.family}' does not have; "
+                        f"use 'none'{' or classification' if m.family == 'decoder' else ''}, or model.family=encoder")
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise UserError("config key 'model.num_heads' must divide 'model.d_model' (or set 'model.head_dim')")
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:

@@ -89,7 +89,10 @@ def step_flops(m: ModelConfig, batch: int, source_length: int = 0, target_length
             scores += _attention(m, batch, target_length, source_length, False, causal_halving)
         projections += m.num_decoder_layers * per_layer
         attention += m.num_decoder_layers * scores
-        output = 2.0 * tokens * m.d_model * m.vocab_size
+        if m.head == "classification":  # the last real token's state, to the labels
+            output = 2.0 * batch * m.d_model * m.num_labels
+        else:
+            output = 2.0 * tokens * m.d_model * m.vocab_size
     if m.family == "encoder":
         tokens = batch * source_length
         if m.head == "mlm":  # dense transform, then the tied vocabulary projection (at most N positions a row)
@@ -106,10 +109,13 @@ def step_flops(m: ModelConfig, batch: int, source_length: int = 0, target_length
 
 def batch_lengths(family: str, batch: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
     """(rows, source_length, target_length) of a batch for a model.family, for `step_flops`; an encoder's
-    `targets` (MLM's) are labels, not a sequence a decoder reads."""
+    `targets` (MLM's) are labels, not a sequence a decoder reads, and a decoder classifier's sequence is its
+    `inputs`."""
     rows = int(next(iter(batch.values())).shape[0])
     source = int(batch["inputs"].shape[1]) if "inputs" in batch else 0
     target = int(batch["targets"].shape[1]) if "targets" in batch and family != "encoder" else 0
+    if family == "decoder" and "targets" not in batch:  # a decoder classifier reads its inputs
+        source, target = 0, source
     return rows, source, target
 
 

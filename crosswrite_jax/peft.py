@@ -24,7 +24,7 @@ from crosswrite_jax.errors import UserError
 # Task heads: new on a pretrained encoder, so they train under every method (with peft.train_head). The output
 # projection of generating models is pretrained like the rest and follows the method (LoRA leaves it frozen).
 HEADS = {"encoder": r"(classifier|pooler|mlm_transform|mlm_norm)/.*|mlm_bias",
-         "encoder_decoder": r"(?!)", "decoder": r"(?!)"}
+         "encoder_decoder": r"(?!)", "decoder": r"classifier/.*"}
 METHOD_PARAMS = {"lora": r"(.*/)?lora_[ab]", "bitfit": r".*/bias|(.*/)?[^/]*norm[^/]*/scale",
                  "prompt": r"prompt/.*"}
 FROZEN_PRESETS = {"embeddings": r"embed/.*", "encoder": r"(embed|encoder|prompt)/.*"}

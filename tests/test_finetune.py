@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, assert_trees_equal
+from conftest import ROOT, assert_trees_equal, tiny_config
 
 from crosswrite_jax import adapters, peft, sharding
 from crosswrite_jax import config as config_lib
@@ -399,3 +399,51 @@ def test_bench_resolves_labels_and_peft_as_train_does(tmp_path):
     result = bench(config, steps=1, warmup=1, measure_peak=False)
     assert result["median_step_s"] > 0 and result["real_tokens_per_s"] > 0
     assert 0 < result["trainable_parameters"] < result["total_parameters"]
+
+
+DECODER = {"model.family": "decoder", "model.position": "rope", "model.norm": "rmsnorm", "model.activation": "silu",
+           "model.gated_mlp": True, "model.pooler": False, "model.type_vocab_size": 0}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_decoder_classifies_from_its_last_real_token_and_predicts_what_eval_scored(tmp_path, capsys, method):
+    data = _sentiment(tmp_path / "data")
+    config = _recipe("finetune_sst2.py", data, **{k.replace(".", "__"): v for k, v in DECODER.items()},
+                     peft__method=method, peft__learning_rate=1e-2, train__steps=24, train__eval_every=8,
+                     checkpoint__every=24)
+    trainer = Trainer.build(peft.resolve(config), sharding.make_mesh((-1, 1, 1)))
+    report = trainer.parameter_report()
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(trainer.layout.abstract.params)[0]]
+    names = {jax.tree_util.keystr(p, simple=True, separator="/") for p in paths}
+    assert {"classifier/kernel", "classifier/bias"} <= names and not any(n.startswith("output/") for n in names)
+    if method == "lora":  # adapters and the fresh classifier train, nothing else; no moments for the rest
+        assert 0 < report["trainable"] < report["total"] / 2
+    metrics = train(config, tmp_path / "run")
+    assert metrics["best_val_accuracy"] >= 75.0  # one token decides the label; chance is 50
+
+    scores = evaluate(checkpoint_path=tmp_path / "run" / "best")
+    rows = [line.split("\t") for line in Path(scores["predictions_file"]).read_text().splitlines()]
+    (tmp_path / "in.txt").write_text("".join(f"{text}\n" for text, _, _ in rows))
+    capsys.readouterr()
+    assert main(["predict", "--workdir", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt")]) == 0
+    assert capsys.readouterr().out.split() == [guess for _, _, guess in rows]
+
+
+def test_decoder_class_logits_read_the_last_real_token_and_ignore_right_padding():
+    config = config_lib.override(tiny_config(), {**DECODER, "model.head": "classification", "model.num_labels": 3})
+    model = build_model(config.model)
+    text = jnp.array([[5, 6, 7, 2]], jnp.int32)  # ends with EOS (2)
+    params = model.init(jax.random.key(0), text)["params"]
+    logits = model.apply({"params": params}, text)
+    assert logits.shape == (1, 3)
+    padded = model.apply({"params": params}, jnp.pad(text, ((0, 0), (0, 4))))  # PAD (0) on the right
+    np.testing.assert_allclose(padded, logits, rtol=1e-5, atol=1e-6)
+    changed = model.apply({"params": params}, text.at[0, 0].set(9))  # the first token: seen only through attention
+    assert not np.allclose(changed, logits, atol=1e-4)
+
+
+def test_a_head_a_family_lacks_is_refused_by_name():
+    pairs = (("decoder", "mlm"), ("decoder", "token_classification"), ("encoder_decoder", "classification"))
+    for family, head in pairs:
+        with pytest.raises(UserError, match=f"'model.head' is '{head}'.*model.family '{family}'"):
+            config_lib.validate(config_lib.override(tiny_config(), {"model.family": family, "model.head": head}))

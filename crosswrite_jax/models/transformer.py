@@ -325,7 +325,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder-only causal language model (Llama by configuration): logits [B, T, V]."""
+    """Decoder-only causal language model (Llama by configuration): logits [B, T, V]; with
+    `model.head=classification`, sequence-class logits [B, L] from the last real token's final state (it is the
+    one that attends to the whole text), and no vocabulary projection."""
 
     config: ModelConfig
 
@@ -334,8 +336,12 @@ class Decoder(nn.Module):
         self.embedder = Embedder(c, name="embed")
         self.decoder = Stack(c, c.num_decoder_layers, causal=True, final_norm_scale=output_norm_scale(c),
                              name="decoder")
-        self.output = _untied_output(c)
         self.dropout = nn.Dropout(c.dropout_rate)
+        if c.head == "classification":
+            self.classifier = Dense((c.num_labels,), 1, ("embed", "labels"), DTYPES[c.dtype], use_bias=True,
+                                    name="classifier")
+        else:
+            self.output = _untied_output(c)
 
     def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
                  inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
@@ -372,7 +378,15 @@ class Decoder(nn.Module):
         x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
         y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
                          cache_length=cache_length or inputs.shape[1], mask_is_causal=inputs_prefix is None)
+        if self.config.head == "classification":
+            return self.classified(y, inputs, deterministic)
         return y if return_hidden else self.logits(y)
+
+    def classified(self, hidden_BTD: Array, inputs_BT: Array, deterministic: bool) -> Array:
+        """Class logits [B, L] from each row's last non-PAD token (right-padded rows, as labeled batches are)."""
+        last = jnp.maximum(jnp.sum(inputs_BT != PAD_ID, axis=1) - 1, 0)
+        pooled = jnp.take_along_axis(hidden_BTD, last[:, None, None], axis=1)[:, 0]
+        return self.classifier(self.dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
 
     def logits(self, hidden_BTD: Array) -> Array:
         """The output projection: final states [..., D] -> float32 logits [..., V]."""

@@ -46,6 +46,7 @@ class Task:
     output_key: str = "text"  # the field predict writes the generated text under
     bidirectional_prompt: bool = False  # the prompt attends both ways (prefix LM): decoded in one prefill pass
     metrics: tuple[str, ...] = HELD_OUT  # what its validation reports
+    other_families: tuple[str, ...] = ()  # further model families it can train (classification: decoders)
 
     @property
     def vocabulary_outputs(self) -> bool:
@@ -59,7 +60,7 @@ class Task:
 
     def check_model(self, model: Any, head_too: bool = False) -> None:
         """Fails when the model config's family (and, for training, its head) cannot serve this task."""
-        if model.family != self.family:
+        if model.family not in (self.family, *self.other_families):
             raise UserError(f"task '{self.name}' trains a model.family='{self.family}' model, but the config has "
                             f"'{model.family}'; set --config.model.family={self.family} (or pick another task)")
         if head_too and self.head != "none" and model.head != self.head:

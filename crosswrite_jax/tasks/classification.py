@@ -1,4 +1,5 @@
-"""Classification: one label per example (an encoder's pooled output), scored with accuracy and macro-F1."""
+"""Classification: one label per example (an encoder's pooled output, or a decoder's last real token), scored with
+accuracy and macro-F1."""
 
 from __future__ import annotations
 
@@ -33,4 +34,5 @@ class Classification(LabelingTask):
 
 TASK = Classification("classification", "encoder", classify, ("inputs",), head="classification",
                       metrics=HELD_OUT + ("macro_f1",), example_fields=("text", "label"),
-                      example_formats=("tsv", "csv", "jsonl"), example_spec="tsv:sst2/{split}.tsv?text=0&label=1")
+                      example_formats=("tsv", "csv", "jsonl"), example_spec="tsv:sst2/{split}.tsv?text=0&label=1",
+                      other_families=("decoder",))
