@@ -435,9 +435,9 @@ def plot_sweep(workdir: str | Path, out: str | Path, storage_url: str | None = N
                     break
                 draw(study)
                 path = out / f"sweep_{name}_{kind}.png"
-                plt.gcf().set_size_inches(7, 4.5)
-                plt.tight_layout()
-                plt.savefig(path, dpi=100)
+                keys = len({key for t in complete for key in t.params})
+                plt.gcf().set_size_inches(max(7.0, 3.6 * keys + 1.5) if kind == "slice" else 7.0, 4.5)
+                plt.savefig(path, dpi=100, bbox_inches="tight")
                 plt.close("all")
                 files.append(path)
     return files

@@ -390,6 +390,7 @@ def test_mean_pooling_reads_every_real_token_and_ignores_padding():
     assert not np.allclose(first_logits(short), logits(short))
 
 
+@pytest.mark.slow  # bench compiles and times a labeled run
 def test_bench_resolves_labels_and_peft_as_train_does(tmp_path):
     """`crosswrite bench` on a LoRA classification recipe: the label set from the data, only the adapters trained."""
     from crosswrite_jax.bench import bench
