@@ -477,7 +477,8 @@ def _sweep_section(result: dict | None, images: list[str]) -> list[str]:
     lines += ["", f"Best: trial {result['best']}, val BLEU {result['best_value']:.2f} against the baseline's "
               f"{result['baseline_value']:.2f} (gap {gap:+.2f}). On test_2016_flickr (greedy): "
               f"{_fmt(result['best_test_bleu'])} against {_fmt(result['baseline_test_bleu'])}. The best command, "
-              f"rerun by hand on its own: val BLEU {_fmt(result['rerun_value'])}.", ""]
+              f"rerun by hand on its own: val BLEU {_fmt(result['rerun_value'])}. Each trial is one seed, so part of "
+              "the gap may be seed noise; the pruner judged trials at step 150, where BLEU is still low and noisy.", ""]
     lines += [f"![{image}](results/{image})" for image in images if image.startswith("sweep_")]
     return lines + [""]
 
