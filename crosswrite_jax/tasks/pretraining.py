@@ -77,6 +77,16 @@ class PretrainingTask(Task):
         return {"targets": np.append(ids, corruption.eos_id).astype(np.int32)}
 
 
+def _noise_spans(noise: Any, ids: np.ndarray, rng: np.random.Generator, corruption: Any,
+                 **special: Any) -> dict[str, np.ndarray]:
+    """An example of a span-noising objective (span corruption, text infilling) at objective.* density and span
+    length; `special` holds the token ids it writes in place of a span."""
+    o = corruption.objective
+    inputs, targets = noise(ids, rng, eos_id=corruption.eos_id, noise_density=o.noise_density,
+                            mean_noise_span_length=o.mean_noise_span_length, **special)
+    return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+
+
 def _need_mask_token(task: str, tokenizer: Any) -> None:
     if tokenizer.mask_id is None:
         raise UserError(f"task '{task}' needs a tokenizer with a mask token; train one with `crosswrite tokenizer "
@@ -103,11 +113,7 @@ class SpanCorruption(PretrainingTask):
                             "with `crosswrite tokenizer train --sentinels 100` or leave data.tokenizer empty")
 
     def corrupt(self, ids: np.ndarray, rng: np.random.Generator, corruption: Any) -> dict[str, np.ndarray]:
-        o = corruption.objective
-        inputs, targets = objectives.span_corruption(
-            ids, rng, sentinel_ids=corruption.sentinel_ids, eos_id=corruption.eos_id, noise_density=o.noise_density,
-            mean_noise_span_length=o.mean_noise_span_length)
-        return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+        return _noise_spans(objectives.span_corruption, ids, rng, corruption, sentinel_ids=corruption.sentinel_ids)
 
 
 @dataclass(frozen=True)
@@ -126,11 +132,7 @@ class Denoising(PretrainingTask):
         _need_mask_token(self.name, tokenizer)
 
     def corrupt(self, ids: np.ndarray, rng: np.random.Generator, corruption: Any) -> dict[str, np.ndarray]:
-        o = corruption.objective
-        inputs, targets = objectives.text_infilling(
-            ids, rng, mask_id=corruption.mask_id, eos_id=corruption.eos_id, noise_density=o.noise_density,
-            mean_noise_span_length=o.mean_noise_span_length)
-        return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+        return _noise_spans(objectives.text_infilling, ids, rng, corruption, mask_id=corruption.mask_id)
 
 
 @dataclass(frozen=True)
