@@ -104,7 +104,7 @@ FEW_MT = "Few pairs: Multi30k en-de test_2016_flickr BLEU, monolingual denoising
 MT_SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_mt_monolingual/tokenizer"
 
 
-def _few_pairs(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[Experiment]:
+def _few_pairs(n: int, seeds: tuple[int, ...] = (0, 1, 2), readme: bool = True) -> list[Experiment]:
     rows = []
     for start, what, flags in (("pretrained", "denoising-pretrained (E + G text)", ""),
                                ("scratch", "scratch, same model and tokenizer", f" {MT_SCRATCH}")):
@@ -114,7 +114,7 @@ def _few_pairs(n: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[Experiment]:
             f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir {workdir} "
             f"--config.data.max_train_examples={n} --config.train.seed={{seed}}{flags} && {DATA}crosswrite eval "
             f"--checkpoint {workdir}/best --split test_2016_flickr", "test_2016_flickr", ("bleu", "chrf"),
-            seeds=seeds, labeled_examples=n, start=start, readme=True))
+            seeds=seeds, labeled_examples=n, start=start, readme=readme))
     return rows
 
 
@@ -124,6 +124,8 @@ EXPERIMENTS += [
                f"{DATA}crosswrite train --config configs/pretrain_mt_monolingual.py "
                "--workdir runs/pretrain_mt_monolingual", "", ("loss", "perplexity")),
     *_few_pairs(2900),
+    *_few_pairs(290, seeds=(0,), readme=False),  # the curve's 1% and 100% points, one seed each
+    *_few_pairs(29000, seeds=(0,), readme=False),
     Experiment(FEW_MT, "mt_scratch_dropout01_n2900", "scratch with dropout 0.1 (the setting check), 2,900 pairs",
                f"{DATA}crosswrite train --config configs/finetune_mt.py --workdir runs/mt_scratch_dropout01_n2900_s0 "
                f"--config.data.max_train_examples=2900 --config.train.seed=0 {MT_SCRATCH} "
@@ -625,7 +627,9 @@ def pending_commands(runs: Path, pattern: str) -> list[str]:
             if i >= len(seeds):
                 continue
             directory = e.directories()[i]
-            if any(r["split"] == "summary" for r in read_metrics(runs / directory)):
+            # Finished: scored on the experiment's split (its command's last part), or trained to its summary when it
+            # names none. A stopped run's rerun resumes it.
+            if any(r["split"] == (e.split or "summary") for r in read_metrics(runs / directory)):
                 continue
             command = e.command.replace("{seed}", str(seeds[i]))
             if command not in commands:

@@ -168,7 +168,15 @@ def _batch(seed=0):
     return {"inputs": inputs, "labels": rng.integers(0, 3, (16,), dtype=np.int32)}
 
 
+DECODER_CLASSIFIER = {"model.family": "decoder", "model.num_encoder_layers": 0, "model.num_decoder_layers": 2,
+                      "model.position": "rope", "model.norm": "rmsnorm", "model.gated_mlp": True,
+                      "model.activation": "silu"}
+
+
 @pytest.mark.parametrize("method, extra, trained", [
+    ("freeze", {"peft.freeze": "all_but_head", **DECODER_CLASSIFIER}, r"classifier/.*"),
+    ("lora", DECODER_CLASSIFIER, r".*lora_[ab]|classifier/.*"),
+    ("bitfit", DECODER_CLASSIFIER, r".*/bias|.*norm/scale|classifier/.*"),
     ("freeze", {"peft.freeze": "all_but_head"}, r"(classifier|pooler)/.*"),
     ("freeze", {"peft.freeze": "embeddings"}, r"(encoder|classifier|pooler)/.*"),
     ("lora", {}, r".*lora_[ab]|(classifier|pooler)/.*"),
@@ -219,10 +227,16 @@ def test_lora_on_minilm_trains_under_two_percent_of_the_parameters():
     assert sum(int(np.prod(shapes[p])) for p in trained) / total < 0.02
 
 
-@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder", "decoder"])
 def test_merged_lora_model_gives_the_same_outputs(family):
     if family == "encoder":
         config = _classifier("lora", **{"peft.lora_targets": ".*/(query|value|out)|.*/mlp/(wi|wo)"})
+        args = (_batch()["inputs"],)
+    elif family == "decoder":  # a causal LM: logits over the vocabulary
+        config = peft.resolve(config_lib.override(config_lib.Config(), {
+            **DECODER_CLASSIFIER, "task": "causal_lm", "model.vocab_size": 64, "model.d_model": 32, "model.d_ff": 64,
+            "model.num_kv_heads": 2, "peft.method": "lora",
+            "peft.lora_targets": ".*self_attention/(query|key|value|out)|.*/mlp/(wi_[01]|wo)"}))
         args = (_batch()["inputs"],)
     else:
         config = peft.resolve(config_lib.override(config_lib.Config(), {

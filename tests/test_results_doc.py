@@ -132,10 +132,14 @@ def test_pending_commands_list_each_unfinished_seed_once_seed_0_first(tmp_path):
     make_results = _script()
     done = tmp_path / "mt_scratch_n2900_s0"
     done.mkdir()
-    (done / "metrics.jsonl").write_text('{"step": 600, "split": "summary", "seconds": 1.0}\n')
+    (done / "metrics.jsonl").write_text('{"step": 600, "split": "summary", "seconds": 1.0}\n'
+                                        '{"step": 600, "split": "test_2016_flickr", "bleu": 8.0}\n')
     started = tmp_path / "mt_pretrained_n2900_s1"
     started.mkdir()
     (started / "metrics.jsonl").write_text('{"step": 100, "split": "train", "loss": 1.0}\n')  # killed: to rerun
+    stopped = tmp_path / "mt_pretrained_n2900_s2"  # stopped by SIGTERM: a summary, but never scored
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text('{"step": 260, "split": "summary", "seconds": 1.0}\n')
     commands = make_results.pending_commands(tmp_path, r"^mt_(pretrained|scratch)_n2900$")
     workdirs = [c.split("--workdir ")[1].split()[0] for c in commands]
     assert workdirs == [f"runs/mt_{side}_n2900_s{seed}" for seed in (0, 1, 2) for side in ("pretrained", "scratch")
