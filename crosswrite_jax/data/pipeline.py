@@ -202,8 +202,9 @@ class _PackedBatches:
     """Maps a step k to the process-local rows of packed global batch k (epoch plans cached)."""
 
     def __init__(self, sources: _Packed, targets: _Packed, *, global_rows: int, seed: int, process_index: int,
-                 process_count: int, pad_id: int) -> None:
+                 process_count: int, pad_id: int, packing: bool = True) -> None:
         self.sources, self.targets, self.rows, self.seed, self.pad_id = sources, targets, global_rows, seed, pad_id
+        self.packing = packing  # False: one example per row
         self.local = global_rows // process_count
         self.start = process_index * self.local
         self._plans: list[list[list[list[int]]]] = []  # per epoch, per batch, per row: example indices
@@ -212,33 +213,44 @@ class _PackedBatches:
         while len(self._plans) <= epoch:
             e = len(self._plans)
             rng = np.random.default_rng([e, self.seed & (2**64 - 1), 1])
-            rows = _pack_rows(rng.permutation(len(self.sources.lengths)), self.sources.lengths,
-                              self.targets.lengths, self.sources.width, self.targets.width)
+            order = rng.permutation(len(self.sources.lengths))
+            rows = (_pack_rows(order, self.sources.lengths, self.targets.lengths, self.sources.width,
+                               self.targets.width) if self.packing else [[int(i)] for i in order])
             rows = [rows[j] for j in rng.permutation(len(rows))]
             usable = len(rows) // self.rows * self.rows
             self._plans.append([rows[j:j + self.rows] for j in range(0, usable, self.rows)])
         return self._plans[epoch]
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def local_rows(self, step: int) -> list[list[int]]:
+        """This process's rows of global batch `step`: the example indices each row packs."""
         epoch = 0
         while step >= len(self._plan(epoch)):
             step -= len(self._plan(epoch))
             epoch += 1
-        rows = self._plan(epoch)[step][self.start:self.start + self.local]
+        return self._plan(epoch)[step][self.start:self.start + self.local]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.local_rows(step)
         out = {}
         for packed, key in ((self.sources, "inputs"), (self.targets, "targets")):
-            ids, segments, positions = (np.zeros((len(rows), packed.width), np.int32) for _ in range(3))
-            ids[:] = self.pad_id
-            for r, row in enumerate(rows):
-                at = 0
-                for segment, i in enumerate(row, start=1):
-                    n = int(packed.lengths[i])
-                    ids[r, at:at + n] = packed.ids[packed.offsets[i]:packed.offsets[i + 1]]
-                    segments[r, at:at + n] = segment
-                    positions[r, at:at + n] = np.arange(n)
-                    at += n
-            out[key], out[f"{key}_segments"], out[f"{key}_positions"] = ids, segments, positions
+            out[key], out[f"{key}_segments"], out[f"{key}_positions"] = pack(packed, rows, self.pad_id)
         return out
+
+
+def pack(packed: _Packed, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, segment ids (1, 2, ... per example; 0 for padding) and per-example positions [len(rows), width] of
+    rows that each hold the examples listed, one after another."""
+    ids, segments, positions = (np.zeros((len(rows), packed.width), np.int32) for _ in range(3))
+    ids[:] = pad_id
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, i in enumerate(row, start=1):
+            n = int(packed.lengths[i])
+            ids[r, at:at + n] = packed.ids[packed.offsets[i]:packed.offsets[i + 1]]
+            segments[r, at:at + n] = segment
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+    return ids, segments, positions
 
 
 def packed_train_dataset(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, global_batch_size: int,
