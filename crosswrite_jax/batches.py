@@ -13,16 +13,22 @@ import numpy as np
 
 from crosswrite_jax import workdir as workdir_lib
 from crosswrite_jax.config import Config
-from crosswrite_jax.data import labeled, pipeline, pretraining
+from crosswrite_jax.data import labeled, pipeline, pretraining, prompts
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.tasks import Task, get_task
 
 
 def make_dataset(pairs, tokenizer, config: Config, seed: int, shuffle: bool = True) -> grain.MapDataset:
-    """The random-access grain dataset of translation batches (packed or bucketed, as configured)."""
+    """The random-access grain dataset of translation batches (packed or bucketed, as configured), or of a
+    prompted task's prompt -> response rows."""
     d = config.data
     common = dict(global_batch_size=config.train.batch_size, seed=seed, process_index=jax.process_index(),
                   process_count=jax.process_count())
+    task = get_task(config.task)
+    if task.prompted:
+        pairs = list(zip(task.prompts(config, [s for s, _ in pairs]), [t for _, t in pairs]))
+        return prompts.train_dataset(pairs, tokenizer, prompt_length=d.max_source_length,
+                                     response_length=d.max_target_length, packing=d.packing, **common)
     if d.packing:
         return pipeline.packed_train_dataset(pairs, tokenizer, source_length=d.max_source_length,
                                              target_length=d.max_target_length, **common)

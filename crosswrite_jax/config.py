@@ -115,6 +115,8 @@ class DataConfig:
     max_train_examples: int = 0  # > 0: train on N examples (pairs) of the training split only: the first N, or
     # with train_subset_seed >= 0 N drawn at random with that seed (the same N for every model and learning rate)
     train_subset_seed: int = -1
+    # Task sft: the prompt a decoder reads before writing the target, with the pair's source in place of {source}
+    prompt_template: str = "{source}\n"
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,8 @@ class EvalConfig:
     batch_size: int = 128
     max_decode_length: int = 64
     max_examples: int = 0  # 0: the whole split
+    # Task sft: how generated responses are scored: sacrebleu (BLEU and chrF) | rouge (ROUGE-1/2/L) | exact_match
+    sft_metric: str = "sacrebleu"
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ class Config:
 
     name: str = "run"
     # translation | summarization | classification | tagging | mlm | span_corruption | denoising | causal_lm |
-    # prefix_lm
+    # prefix_lm | sft
     task: str = "translation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -291,7 +295,8 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_kernel": ("xla", "cudnn"),
     "task": ("translation", "summarization", "classification", "tagging", "mlm", "span_corruption", "denoising",
-             "causal_lm", "prefix_lm"),
+             "causal_lm", "prefix_lm", "sft"),
+    "eval.sft_metric": ("sacrebleu", "rouge", "exact_match"),
     "peft.method": ("full", "freeze", "lora", "bitfit", "prompt"),
     "peft.freeze": ("embeddings", "encoder", "all_but_head"),
     "data.tokenizer_model": ("bpe", "unigram", "wordpiece"),
@@ -481,6 +486,19 @@ def _check_data(config: Config) -> None:
                                         or min(config.data.mixture_weights) <= 0):
         raise UserError(f"config key 'data.mixture_weights' needs one positive weight per data.sources entry "
                         f"({len(config.data.sources)}), got {config.data.mixture_weights}")
+    _check_prompt_template(config.data.prompt_template)
+
+
+def _check_prompt_template(template: str) -> None:
+    """A prompt template holds {source} and no other placeholder."""
+    try:
+        template.format(source="")
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise UserError(f"config key 'data.prompt_template' is {template!r}, which does not format ({error!r}); "
+                        f"use {{source}} for the source text and double other braces: {{{{ }}}}") from None
+    if "{source}" not in template.replace("{{", "").replace("}}", ""):
+        raise UserError(f"config key 'data.prompt_template' is {template!r}; it must hold {{source}}, where the "
+                        f"source text goes, e.g. 'Translate to German: {{source}}\\n'")
 
 
 def _check_objective(config: Config) -> None:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from crosswrite_jax import checkpoint, sharding
 from crosswrite_jax.batches import validation_batches
-from crosswrite_jax.data import labeled, pipeline
+from crosswrite_jax.data import labeled, pipeline, prompts
 from crosswrite_jax.decode import describe, make_decoder
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.losses import SUMS, summarize, task_losses, token_losses
@@ -128,11 +128,11 @@ def _scores(restored: Restored) -> dict[str, Any]:
         return held_out_scores(restored)
     if task.labeled:
         return labeled_scores(restored)
-    if run.config.model.family != "encoder_decoder":
-        raise UserError(f"crosswrite eval scores translations, but this run's model.family is "
-                        f"'{run.config.model.family}'; use `crosswrite predict` to generate from it")
+    if not task.generates:
+        raise UserError(f"crosswrite eval scores generated text, but this run's task '{task.name}' generates none; "
+                        f"use `crosswrite predict` to generate from it")
     hypotheses, references = translate_split(restored)
-    scores = task.generation_scores(hypotheses, references)
+    scores = task.generation_scores(hypotheses, references, run.config)
     scores.update(step=restored.step, split=run.config.eval.split, examples=len(references),
                   decoding=describe(run.config.decode), beam_size=run.config.decode.beam_size,
                   devices=jax.device_count())
@@ -216,21 +216,38 @@ def translate_split(restored: Restored, split: str | None = None, max_examples: 
     split = c.eval.split if split is None else split
     max_examples = c.eval.max_examples if max_examples is None else max_examples
     sources, references = run.read_references(split, max_examples)
-    pairs = [(source, "") for source in sources]
-    batches = pipeline.eval_batches(pairs, run.tokenizer, batch_size=padded_batch_size(restored, c.eval.batch_size),
-                                    max_source_length=c.data.max_source_length,
-                                    bucket_lengths=c.data.bucket_lengths)
+    batches = generation_batches(restored, sources)
     decode = decode or restored.decoder(c.eval.max_decode_length)
     rng = jax.random.key(c.decode.seed)
-    hypotheses = [""] * len(pairs)
+    hypotheses = [""] * len(sources)
     with restored.context():
         for number, batch in enumerate(batches):
-            ids = decode(restored.params, global_batch(restored, batch["inputs"]), jax.random.fold_in(rng, number))
+            padding = global_batch(restored, batch["padding"]) if "padding" in batch else None
+            ids = decode(restored.params, global_batch(restored, batch["inputs"]), jax.random.fold_in(rng, number),
+                         padding)
             ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
             for row, text in zip(batch["example_index"], run.tokenizer.decode_batch(ids)):
                 if row >= 0:
                     hypotheses[row] = text
     return hypotheses, references
+
+
+def generation_batches(restored: Restored, sources: list[str]) -> list[dict[str, np.ndarray]]:
+    """In-order batches to decode, `example_index` -1 on filler rows: encoder inputs, or a decoder-only model's
+    prompts (the task's, from the sources) with their `padding`."""
+    run, c = restored.run, restored.run.config
+    rows = padded_batch_size(restored, c.eval.batch_size)
+    if restored.model.config.family != "decoder":
+        return pipeline.eval_batches([(source, "") for source in sources], run.tokenizer, batch_size=rows,
+                                     max_source_length=c.data.max_source_length, bucket_lengths=c.data.bucket_lengths)
+    texts = get_task(c.task).prompts(c, sources)
+    batches = []
+    for start in range(0, len(texts), rows):
+        ids, padding = prompts.prompt_batch(run.tokenizer, texts[start:start + rows], rows, c.data.max_source_length,
+                                            c.data.bucket_lengths)
+        index = np.arange(start, start + rows, dtype=np.int32)
+        batches.append({"inputs": ids, "padding": padding, "example_index": np.where(index < len(texts), index, -1)})
+    return batches
 
 
 def make_eval_step(model: nn.Module, task: Task, label_smoothing: float, predictions: bool = False,
@@ -346,6 +363,6 @@ class Validator:
             self.restored.params = params
             hypotheses, references = translate_split(self.restored, self.run.config.data.eval_split, self.decoded,
                                                      self.decode)
-            scores.update({k: v for k, v in self.task.generation_scores(hypotheses, references).items()
+            scores.update({k: v for k, v in self.task.generation_scores(hypotheses, references, self.run.config).items()
                            if isinstance(v, (int, float))})
         return scores

@@ -1,4 +1,4 @@
-"""Scores of the field: sacreBLEU BLEU and chrF on detokenized text."""
+"""Scores of the field: sacreBLEU BLEU and chrF on detokenized text, ROUGE, exact match, accuracy, F1."""
 
 from __future__ import annotations
 
@@ -79,3 +79,10 @@ def summarization_scores(hypotheses: list[str], references: list[list[str]]) -> 
             totals[key] += scores[key].fmeasure
     count = len(hypotheses)
     return {**{key: _percent(totals[key] / count) if count else 0.0 for key in keys}, "examples": count}
+
+
+def exact_match_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, object]:
+    """Share of hypotheses equal to one of their references, whitespace runs counted as one space, in percent."""
+    _check_lengths(hypotheses, references)
+    matched = sum(" ".join(h.split()) in {" ".join(r.split()) for r in refs} for h, refs in zip(hypotheses, references))
+    return {"exact_match": _percent(matched / len(hypotheses)) if hypotheses else 0.0, "examples": len(hypotheses)}

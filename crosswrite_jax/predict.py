@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import DecodeConfig
-from crosswrite_jax.data import pipeline
+from crosswrite_jax.data import pipeline, prompts
 from crosswrite_jax.decode import describe
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.evaluate import Restored, global_batch, padded_batch_size, restore
@@ -53,15 +53,7 @@ def source_batch(restored: Restored, lines: list[str], rows: int) -> np.ndarray:
 def prompt_batch(restored: Restored, lines: list[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Decoder-only prompts [rows, width]: the start token (PAD) then each line's last tokens; and their padding."""
     c = restored.run.config
-    keep = c.data.max_source_length - 1
-    prompts = [[PAD_ID] + (ids[-keep:] if keep > 0 else []) for ids in restored.run.tokenizer.encode_batch(lines)]
-    longest = max(len(p) for p in prompts)
-    buckets = [b for b in c.data.bucket_lengths if b >= longest]
-    width = buckets[0] if buckets else max(longest, c.data.max_source_length)  # one width for every long prompt
-    ids, padding = np.full((rows, width), PAD_ID, np.int32), np.zeros((rows, width), bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)], padding[row, :len(prompt)] = prompt, True
-    return ids, padding
+    return prompts.prompt_batch(restored.run.tokenizer, lines, rows, c.data.max_source_length, c.data.bucket_lengths)
 
 
 class Predictor:
@@ -116,6 +108,7 @@ class Predictor:
             if self.labeled:
                 words = [t.split() or ["."] for t in texts]
                 return [len(ids) for ids, _ in tokenizer.encode_words(words, UNLIMITED)]
+            texts = self.spec.prompts(self.restored.run.config, texts)
             return [len(ids) + 1 for ids in tokenizer.encode_batch(texts)]  # + EOS, or the decoder's start token
 
     def widths(self) -> list[int]:
@@ -192,11 +185,11 @@ class Predictor:
                   rng: jax.Array | None) -> list[dict[str, Any]]:
         with self._tokenizer_lock:
             if self.family == "decoder":
-                ids, padding = prompt_batch(self.restored, texts, rows)
+                ids, padding = prompt_batch(self.restored, self.spec.prompts(self.restored.run.config, texts), rows)
             else:
                 ids, padding = source_batch(self.restored, texts, rows), None
         generated = self._decode_ids(ids, padding, decode, max_length, rng)[:len(texts)]
-        key = "continuation" if self.family == "decoder" else self.spec.output_key
+        key = self.spec.output_key if self.spec.generates else "continuation"  # a language model continues text
         return [{"output": " ".join(text.splitlines()), key: text}
                 for text in self.restored.run.tokenizer.decode_batch(generated)]
 

@@ -8,7 +8,7 @@ builds a `Task` plus a line in TASKS.
 from __future__ import annotations
 
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.tasks import classification, pretraining, summarization, tagging, translation
+from crosswrite_jax.tasks import classification, pretraining, sft, summarization, tagging, translation
 from crosswrite_jax.tasks.base import Batch, Forward, Task
 from crosswrite_jax.tasks.pretraining import first_positions
 
@@ -24,6 +24,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     pretraining.MLM,
     pretraining.CAUSAL_LM,
     pretraining.PREFIX_LM,
+    sft.TASK,
 )}
 
 

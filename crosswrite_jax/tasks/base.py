@@ -47,6 +47,7 @@ class Task:
     bidirectional_prompt: bool = False  # the prompt attends both ways (prefix LM): decoded in one prefill pass
     metrics: tuple[str, ...] = HELD_OUT  # what its validation reports
     other_families: tuple[str, ...] = ()  # further model families it can train (classification: decoders)
+    prompted: bool = False  # trains a decoder on pairs, each its prompt then its target (sft; data/prompts.py)
 
     @property
     def vocabulary_outputs(self) -> bool:
@@ -76,6 +77,10 @@ class Task:
                             f"outputs; task '{self.name}' has none: set it to 0")
         if config.decode.prefill_chunk and self.bidirectional_prompt:
             raise UserError(PREFIX_LM_PREFILL_CHUNK)
+
+    def prompts(self, config: Any, texts: list[str]) -> list[str]:
+        """The texts a decoder-only model reads before it generates: the inputs as given."""
+        return texts
 
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         """The row length of each feature its training batches carry."""

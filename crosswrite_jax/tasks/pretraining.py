@@ -43,8 +43,9 @@ def _masked_lm(model, variables, batch, deterministic, rngs, return_hidden=False
     return logits, targets, (targets != PAD_ID).astype(jnp.float32)
 
 
-def _language_model(model, variables, batch, deterministic, rngs, return_hidden=False):
-    """Decoder predicting every token from the ones before (and, for a prefix LM, the whole prefix)."""
+def language_model(model, variables, batch, deterministic, rngs, return_hidden=False):
+    """Decoder predicting every token from the ones before (and, for a prefix LM, the whole prefix); tokens of a
+    prefix or (sft) a prompt carry no loss."""
     targets = batch["targets"]
     positions = batch.get("targets_positions")
     kwargs = {"inputs_segments": batch.get("targets_segments"), "inputs_positions": positions}
@@ -52,6 +53,8 @@ def _language_model(model, variables, batch, deterministic, rngs, return_hidden=
     if "targets_prefix" in batch:
         kwargs["inputs_prefix"] = batch["targets_prefix"]
         weights = weights & (batch["targets_prefix"] == 0)
+    if "targets_prompt" in batch:  # attended causally, like the rest
+        weights = weights & (batch["targets_prompt"] == 0)
     logits = model.apply(variables, shift_right(targets, positions), deterministic=deterministic, rngs=rngs,
                          return_hidden=return_hidden, **{k: v for k, v in kwargs.items() if v is not None})
     return logits, targets, weights.astype(jnp.float32)
@@ -173,5 +176,5 @@ class PrefixLM(PretrainingTask):
 SPAN_CORRUPTION = SpanCorruption("span_corruption", "encoder_decoder", seq2seq.forward, ("inputs", "targets"))
 DENOISING = Denoising("denoising", "encoder_decoder", seq2seq.forward, ("inputs", "targets"))
 MLM = MaskedLM("mlm", "encoder", _masked_lm, ("inputs",), head="mlm")
-CAUSAL_LM = CausalLM("causal_lm", "decoder", _language_model, ("targets",))
-PREFIX_LM = PrefixLM("prefix_lm", "decoder", _language_model, ("targets",), bidirectional_prompt=True)
+CAUSAL_LM = CausalLM("causal_lm", "decoder", language_model, ("targets",))
+PREFIX_LM = PrefixLM("prefix_lm", "decoder", language_model, ("targets",), bidirectional_prompt=True)

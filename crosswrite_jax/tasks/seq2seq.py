@@ -32,6 +32,7 @@ class Seq2SeqTask(Task):
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         return {"inputs": inputs_length, "targets": targets_length}
 
-    def generation_scores(self, hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
-        """The scores of decoded texts against their references."""
+    def generation_scores(self, hypotheses: list[str], references: list[list[str]],
+                          config: Any = None) -> dict[str, Any]:
+        """The scores of decoded texts against their references (`config`: the run's, for tasks that choose)."""
         raise NotImplementedError

@@ -11,7 +11,8 @@ from crosswrite_jax.tasks.seq2seq import Seq2SeqTask
 
 @dataclass(frozen=True)
 class Summarization(Seq2SeqTask):
-    def generation_scores(self, hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
+    def generation_scores(self, hypotheses: list[str], references: list[list[str]],
+                          config: Any = None) -> dict[str, Any]:
         from crosswrite_jax.metrics import summarization_scores
 
         return summarization_scores(hypotheses, references)

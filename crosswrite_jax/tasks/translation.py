@@ -11,7 +11,8 @@ from crosswrite_jax.tasks.seq2seq import Seq2SeqTask
 
 @dataclass(frozen=True)
 class Translation(Seq2SeqTask):
-    def generation_scores(self, hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
+    def generation_scores(self, hypotheses: list[str], references: list[list[str]],
+                          config: Any = None) -> dict[str, Any]:
         from crosswrite_jax.metrics import translation_scores
 
         return translation_scores(hypotheses, [refs[0] for refs in references])
