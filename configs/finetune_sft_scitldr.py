@@ -12,26 +12,22 @@ keeps its last 95 tokens (the prompt's end, "TL;DR:", always stays), a summary i
 
 import dataclasses
 
-import pretrain_causal_lm
+import finetune_sft_mt
 
 from crosswrite_jax.config import CheckpointConfig, Config, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
 
-PRETRAINED = "runs/pretrain_causal_lm"
-
 
 def get_config() -> Config:
-    base = pretrain_causal_lm.get_config()
-    return Config(
+    return dataclasses.replace(
+        finetune_sft_mt.get_config(),  # its model: the pretraining recipe's decoder, dropout 0.1
         name="finetune_sft_scitldr",
-        task="sft",
-        model=dataclasses.replace(base.model, dropout_rate=0.1),
         data=DataConfig(examples="jsonl:summarization/scitldr/{split}.jsonl?source=source&target=target",
                         train_split="train", eval_split="dev", prompt_template="{source} TL;DR:",
                         max_source_length=96, max_target_length=32, packing=True, bucket_lengths=(32, 64, 96)),
         optimizer=OptimizerConfig(learning_rate=5e-4, warmup_steps=40, schedule="cosine"),
         train=TrainConfig(steps=600, batch_size=16, label_smoothing=0.1, eval_every=100, eval_batches=8,
                           log_every=50, best_metric="rougeL", eval_decode_examples=100, early_stopping_patience=2,
-                          eval_at_start=True, logits_chunk_length=16, init_from=PRETRAINED),
+                          eval_at_start=True, logits_chunk_length=16, init_from=finetune_sft_mt.PRETRAINED),
         checkpoint=CheckpointConfig(every=600, max_to_keep=1),
         eval=EvalConfig(split="dev", batch_size=128, max_decode_length=32, sft_metric="rouge"),
     )

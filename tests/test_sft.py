@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from flax import linen as nn
+from test_finetune import _summaries
 
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.cli import main
@@ -204,21 +205,8 @@ def _args(overrides: dict) -> list[str]:
     return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in overrides.items()]
 
 
-def _tldr(folder: Path) -> Path:
-    """summarization/scitldr/{train,dev}.jsonl: the summary is the abstract's first three words."""
-    rng = random.Random(0)
-    (folder / "summarization" / "scitldr").mkdir(parents=True)
-    for split, n in (("train", 64), ("dev", 8)):
-        with (folder / "summarization" / "scitldr" / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                words = rng.sample(WORDS, 6)
-                f.write(json.dumps({"source": [" ".join(words[:3]) + ".", " ".join(words[3:]) + "."],
-                                    "target": [" ".join(words[:3]), " ".join(words[:2])]}) + "\n")
-    return folder
-
-
 def test_train_eval_predict_and_serving_outputs_of_a_tiny_sft_run_through_the_cli(tmp_path, capsys):
-    data, workdir = _tldr(tmp_path / "data"), tmp_path / "run"
+    data, workdir = _summaries(tmp_path / "data"), tmp_path / "run"  # SciTLDR-shaped jsonl
     overrides = dict(TINY, **{"data.data_dir": str(data), "train.eval_decode_examples": 4, "eval.split": "dev"})
     recipe = str(ROOT / "configs" / "finetune_sft_scitldr.py")
     assert main(["train", "--config", recipe, "--workdir", str(workdir), *_args(overrides)]) == 0
