@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_trees_equal
 from flax import linen as nn
 from test_finetune import _summaries
 
@@ -234,5 +234,35 @@ def test_train_eval_predict_and_serving_outputs_of_a_tiny_sft_run_through_the_cl
     predictor = load_predictor(workdir, step=6)  # what `crosswrite serve` answers with
     outputs = predictor.outputs(abstracts[:3])
     assert [o["output"] for o in outputs] == hypotheses[:3] and [o["response"] for o in outputs] == hypotheses[:3]
+    beam = predictor.outputs(abstracts[:3], decode=predictor.decode_config({"beam_size": 2})[0])
+    assert len(beam) == 3 and all(isinstance(o["response"], str) for o in beam)
     encode = predictor.restored.run.tokenizer.encode_batch
     assert predictor.input_lengths(["the cat"]) == [len(encode(["the cat TL;DR:"])[0]) + 1]  # the prompt's length
+
+
+@pytest.mark.slow  # two tiny trainings, about 20 s on 2 cores
+def test_sft_starts_from_a_causal_lm_run_with_its_parameters_and_tokenizer(tmp_path):
+    from importlib import resources
+
+    from crosswrite_jax import sharding
+    from crosswrite_jax.evaluate import restore
+    from crosswrite_jax.initialize import params_from
+    from crosswrite_jax.train import train
+    from crosswrite_jax.trainer import Trainer
+
+    text = resources.files("crosswrite_jax.data") / "multi30k_sample" / "train.en.gz"
+    lm = config_lib.override(config_lib.load(ROOT / "configs" / "pretrain_causal_lm.py"), {
+        **{k: v for k, v in TINY.items() if k.startswith(("model.", "optimizer.", "checkpoint."))},
+        "data.sources": (f"text:{text}",), "data.eval_sources": (), "data.mixture_weights": (),
+        "data.max_source_length": 32, "data.max_target_length": 32, "train.steps": 2, "train.batch_size": 8,
+        "train.eval_every": 0, "train.eval_at_start": False, "train.progress_bar": False, "checkpoint.every": 2})
+    train(lm, tmp_path / "lm")
+    config = _recipe("finetune_sft_mt.py", data__dataset="multi30k_sample", train__init_from=str(tmp_path / "lm"),
+                     train__steps=2, train__eval_every=0, train__eval_at_start=False, train__best_metric="",
+                     train__early_stopping_patience=0)
+    trainer = Trainer.build(config, sharding.make_mesh((-1, 1, 1)))
+    lm_tokenizer = Tokenizer.load(tmp_path / "lm" / "tokenizer")
+    loaded = jax.device_get(params_from(str(tmp_path / "lm"), config, trainer.layout, lm_tokenizer))
+    assert_trees_equal(loaded, jax.device_get(restore(tmp_path / "lm").params))  # every parameter, none fresh
+    assert np.isfinite(train(config, tmp_path / "sft")["loss"])
+    assert Tokenizer.load(tmp_path / "sft" / "tokenizer").fingerprint == lm_tokenizer.fingerprint
