@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,7 @@ class MetricsWriter:
             workdir = Path(workdir)
             drop_torn_tail(workdir / "metrics.jsonl")
             self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
+            self._tensorboard = _summary_writer_class()(str(workdir / "tensorboard"), flush_secs=10)
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         """Records one set of scalars (non-numbers go to the JSON line only)."""
@@ -42,6 +41,23 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch (imported here: only process 0 writes events).
+
+    tensorboardX imports torch, where it is installed, only to accept torch tensors, which this writer never passes.
+    That import costs seconds and puts a second native runtime into a JAX process, with its own exit-time teardown.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(value: Any) -> Any:

@@ -101,8 +101,12 @@ def _train_steps(records: list[dict]) -> list[int]:
 
 
 def _tmp_anywhere(checkpoints: Path) -> list[str]:
-    return sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*")
-                  if integrity.TMP_STEP_DIR.match(p.name) or ".orbax-checkpoint-tmp" in p.name)
+    """Orbax temporary directories and files under `checkpoints` (os.walk: a step deleted mid-walk is skipped)."""
+    found = []
+    for root, dirs, files in os.walk(checkpoints):
+        found += [(Path(root) / name).relative_to(checkpoints).as_posix() for name in dirs + files
+                  if integrity.TMP_STEP_DIR.match(name) or ".orbax-checkpoint-tmp" in name]
+    return sorted(found)
 
 
 def _run_trial(index: int, rng: random.Random, base: Path, tokenizer: Path, env: dict[str, str]) -> Trial:
