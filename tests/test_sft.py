@@ -197,6 +197,9 @@ def test_the_task_refuses_heads_and_rows_beyond_the_positions():
     learned = config_lib.override(config, {"model.position": "learned", "model.max_length": 40})
     with pytest.raises(UserError, match="beyond model.max_length=40"):
         get_task("sft").check_config(learned)
+    with pytest.raises(UserError, match="set --config.eval.sft_metric=rouge"):
+        get_task("sft").check_config(config_lib.override(config, {"train.best_metric": "rougeL"}))
+    get_task("sft").check_config(config_lib.override(config, {"train.best_metric": "loss"}))
     with pytest.raises(UserError, match="model.family='decoder'"):
         get_task("sft").check_config(dataclasses.replace(config, model=config_lib.ModelConfig()))
 

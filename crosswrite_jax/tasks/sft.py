@@ -30,7 +30,8 @@ class PromptResponse(Task):
         return {"targets": inputs_length + targets_length, "targets_prompt": inputs_length + targets_length}
 
     def check_config(self, config: Any, head_too: bool = False) -> None:
-        """Also: no task head, and rows (prompt and response lengths together) within the model's positions."""
+        """Also: no task head, rows (prompt and response lengths together) within the model's positions, and a
+        train.best_metric that eval.sft_metric reports."""
         super().check_config(config, head_too)
         m, d = config.model, config.data
         if m.head != "none":
@@ -41,6 +42,12 @@ class PromptResponse(Task):
             raise UserError(f"task '{self.name}' puts a prompt of data.max_source_length={d.max_source_length} and a "
                             f"response of data.max_target_length={d.max_target_length} tokens in one row of {row}, "
                             f"beyond model.max_length={m.max_length}; lower them or raise model.max_length")
+        scorer = next((name for name, scores in SCORES.items() if config.train.best_metric in scores), None)
+        if scorer not in (None, config.eval.sft_metric):
+            raise UserError(f"config key 'train.best_metric' is '{config.train.best_metric}', a score of "
+                            f"eval.sft_metric={scorer}, but it is '{config.eval.sft_metric}'; set "
+                            f"--config.eval.sft_metric={scorer} or pick one of "
+                            f"{', '.join(SCORES[config.eval.sft_metric] + HELD_OUT)}")
 
     def generation_scores(self, hypotheses: list[str], references: list[list[str]],
                           config: Any = None) -> dict[str, Any]:
