@@ -140,7 +140,7 @@ def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     keys = dict(lengths)
     if segmented:
         for key, length in lengths.items():
-            if key != "targets_prefix":
+            if key not in ("targets_prefix", "targets_prompt"):  # masks of the targets row, not rows of their own
                 keys[f"{key}_segments"] = keys[f"{key}_positions"] = length
     spec = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=spec) for k, length in keys.items()}
@@ -160,7 +160,10 @@ def model_flops_per_step(config: Config) -> float:
     if m.family == "encoder_decoder":
         source, target = d.max_source_length, d.max_target_length
     elif m.family == "decoder":
-        source, target = 0, d.max_source_length  # one stream of inputs_length tokens
+        from crosswrite_jax.tasks import get_task
+
+        # one stream of inputs_length tokens; an sft row holds a prompt and a response
+        source, target = 0, d.max_source_length + (d.max_target_length if get_task(config.task).prompted else 0)
     else:
         source, target = d.max_source_length, 0
     return step_flops(m, config.train.batch_size, source, target).training

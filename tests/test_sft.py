@@ -269,3 +269,17 @@ def test_sft_starts_from_a_causal_lm_run_with_its_parameters_and_tokenizer(tmp_p
     assert_trees_equal(loaded, jax.device_get(restore(tmp_path / "lm").params))  # every parameter, none fresh
     assert np.isfinite(train(config, tmp_path / "sft")["loss"])
     assert Tokenizer.load(tmp_path / "sft" / "tokenizer").fingerprint == lm_tokenizer.fingerprint
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_compile_check_sees_the_rows_the_pipeline_makes(packing, tokenizer):
+    from crosswrite_jax import compile_check, sharding
+    from crosswrite_jax.batches import make_dataset
+    from crosswrite_jax.flops import step_flops
+
+    config = _recipe("finetune_sft_mt.py", data__packing=packing)
+    made = make_dataset(_pairs(64), tokenizer, config, seed=0)[0]
+    abstract = compile_check.abstract_batch(config, sharding.make_mesh((-1, 1, 1)))
+    assert {k: v.shape for k, v in abstract.items()} == {k: v.shape for k, v in made.items()}
+    row = made["targets"].shape[1]
+    assert row == 48 and compile_check.model_flops_per_step(config) == step_flops(config.model, 8, 0, row).training
