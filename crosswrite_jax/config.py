@@ -67,6 +67,10 @@ class ModelConfig:
     scale_tied_output: bool = True  # multiply by d_model**-0.5 before a tied output projection (T5)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16; params stay float32
     remat: str = "none"  # rematerialise each block in the backward pass: none | full | dots | dots_no_batch
+    # Run each layer stack as one nn.scan over stacked parameters ([layers, ...] under '<stack>/layers/...', logical
+    # axis 'layers', never sharded) instead of a Python loop over '<stack>/layer_<i>': compile time and program size
+    # stop growing with depth. Checkpoints of one layout do not restore into the other.
+    scan_layers: bool = False
     # Attention kernel: xla (any device) | cudnn (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16 compute,
     # head_dim a multiple of 8 up to 256; causal self-attention skips the blocks above the diagonal).
     attention_kernel: str = "xla"
@@ -79,6 +83,9 @@ class ModelConfig:
     # MLM head: project only the first N masked positions of each row (BERT's max_predictions_per_seq), not every
     # position; 0: every position. About 2x the expected count keeps the loss exact in practice.
     mlm_max_predictions: int = 0
+
+
+SCANNED_LAYERS = "layers"  # with model.scan_layers: the stacked layers' module name and logical axis name
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from crosswrite_jax.config import PREFIX_LM_PREFILL_CHUNK, DecodeConfig
+from crosswrite_jax.config import PREFIX_LM_PREFILL_CHUNK, SCANNED_LAYERS, DecodeConfig
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import PAD_ID, Decoder, EncoderDecoder
 
@@ -66,8 +66,13 @@ def sampling_choice(rng: Array, temperature: float = 1.0, top_k: int = 0, top_p:
 # ------------------------------------------------------------------------------------------- cache rows
 
 
-def _is_rows(leaf: Array, rows: int) -> bool:
-    return leaf.ndim > 0 and leaf.shape[0] == rows
+def _rows_axis(path: tuple) -> int:
+    """The axis of a cache entry's rows: 1 under model.scan_layers' stacked layers (axis 0 is the layer), else 0."""
+    return int(any(getattr(key, "key", None) == SCANNED_LAYERS for key in path))
+
+
+def _is_rows(leaf: Array, rows: int, axis: int = 0) -> bool:
+    return leaf.ndim > axis and leaf.shape[axis] == rows
 
 
 def _name(path: tuple) -> str:
@@ -83,16 +88,21 @@ def gather_rows(cache: Any, index_N: Array) -> Any:
     rows = index_N.shape[0]
 
     def pick(path: tuple, x: Array) -> Array:
-        if not _is_rows(x, rows) or _name(path).startswith("cross_"):
+        axis = _rows_axis(path)
+        if not _is_rows(x, rows, axis) or _name(path).startswith("cross_"):
             return x
-        return jnp.take(x, index_N, axis=0)
+        return jnp.take(x, index_N, axis=axis)
 
     return jax.tree_util.tree_map_with_path(pick, cache)
 
 
 def repeat_rows(cache: Any, rows: int, times: int) -> Any:
     """Every batch row repeated `times` times in a row (for beams); scalar entries stay as they are."""
-    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0) if _is_rows(x, rows) else x, cache)
+    def repeat(path: tuple, x: Array) -> Array:
+        axis = _rows_axis(path)
+        return jnp.repeat(x, times, axis=axis) if _is_rows(x, rows, axis) else x
+
+    return jax.tree_util.tree_map_with_path(repeat, cache)
 
 
 # ------------------------------------------------------------------------------------------- searches

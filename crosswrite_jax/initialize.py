@@ -3,6 +3,7 @@ this model's layout and placed in its shards; what they lack (task heads, PEFT a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -64,6 +65,7 @@ def _params_from_hf(directory: Path, config: Config, layout: StateLayout, fresh_
     exclude = config.train.init_exclude
     hf_config, tensors = hf.read_checkpoint(directory)
     kind, model_config = hf.config_from_hf(hf_config, tensors)
+    model_config = dataclasses.replace(model_config, scan_layers=config.model.scan_layers)  # this run's layout
     loaded = traverse_util.flatten_dict(hf.params_from_hf(kind, model_config, tensors, param_shapes(model_config)),
                                         sep="/")
     abstract = traverse_util.flatten_dict(layout.abstract_with_shardings().params, sep="/")

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-from crosswrite_jax.config import OptimizerConfig
+from crosswrite_jax.config import SCANNED_LAYERS, OptimizerConfig
 from crosswrite_jax.errors import UserError
 
 TRAIN, FREEZE = "train", "freeze"
@@ -71,8 +71,12 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
 
 
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only, not on norm scales and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only, not on norm scales and biases (also when stacked by model.scan_layers)."""
+    def is_matrix(path: Any, p: Any) -> bool:
+        stacked = f"/{SCANNED_LAYERS}/" in f"/{path_str(path)}/"
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int,

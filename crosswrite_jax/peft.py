@@ -71,10 +71,12 @@ def check_trainable(config: Config, paths: list[str], rule: Callable[[str], bool
     if config.peft.method == "full":
         return
     added = [p for p in paths if re.fullmatch(METHOD_PARAMS.get(config.peft.method, "$^"), p)]
+    # Scanned layers share one module path, so a pattern selects a projection in every layer or in none.
+    example = f"encoder/{'layers' if config.model.scan_layers else 'layer_0'}/self_attention/query"
     if config.peft.method in ("lora", "prompt") and not added:
         raise UserError(f"peft.method '{config.peft.method}' adds no parameter to this model: model.lora_targets "
-                        f"'{config.model.lora_targets}' matches no layer path (e.g. 'encoder/layer_0/self_attention/"
-                        f"query'); fix --config.peft.lora_targets")
+                        f"'{config.model.lora_targets}' matches no layer path (e.g. '{example}'); fix "
+                        f"--config.peft.lora_targets")
     if not any(rule(p) for p in paths):
         raise UserError(f"peft.method '{config.peft.method}' leaves no trainable parameter in this model; pick "
                         f"another method or set --config.peft.train_head=true")

@@ -10,20 +10,24 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from crosswrite_jax.config import SCANNED_LAYERS
 from crosswrite_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis names used by the models:
 #   batch, length (activations); vocab, embed, heads, kv_heads, kv, mlp (parameters, sharded by presets);
-#   norm, relative_buckets, length_table, types (small parameters, always replicated).
+#   norm, relative_buckets, length_table, types (small parameters, always replicated);
+#   layers (model.scan_layers' leading axis of stacked parameters: never sharded, so each scan step reads its layer
+#   without collectives, and the other axes shard as in an unrolled model).
 _BATCH = ("batch", ("data", "fsdp"))
+_LAYERS = (SCANNED_LAYERS, None)
 RULES_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "data_parallel": (_BATCH,),
-    "fsdp": (_BATCH, ("embed", "fsdp")),
-    "tensor_parallel": (_BATCH, ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+    "data_parallel": (_BATCH, _LAYERS),
+    "fsdp": (_BATCH, _LAYERS, ("embed", "fsdp")),
+    "tensor_parallel": (_BATCH, _LAYERS, ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
                         ("mlp", "tensor")),
-    "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+    "fsdp_tp": (_BATCH, _LAYERS, ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
                 ("mlp", "tensor")),
 }
 

@@ -7,6 +7,7 @@ is an error naming the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from crosswrite_jax.config import ModelConfig, read_json_object
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import presets
 from crosswrite_jax.models.layers import head_dim
+from crosswrite_jax.models.transformer import stack_layers, unstack_layers, unstacked_shapes
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -348,7 +350,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def params_from_hf(kind: str, config: ModelConfig, tensors: dict[str, np.ndarray],
                    expected_shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Our parameter tree from HF tensors; every tensor used, every parameter found, every shape checked."""
+    """Our parameter tree from HF tensors; every tensor used, every parameter found, every shape checked.
+
+    With model.scan_layers, the per-layer tensors convert as for the unrolled model and are then stacked."""
+    if config.scan_layers:
+        unrolled = dataclasses.replace(config, scan_layers=False)
+        return stack_layers(params_from_hf(kind, unrolled, tensors, unstacked_shapes(expected_shapes)))
     if kind == "bert":  # BertFor* checkpoints keep the encoder under "bert."
         tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
     rules, layouts = RULES[kind](config), _layouts(config)
@@ -382,7 +389,9 @@ def params_from_hf(kind: str, config: ModelConfig, tensors: dict[str, np.ndarray
 
 
 def params_to_hf(kind: str, config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """HF tensors (float32, contiguous) from our parameter tree."""
+    """HF tensors (float32, contiguous) from our parameter tree (stacked layers are unstacked)."""
+    if config.scan_layers:
+        params, config = unstack_layers(params), dataclasses.replace(config, scan_layers=False)
     rules, layouts = RULES[kind](config), _layouts(config)
     flat = _flatten(params)
     out = {name: np.ascontiguousarray(layouts[layout][1](np.asarray(flat[path], np.float32)))

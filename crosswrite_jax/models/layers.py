@@ -221,7 +221,10 @@ class Dense(nn.Module):
 
 
 def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, alpha: float) -> Array:
-    """The kernel with its adapter folded in: W + (alpha / r) A B, in W's layout."""
+    """The kernel with its adapter folded in: W + (alpha / r) A B, in W's layout; stacked layers (model.scan_layers)
+    layer by layer."""
+    if lora_a.ndim + lora_b.ndim - 2 > kernel.ndim:  # a leading layer axis on all three
+        return jax.vmap(merged_kernel, (0, 0, 0, None))(kernel, lora_a, lora_b, alpha)
     rank = lora_a.shape[-1]
     return kernel + (alpha / rank) * jnp.tensordot(lora_a, lora_b, axes=1)
 

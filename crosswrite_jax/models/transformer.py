@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from crosswrite_jax.config import ModelConfig
+from crosswrite_jax.config import SCANNED_LAYERS, ModelConfig
 from crosswrite_jax.data.tokenizer import PAD_ID  # also the decoder's start token
 from crosswrite_jax.models.layers import (
     ACTIVATIONS,
@@ -22,6 +25,50 @@ from crosswrite_jax.models.layers import (
 
 Array = jax.Array
 LAYER_STACKS = ("encoder", "decoder")  # the top-level names of the layer stacks; no output head uses them
+_LAYER = re.compile(r"layer_(\d+)")
+
+
+def stack_layers(params: dict) -> dict:
+    """An unrolled tree ('<stack>/layer_<i>/...') in model.scan_layers' layout ('<stack>/layers/...', layer i at
+    index i of a new leading axis); numpy leaves stay numpy."""
+    out = dict(params)
+    for name in LAYER_STACKS:
+        if name not in params:
+            continue
+        layers = {int(m.group(1)): v for k, v in params[name].items() if (m := _LAYER.fullmatch(k))}
+        rest = {k: v for k, v in params[name].items() if not _LAYER.fullmatch(k)}
+        if layers:
+            ordered = [layers[i] for i in range(len(layers))]
+            rest[SCANNED_LAYERS] = jax.tree.map(
+                lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs), *ordered)
+        out[name] = rest
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """A scanned tree ('<stack>/layers/...') in the unrolled layout ('<stack>/layer_<i>/...'): stack_layers undone."""
+    out = dict(params)
+    for name in LAYER_STACKS:
+        if SCANNED_LAYERS not in params.get(name, {}):
+            continue
+        stacked = params[name][SCANNED_LAYERS]
+        rest = {k: v for k, v in params[name].items() if k != SCANNED_LAYERS}
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            rest[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        out[name] = rest
+    return out
+
+
+def unstacked_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """param_shapes of a scanned model as its unrolled twin's: '<stack>/layers/p' [L, ...] -> '<stack>/layer_<i>/p'."""
+    out = {}
+    for path, shape in shapes.items():
+        stack, _, rest = path.partition(f"/{SCANNED_LAYERS}/")
+        if stack in LAYER_STACKS and rest:
+            out.update({f"{stack}/layer_{i}/{rest}": shape[1:] for i in range(shape[0])})
+        else:
+            out[path] = shape
+    return out
 
 
 def padding_mask(ids_BS: Array) -> Array:
@@ -60,13 +107,27 @@ REMAT_POLICIES = {
 }
 
 
-def remat_block(policy: str) -> type[nn.Module]:
-    """TransformerBlock, rematerialised under a `model.remat` policy (the class itself for 'none')."""
+class ScannedBlock(TransformerBlock):
+    """TransformerBlock in nn.scan's form: the hidden states are the carry, and nothing is stacked as output."""
+
+    def __call__(self, x: Array, *args) -> tuple[Array, None]:
+        return super().__call__(x, *args), None
+
+
+def remat_block(policy: str, block: type[nn.Module] = TransformerBlock, scanned: bool = False) -> type[nn.Module]:
+    """A block class, rematerialised under a `model.remat` policy (the class itself for 'none')."""
     if policy == "none":
-        return TransformerBlock
+        return block
     # Arguments: self 0, x 1, self_mask 2, encoded 3, cross_mask 4, deterministic 5, decode 6, self_bias 7,
-    # positions 8, causal 9.
-    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(5, 6, 9))
+    # positions 8, causal 9. Inside a scan, XLA cannot merge the recomputation across iterations: no CSE guard.
+    return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(5, 6, 9), prevent_cse=not scanned)
+
+
+def scanned_blocks(config: ModelConfig, num_layers: int, decode: bool) -> type[nn.Module]:
+    """`num_layers` blocks as one nn.scan: parameters (and decoding caches) stacked on a leading 'layers' axis."""
+    block = ScannedBlock if decode else remat_block(config.remat, ScannedBlock, scanned=True)
+    return nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * 8, length=num_layers, metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS})
 
 
 class Stack(nn.Module):
@@ -91,10 +152,14 @@ class Stack(nn.Module):
                 keys = jnp.broadcast_to(jnp.arange(cache_length), (positions_BT.shape[0], cache_length))
             bias = RelativePositionBias(c, bidirectional=not self.causal, name="relative_attention_bias")(
                 positions_BT, keys)
-        block = TransformerBlock if decode else remat_block(c.remat)
-        for i in range(self.num_layers):  # positional arguments: nn.remat marks deterministic, decode, causal static
-            x = block(c, cross_attention=self.cross_attention, name=f"layer_{i}")(
-                x, self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT, mask_is_causal)
+        args = (self_mask, encoded, cross_mask, deterministic, decode, bias, positions_BT, mask_is_causal)
+        if c.scan_layers:  # positional arguments: nn.remat marks deterministic, decode, causal static
+            x, _ = scanned_blocks(c, self.num_layers, decode)(c, cross_attention=self.cross_attention,
+                                                              name=SCANNED_LAYERS)(x, *args)
+        else:
+            block = TransformerBlock if decode else remat_block(c.remat)
+            for i in range(self.num_layers):
+                x = block(c, cross_attention=self.cross_attention, name=f"layer_{i}")(x, *args)
         if c.norm_position == "pre":
             x = Norm(c.norm, c.norm_epsilon, DTYPES[c.dtype], name="final_norm", scale=self.final_norm_scale)(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
