@@ -70,13 +70,39 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def _is_stacked(path: Any) -> bool:
+    """Whether a parameter is one of model.scan_layers' stacked ones (a leading axis over the layers)."""
+    return f"/{SCANNED_LAYERS}/" in f"/{path_str(path)}/"
+
+
 def _decay_mask(params: Any) -> Any:
     """Weight decay on matrices only, not on norm scales and biases (also when stacked by model.scan_layers)."""
-    def is_matrix(path: Any, p: Any) -> bool:
-        stacked = f"/{SCANNED_LAYERS}/" in f"/{path_str(path)}/"
-        return p.ndim - stacked >= 2
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - _is_stacked(path) >= 2, params)
 
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on each layer of stacked parameters by itself (vmapped over their leading axis)."""
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return jax.vmap(inner.update)(updates, state, params)
+
+    return optax.GradientTransformation(jax.vmap(inner.init), update)
+
+
+def _adafactor(config: OptimizerConfig, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    """optax's Adafactor; stacked layers (model.scan_layers) take it layer by layer, as unrolled ones do: its
+    factoring, relative step size and update clipping read each parameter's shape and scale."""
+    def adafactor(mask: Callable[[Any], Any]) -> optax.GradientTransformation:
+        return optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None, weight_decay_mask=mask)
+
+    def group(path: Any, _: Any = None) -> str:  # stacks of different depths are vmapped apart
+        return path_str(path).split("/")[0] if _is_stacked(path) else "flat"
+
+    groups = {group(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]} - {"flat"}
+    if not groups:
+        return adafactor(_decay_mask)
+    within_layer = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)  # noqa: E731 (vmapped: no layer axis)
+    transforms = {"flat": adafactor(_decay_mask), **{g: per_layer(adafactor(within_layer)) for g in groups}}
+    return optax.multi_transform(transforms, lambda tree: jax.tree_util.tree_map_with_path(group, tree))
 
 
 def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int,
@@ -90,8 +116,7 @@ def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int,
     if config.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if config.name == "adafactor":
-        chain.append(optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
-                                     weight_decay_mask=_decay_mask))
+        chain.append(_adafactor(config, schedule, params))
     else:
         chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                                  weight_decay=config.weight_decay, mask=_decay_mask))

@@ -105,12 +105,16 @@ def _step_twice(config, params, batch, mesh):
     return jax.device_get(state.params), losses
 
 
-def test_a_sharded_training_step_equals_unrolled_and_weight_decay_skips_stacked_vectors():
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_sharded_training_steps_equal_unrolled_ones(optimizer):
     # Adam's eps of 1 keeps the update smooth in the gradient, so float noise cannot flip a tiny update's sign; a
-    # weight decay on a stacked norm scale (2-D once stacked) would move it by lr * decay = 5e-3.
+    # weight decay on a stacked norm scale (2-D once stacked) would move it by lr * decay = 5e-3. Adafactor's
+    # relative step and update clipping read each parameter's scale: over all layers at once they would differ.
+    # The frozen embeddings check that the per-layer optimizer keeps to the trainable leaves.
     config = tiny_config(mesh__rules="fsdp_tp", model__dropout_rate=0.0, model__num_decoder_layers=2,
-                         optimizer__eps=1.0, optimizer__weight_decay=0.5, optimizer__learning_rate=1e-2,
-                         optimizer__schedule="constant", optimizer__warmup_steps=0)
+                         optimizer__name=optimizer, optimizer__eps=1.0, optimizer__weight_decay=0.5,
+                         optimizer__learning_rate=1e-2, optimizer__schedule="constant", optimizer__warmup_steps=0,
+                         optimizer__freeze=("embed/.*",) if optimizer == "adafactor" else ())
     scanned = dataclasses.replace(config, model=_scanned(config.model))
     mesh = sharding.make_mesh((2, 2, 2))
     rng = np.random.default_rng(0)
@@ -120,7 +124,8 @@ def test_a_sharded_training_step_equals_unrolled_and_weight_decay_skips_stacked_
     unrolled_params, unrolled_losses = _step_twice(config, params, batch, mesh)
     scanned_params, scanned_losses = _step_twice(scanned, stack_layers(params), batch, mesh)
     np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
-    assert scanned_losses[1] < scanned_losses[0]
+    if optimizer == "adamw":  # (Adafactor's first steps at this learning rate overshoot, unrolled as well)
+        assert scanned_losses[1] < scanned_losses[0]
     _assert_close(scanned_params, stack_layers(unrolled_params))
 
 

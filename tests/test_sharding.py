@@ -45,14 +45,17 @@ def _golden(preset: str, path: str) -> P:
     return table["/".join(path.split("/")[-2:])]
 
 
+@pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("preset", sorted(GOLDEN))
-def test_partition_spec_of_every_parameter(preset):
-    layout = build_layout(tiny_config(mesh__rules=preset), sharding.make_mesh((2, 2, 2)))
+def test_partition_spec_of_every_parameter(preset, scan):
+    """With model.scan_layers, a layer's parameters lead with the stacked 'layers' axis, never sharded."""
+    layout = build_layout(tiny_config(mesh__rules=preset, model__scan_layers=scan), sharding.make_mesh((2, 2, 2)))
     flat = jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]
     specs = {path_str(p): s.spec for p, s in flat}
-    assert sorted(specs) == EXPECTED_PATHS
+    assert sorted(specs) == sorted(p.replace("/layer_0/", "/layers/" if scan else "/layer_0/") for p in EXPECTED_PATHS)
     for path, spec in specs.items():
-        assert spec == _golden(preset, path), path
+        stacked = "/layers/" in path
+        assert spec == (P(None, *_golden(preset, path)) if stacked else _golden(preset, path)), path
 
 
 def test_optimizer_moments_follow_their_parameters():
