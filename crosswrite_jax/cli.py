@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -470,8 +472,23 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if result.get("ok") is False else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `crosswrite` command: `main`, then an exit without the interpreter's native teardown.
+
+    When `main` returns, every checkpoint, metrics file and event writer is closed; the exit handlers still run
+    (jax.distributed's shutdown among them). What is skipped is the destruction of native library state (XLA's
+    thread pools, tensorstore, tokenizers) in whatever order interpreter exit reaches it, which has crashed a run
+    with SIGSEGV after its last checkpoint was written.
+    """
     from crosswrite_jax import supervise
 
     supervise.die_with_parent()  # a watched child of a multi-process run dies with its parent
-    sys.exit(main())
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

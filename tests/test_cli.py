@@ -104,3 +104,28 @@ def test_compilation_cache_default_yields_to_jax_env(monkeypatch, tmp_path):
     folder = compile_cache.default_dir()
     assert folder.parent == tmp_path / "crosswrite_jax" / "xla"
     assert folder.name == compile_cache.host_fingerprint() and len(folder.name) == 12
+
+
+RUN_WITH_HANDLER = ("import atexit, sys\n"
+                    "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+                    "from crosswrite_jax import cli\n"
+                    "sys.argv = ['crosswrite', *sys.argv[1:]]\n"
+                    "cli.run()\n"
+                    "print('not reached')\n")
+
+
+def test_the_command_exits_with_mains_code_after_the_exit_handlers(tmp_path):
+    """`crosswrite` is cli.run: main's exit code, atexit handlers run (jax.distributed's shutdown is one), and
+    nothing after it (the interpreter's native teardown is skipped)."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert scripts["project"]["scripts"]["crosswrite"] == "crosswrite_jax.cli:run"
+    ok = subprocess.run([sys.executable, "-c", RUN_WITH_HANDLER, "keys", "--config", str(QUICKSTART)],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "train.steps = 1000" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    bad = subprocess.run([sys.executable, "-c", RUN_WITH_HANDLER, "keys", "--config", str(tmp_path / "none.py")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "none.py" in bad.stderr and "exit handler ran" in bad.stdout
+    assert "not reached" not in ok.stdout + bad.stdout
