@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from crosswrite_jax import checkpoint, peft
 from crosswrite_jax import workdir as workdir_lib
-from crosswrite_jax.config import Config
+from crosswrite_jax.config import SCANNED_LAYERS, Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import hf
 from crosswrite_jax.models.transformer import param_shapes
@@ -110,7 +110,7 @@ def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...],
     missing = sorted(n for n in flat if n not in saved and n not in excluded)
     if missing:
         raise UserError(f"{step_dir}: {len(missing)} model parameters are not in the checkpoint (first: "
-                        f"{missing[0]}); add patterns for them to train.init_exclude to initialise them fresh")
+                        f"{missing[0]}); {_layout_fix(saved, missing)}")
     for name in sorted(set(flat) - excluded):
         have, want = saved[name][0], tuple(flat[name].shape)
         if have != want:
@@ -119,6 +119,19 @@ def _partial_target(step_dir: Path, abstract: Any, exclude: tuple[str, ...],
     keep = {tuple(k.split("/")): v for k, v in flat.items() if k not in excluded}
     unused = sorted(n for n in saved if n not in flat or n in excluded)
     return traverse_util.unflatten_dict(keep), sorted(excluded), unused
+
+
+def _layout_fix(saved: dict, missing: list[str]) -> str:
+    """How to take the missing parameters: match the checkpoint's layer layout (model.scan_layers), or init fresh."""
+    def layouts(names) -> set[bool]:  # True: scanned layers, False: unrolled ones
+        return {f"/{SCANNED_LAYERS}/" in n for n in names if f"/{SCANNED_LAYERS}/" in n or re.search(r"/layer_\d+/", n)}
+
+    theirs, ours = layouts(saved), layouts(missing)
+    if len(theirs) == 1 and ours and theirs.isdisjoint(ours):
+        scanned = theirs.pop()
+        return (f"its layers are {'scanned' if scanned else 'unrolled'}: set "
+                f"--config.model.scan_layers={str(scanned).lower()} to match")
+    return "add patterns for them to train.init_exclude to initialise them fresh"
 
 
 def _merge_fresh(config: Config, layout: StateLayout, loaded: Any) -> Any:

@@ -215,3 +215,21 @@ def test_hf_import_into_scanned_layers_matches_transformers_and_exports_the_same
     assert sorted(exported) == sorted(reference)
     for name_, value in reference.items():
         np.testing.assert_array_equal(exported[name_], value, err_msg=name_)
+
+
+def test_init_from_a_hugging_face_directory_into_scanned_layers_and_a_layout_mismatch_says_the_fix(tmp_path):
+    from test_hf import HF_MODELS, _import, _randomize
+
+    from crosswrite_jax.config import Config, MeshConfig
+    from crosswrite_jax.initialize import params_from
+    from crosswrite_jax.interop import import_hf
+
+    _randomize(HF_MODELS["llama-gqa"]()).save_pretrained(tmp_path / "hf")
+    _, model_config, unrolled = _import(tmp_path / "hf")
+    config = Config(task="causal_lm", model=_scanned(model_config), mesh=MeshConfig(shape=(1, 1, 1)))
+    layout = build_layout(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    params = jax.device_get(params_from(str(tmp_path / "hf"), config, layout, None))
+    _assert_close(params, stack_layers(unrolled), 0)
+    import_hf(tmp_path / "hf", tmp_path / "run")  # a run directory with unrolled layers
+    with pytest.raises(UserError, match=r"its layers are unrolled: set --config.model.scan_layers=false to match"):
+        params_from(str(tmp_path / "run"), config, layout, None)
