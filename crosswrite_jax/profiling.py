@@ -1,12 +1,15 @@
-"""A jax.profiler trace of a few steady-state training steps, for TensorBoard's profile tab."""
+"""A jax.profiler trace of a few steady-state training steps, for TensorBoard's profile tab; counts of the XLA
+programs a run compiles."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
+from jax import monitoring
 
 log = logging.getLogger("crosswrite")
 
@@ -38,3 +41,46 @@ class StepProfiler:
             self.active = False
             log.info("profile of steps %d-%d written to %s (tensorboard --logdir %s)", self.first + 1,
                      self.last + 1, self.directory, self.directory)
+
+
+# jax._src.dispatch.BACKEND_COMPILE_EVENT: one XLA compilation (or persistent-cache load) of one program
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_compiles = {"programs": 0, "seconds": 0.0, "cache_hits": 0}  # process-wide, since the listeners were registered
+_lock = threading.Lock()
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_: Any) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+        with _lock:
+            _compiles["programs"] += 1
+            _compiles["seconds"] += duration
+
+
+def _on_event(event: str, **_: Any) -> None:
+    if event == CACHE_HIT_EVENT:
+        with _lock:
+            _compiles["cache_hits"] += 1
+
+
+class CompileCounter:
+    """The XLA programs this process compiled (or loaded from the persistent compilation cache) since the counter
+    was made, and the seconds that took, from jax.monitoring's compilation events."""
+
+    def __init__(self) -> None:
+        global _listening
+        with _lock:
+            if not _listening:  # once per process: JAX keeps listeners for good
+                monitoring.register_event_duration_secs_listener(_on_duration)
+                monitoring.register_event_listener(_on_event)
+                _listening = True
+            self.start = dict(_compiles)
+
+    def counts(self) -> dict[str, Any]:
+        """compiled_programs, compile_seconds and compile_cache_hits since the counter was made."""
+        with _lock:
+            now = dict(_compiles)
+        return {"compiled_programs": now["programs"] - self.start["programs"],
+                "compile_seconds": round(now["seconds"] - self.start["seconds"], 2),
+                "compile_cache_hits": now["cache_hits"] - self.start["cache_hits"]}

@@ -25,7 +25,7 @@ from crosswrite_jax.initialize import params_from
 from crosswrite_jax.losses import SUMS, summarize
 from crosswrite_jax.models.transformer import PAD_ID
 from crosswrite_jax.preflight import check_params
-from crosswrite_jax.profiling import StepProfiler
+from crosswrite_jax.profiling import CompileCounter, StepProfiler
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import TrainState
 from crosswrite_jax.tasks import Task, check_config
@@ -42,7 +42,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
     `on_validation(step, metrics)` sees each validation after the first step; when it returns True the run stops
     there with a checkpoint (a sweep's pruner), and the result holds `pruned_at`.
     """
-    started = time.perf_counter()
+    started, compiles = time.perf_counter(), CompileCounter()
     new_directory = not Path(workdir).exists()
     try:  # every check and every input read before config.json is written
         run, trainer = _prepare(config, workdir)
@@ -67,7 +67,10 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
         summary = {"trainable_parameters": report["trainable"], "total_parameters": report["total"],
                    "trainable_percent": round(100 * report["trainable"] / report["total"], 3),
                    "optimizer_state_bytes": report["optimizer_state_bytes"], **loop.best.summary(),
-                   "seconds": round(time.perf_counter() - started, 1)}
+                   "seconds": round(time.perf_counter() - started, 1), **compiles.counts()}
+        if jax.process_index() == 0:
+            log.info("compiled %d programs in %.1f s (%d of them loaded from the compilation cache)",
+                     summary["compiled_programs"], summary["compile_seconds"], summary["compile_cache_hits"])
         loop.writer.write(int(jax.device_get(loop.state.step)), "summary", summary)  # this invocation: wall time, sizes
         loop.writer.close()
     if loop.preemption.interrupted:  # Ctrl-C: saved; the command exits 130 as an interrupted one does

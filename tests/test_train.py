@@ -1,5 +1,7 @@
 """The sharded train step: same numbers on any mesh; freezing keeps values and holds no moments."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -90,14 +92,18 @@ def test_freeze_pattern_matching_nothing_is_an_error():
         Trainer.build(tiny_config(optimizer__freeze=("encodr/.*",)), sharding.make_mesh((-1, 1, 1)))
 
 
-def test_training_logs_model_flops(tmp_path):
+def test_training_logs_model_flops_and_its_compiles(tmp_path, caplog):
     from crosswrite_jax import flops
     from crosswrite_jax.reporting import read_metrics
     from crosswrite_jax.train import train
 
     config = tiny_config(train__steps=4, train__log_every=2, data__packing=True, data__max_source_length=32,
                          data__max_target_length=32)
-    train(config, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="crosswrite"):
+        train(config, tmp_path / "run")
+    summary, = [r for r in read_metrics(tmp_path / "run") if r["split"] == "summary"]
+    assert summary["compiled_programs"] > 1 and summary["compile_seconds"] > 0  # init and the train step at least
+    assert f"compiled {summary['compiled_programs']} programs in {summary['compile_seconds']:.1f} s" in caplog.text
     records = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert len(records) == 2
     batch = {"inputs": np.zeros((16, 32), np.int32), "targets": np.zeros((16, 32), np.int32)}  # one packed shape
