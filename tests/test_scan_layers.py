@@ -233,3 +233,19 @@ def test_init_from_a_hugging_face_directory_into_scanned_layers_and_a_layout_mis
     import_hf(tmp_path / "hf", tmp_path / "run")  # a run directory with unrolled layers
     with pytest.raises(UserError, match=r"its layers are unrolled: set --config.model.scan_layers=false to match"):
         params_from(str(tmp_path / "run"), config, layout, None)
+
+
+@pytest.mark.slow
+def test_compile_check_of_a_scanned_model_bounds_the_step_by_model_flops():
+    """XLA's cost analysis counts a scanned layer once, so the step-time bound rests on the model's FLOPs."""
+    pytest.importorskip("libtpu", reason="compile-check needs libtpu: pip install -e '.[tpu-compile]'")
+    from crosswrite_jax import compile_check as cc
+
+    config = tiny_config(mesh__shape=(1, -1, 1), model__num_encoder_layers=4, model__num_decoder_layers=4,
+                         model__scan_layers=True, model__remat="full")
+    report = cc.compile_check(config, "v5e:2x2")
+    assert report.fits and report.scanned_layers
+    assert report.chips * report.compiled_flops_per_chip < report.model_flops_per_step  # the undercount
+    peak = cc.parse_topology("v5e:2x2").chip.peak_flops
+    assert report.step_time_lower_bound_s >= report.model_flops_per_step / (report.chips * peak)
+    assert "scanned layers, which XLA counts once" in cc.format_report(report)
