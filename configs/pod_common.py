@@ -10,6 +10,9 @@ from crosswrite_jax.config import CheckpointConfig, DataConfig, OptimizerConfig,
 TFDS_DIR = "gs://YOUR_BUCKET/tensorflow_datasets"
 C4_TRAIN = f"tfds:c4/en:3.1.0?split=train&field=text&data_dir={TFDS_DIR}"
 C4_VALIDATION = f"tfds:c4/en:3.1.0?split=validation&field=text&data_dir={TFDS_DIR}"
+# Every pod model scans its layers (model.scan_layers): XLA compiles one layer instead of 12-48, so compile time and
+# program size stay flat with depth (benchmarks/scan_compile.py). No recipe here needs per-layer parameter names.
+SCAN_LAYERS = True
 
 
 def data(tokenizer_model: str, inputs_length: int, targets_length: int) -> DataConfig:

@@ -24,7 +24,7 @@ def get_config() -> Config:
         task="span_corruption",
         model=t5("1.1", vocab_size=32128, d_model=2048, num_heads=32, head_dim=64, d_ff=5120,
                  num_encoder_layers=24, num_decoder_layers=24, max_length=512, dropout_rate=0.0,
-                 tie_output_embedding=False, dtype="bfloat16"),
+                 tie_output_embedding=False, dtype="bfloat16", scan_layers=common.SCAN_LAYERS),
         data=common.data("unigram", inputs_length=512, targets_length=114),
         optimizer=common.adafactor(learning_rate=1e-2, warmup_steps=10_000),
         train=common.train(steps=524_288, batch_size=256),

@@ -25,7 +25,7 @@ def test_pod_recipe_loads_with_its_size_class(name):
     size, task, topology = RECIPES[name]
     path = ROOT / "configs" / f"{name}.py"
     config = config_lib.load(path)
-    assert config.task == task and config.model.dtype == "bfloat16"
+    assert config.task == task and config.model.dtype == "bfloat16" and config.model.scan_layers
     assert config.data.sources and all(s.startswith("tfds:c4/en:3.1.0?split=train") for s in config.data.sources)
     parameters = sum(math.prod(s) for s in param_shapes(config.model).values())
     assert abs(parameters - size) / size < 0.10, f"{name}: {parameters:,}"
