@@ -8,7 +8,9 @@ Run (creates the TPU, installs this checkout's commit on every worker, trains on
 process 0's log; --delete removes the TPU afterwards):
     launch/tpu_pod.sh --name t5-xl --zone us-central2-b --accelerator v4-128 \
         --config configs/t5_xl_pod.py --workdir gs://YOUR_BUCKET/runs/t5_xl --delete
-Check that it fits first (no TPU needed; not measured yet: the compile needs more than 22 GB of host memory):
+Check that it fits first (no TPU needed; measured with scanned layers: 20.66 of 32 GiB per chip (temporaries
+20.28 GiB), compiled in 173 s with 4.4 GB of host memory; unrolled, the compile needed more than 22 GB and was
+never measured):
     crosswrite compile-check --config configs/t5_xl_pod.py --topology v4-128
 """
 
