@@ -47,7 +47,8 @@ def training_batches(run: workdir_lib.Run, task: Task) -> grain.IterDataset:
             config.task, run.read_examples(d.train_split, d.max_train_examples), run.tokenizer, d.labels,
             global_batch_size=config.train.batch_size, max_length=d.max_source_length,
             bucket_lengths=d.bucket_lengths, seed=config.train.seed, length_grouping_window=d.length_grouping_window,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(), packing=d.packing,
+            max_segments=d.max_segments_per_row)
         return data.to_iter_dataset(options)
     if not task.pretraining:
         data = make_dataset(run.read_split(config.data.train_split, config.data.max_train_examples), run.tokenizer,

@@ -100,6 +100,9 @@ class DataConfig:
     max_source_length: int = 64  # with packing: the packed row length
     max_target_length: int = 64
     packing: bool = False  # several pairs per row (train.batch_size then counts rows); one compiled shape
+    # Packed classification / tagging: the most examples one row holds (a classifier's outputs per row); 0: half
+    # the row length, which binds only on one-token examples
+    max_segments_per_row: int = 0
     bucket_lengths: tuple[int, ...] = (16, 32, 48, 64)  # without packing: batches pad to the smallest that fits
     length_grouping_window: int = 16  # batches sorted together by length; 1 disables grouping
     tokenizer: str = ""  # existing tokenizer directory; empty: train one on the training text
@@ -493,6 +496,9 @@ def _check_data(config: Config) -> None:
                                         or min(config.data.mixture_weights) <= 0):
         raise UserError(f"config key 'data.mixture_weights' needs one positive weight per data.sources entry "
                         f"({len(config.data.sources)}), got {config.data.mixture_weights}")
+    if not 0 <= config.data.max_segments_per_row <= config.data.max_source_length:
+        raise UserError(f"config key 'data.max_segments_per_row' must be in [0, data.max_source_length="
+                        f"{config.data.max_source_length}] (0: half the row), got {config.data.max_segments_per_row}")
     _check_prompt_template(config.data.prompt_template)
 
 

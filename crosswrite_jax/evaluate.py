@@ -304,11 +304,12 @@ class LabeledSplit:
         d = run.config.data
         examples = run.read_examples(split, max_examples)
         batches = labeled.eval_batches(run.config.task, examples, run.tokenizer, d.labels, batch_size=batch_size,
-                                       max_length=d.max_source_length, bucket_lengths=d.bucket_lengths)
+                                       max_length=d.max_source_length, bucket_lengths=d.bucket_lengths,
+                                       packing=d.packing, max_segments=d.max_segments_per_row)
         return cls(examples, batches)
 
 
-MODEL_KEYS = ("inputs", "labels", "tags")
+MODEL_KEYS = ("inputs", "labels", "tags", "inputs_segments", "inputs_positions")
 
 
 def score_labeled(split: LabeledSplit, task: Task, labels: tuple[str, ...], mesh: Mesh, eval_step,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -306,6 +307,10 @@ class _Rows:
         self.values = {key: np.fromiter((v for r in rows for v in r), dtype=np.int32, count=int(self.offsets[-1]))
                        for key, rows in fields.items()}
 
+    def view(self, key: str, width: int) -> types.SimpleNamespace:
+        """Field `key` as `pipeline.pack` reads rows: ids, lengths, offsets and the packed row width."""
+        return types.SimpleNamespace(ids=self.values[key], lengths=self.lengths, offsets=self.offsets, width=width)
+
     def pad(self, key: str, indices: np.ndarray, width: int, fill: int) -> np.ndarray:
         """Rows `indices` of field `key` (-1: an all-fill row) as an int32 [len(indices), width] array."""
         out = np.full((len(indices), width), fill, dtype=np.int32)
@@ -371,20 +376,81 @@ class _TaskBatches(pipeline.LengthGroupedBatches):
         return batch
 
 
+def segments_per_row(max_segments: int, row_length: int) -> int:
+    """The most examples a packed row holds: data.max_segments_per_row, or (0) half the row length."""
+    return max_segments or max(1, row_length // 2)
+
+
+def _per_segment(rows: list[list[int]], values: np.ndarray, max_segments: int) -> np.ndarray:
+    """[len(rows), max_segments] int32: values[i] of each example i a row packs, in its order; -1 elsewhere."""
+    out = np.full((len(rows), max_segments), IGNORE, np.int32)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = values[row]
+    return out
+
+
+def _packed_batch(encoded: _Rows, label_ids: np.ndarray | None, rows: list[list[int]], width: int,
+                  max_segments: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows of `width` tokens that each hold the examples listed: ``inputs``, ``inputs_segments``,
+    ``inputs_positions`` and ``labels`` [b, max_segments] (one per segment) or ``tags`` [b, width]."""
+    inputs, segments, positions = pipeline.pack(encoded.view("inputs", width), rows, pad_id)
+    batch = {"inputs": inputs, "inputs_segments": segments, "inputs_positions": positions}
+    if label_ids is not None:
+        batch["labels"] = _per_segment(rows, label_ids, max_segments)
+    else:
+        batch["tags"] = pipeline.pack(encoded.view("tags", width), rows, IGNORE)[0]
+    return batch
+
+
+class _PackedTaskBatches(pipeline._PackedBatches):
+    """Packed labeled rows (the plan of packed translation batches, at most `max_segments` examples a row)."""
+
+    def __init__(self, encoded: _Rows, label_ids: np.ndarray | None, width: int, **kwargs) -> None:
+        shape = encoded.view("inputs", width)
+        super().__init__(shape, shape, **kwargs)
+        self.encoded, self.label_ids, self.width = encoded, label_ids, width
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        return _packed_batch(self.encoded, self.label_ids, self.local_rows(step), self.width, self.max_segments,
+                             self.pad_id)
+
+
+def _packed_eval_batches(encoded: _Rows, label_ids: np.ndarray | None, *, batch_size: int, width: int,
+                         max_segments: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """In-order packed batches of every example (filler rows empty), with ``example_index`` [b, max_segments]
+    and, for tagging, ``word_index`` [b, width]."""
+    count = len(encoded.lengths)
+    packed = pipeline._pack_rows(np.arange(count), encoded.lengths, encoded.lengths, width, width, open_rows=1,
+                                 max_segments=max_segments)
+    batches = []
+    for start in range(0, len(packed), batch_size):
+        rows = packed[start:start + batch_size]
+        rows += [[] for _ in range(batch_size - len(rows))]
+        batch = _packed_batch(encoded, label_ids, rows, width, max_segments, pad_id)
+        batch["example_index"] = _per_segment(rows, np.arange(count, dtype=np.int32), max_segments)
+        if label_ids is None:
+            batch["word_index"] = pipeline.pack(encoded.view("word_index", width), rows, IGNORE)[0]
+        batches.append(batch)
+    return batches
+
+
 def _seq2seq_pairs(examples: Sequence) -> list[tuple[str, str]]:
     return [(source, reference) for source, references in examples for reference in references]
 
 
 def train_dataset(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *,
                   global_batch_size: int, max_length: int, bucket_lengths: Sequence[int], seed: int,
-                  length_grouping_window: int = 16, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+                  length_grouping_window: int = 16, process_index: int = 0, process_count: int = 1,
+                  packing: bool = False, max_segments: int = 0) -> grain.MapDataset:
     """Endless random-access dataset: element k is this process's rows of global training batch k.
 
     classification: ``inputs`` int32 [b, W], ``labels`` int32 [b]. tagging: ``inputs`` and ``tags`` int32 [b, W], the
     tag id at the first subword of each word and -1 elsewhere (other subwords, special tokens, padding).
-    W is the smallest bucket length that fits the global batch's longest row. translation / summarization: the
-    pipeline's ``inputs`` / ``targets`` batches, one pair per reference, both sides cut to max_length.
+    W is the smallest bucket length that fits the global batch's longest row. With `packing`, b rows of W =
+    max_length tokens each hold up to segments_per_row(max_segments, W) examples (cut as unpacked ones are):
+    ``inputs_segments`` and ``inputs_positions`` [b, W] as well, and ``labels`` [b, K], one per segment.
+    translation / summarization: the pipeline's ``inputs`` / ``targets`` batches, one pair per reference, both
+    sides cut to max_length.
     """
     task = _task(task)
     if task.generates:
@@ -395,10 +461,18 @@ def train_dataset(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: S
                                       process_count=process_count)
     buckets = pipeline.check_batching(bucket_lengths, global_batch_size, length_grouping_window, process_index,
                                       process_count)
+    rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
+    if packing:
+        batches = _PackedTaskBatches(rows, label_ids, max_length, global_rows=global_batch_size, seed=seed,
+                                     process_index=process_index, process_count=process_count,
+                                     pad_id=tokenizer.pad_id, max_segments=segments_per_row(max_segments, max_length))
+        if not batches._plan(0):
+            raise UserError(f"{len(examples)} training examples pack into fewer rows than one batch of "
+                            f"{global_batch_size}; lower train.batch_size or use a larger split")
+        return grain.MapDataset.range(sys.maxsize).map(batches)
     if len(examples) < global_batch_size:
         raise UserError(f"only {len(examples)} training examples, fewer than one batch of {global_batch_size}; "
                         f"lower train.batch_size or use a larger split")
-    rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
     batches = _TaskBatches(rows, label_ids, global_batch_size=global_batch_size, buckets=buckets, seed=seed,
                            window=length_grouping_window, process_index=process_index, process_count=process_count,
                            pad_id=tokenizer.pad_id)
@@ -406,11 +480,13 @@ def train_dataset(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: S
 
 
 def eval_batches(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Sequence[str], *, batch_size: int,
-                 max_length: int, bucket_lengths: Sequence[int]) -> list[dict[str, np.ndarray]]:
+                 max_length: int, bucket_lengths: Sequence[int], packing: bool = False,
+                 max_segments: int = 0) -> list[dict[str, np.ndarray]]:
     """In-order batches of every example, `batch_size` rows each; `example_index` int32 [b] is -1 on filler rows.
 
     Keys as in training (filler rows: pad ids, labels/tags -1); tagging adds ``word_index`` int32 [b, W]: the
-    word's position at its first subword, -1 elsewhere. translation / summarization: the pipeline's eval batches
+    word's position at its first subword, -1 elsewhere. With `packing`, rows are packed in order as in training
+    and `example_index` is [b, K], one per segment. translation / summarization: the pipeline's eval batches
     (``inputs``, ``targets`` from the first reference, ``example_index``).
     """
     task = _task(task)
@@ -422,6 +498,9 @@ def eval_batches(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Se
     if batch_size <= 0:
         raise UserError(f"config key 'eval.batch_size' must be positive, got {batch_size}")
     rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
+    if packing:
+        return _packed_eval_batches(rows, label_ids, batch_size=batch_size, width=max_length,
+                                    max_segments=segments_per_row(max_segments, max_length), pad_id=tokenizer.pad_id)
     batches = []
     for start in range(0, len(examples), batch_size):
         index = np.arange(start, start + batch_size, dtype=np.int32)

@@ -176,15 +176,16 @@ def padding_fraction(ds: grain.MapDataset, num_batches: int, pad_id: int = PAD_I
 
 
 def _pack_rows(order: np.ndarray, source_lengths: np.ndarray, target_lengths: np.ndarray, source_width: int,
-               target_width: int, open_rows: int = 8) -> list[list[int]]:
-    """Groups examples into rows whose summed lengths fit both widths (first fit over a few open rows)."""
+               target_width: int, open_rows: int = 8, max_segments: int = 0) -> list[list[int]]:
+    """Groups examples into rows whose summed lengths fit both widths (first fit over a few open rows), at most
+    `max_segments` examples a row (0: no limit)."""
     rows: list[list[int]] = []
     current: list[list[int]] = []  # open rows, oldest first
     room: list[list[int]] = []  # [source room, target room] of each open row
     for i in order:
         s, t = int(source_lengths[i]), int(target_lengths[i])
         for row, free in zip(current, room):
-            if s <= free[0] and t <= free[1]:
+            if s <= free[0] and t <= free[1] and not 0 < max_segments <= len(row):
                 row.append(int(i))
                 free[0] -= s
                 free[1] -= t
@@ -202,9 +203,10 @@ class _PackedBatches:
     """Maps a step k to the process-local rows of packed global batch k (epoch plans cached)."""
 
     def __init__(self, sources: _Packed, targets: _Packed, *, global_rows: int, seed: int, process_index: int,
-                 process_count: int, pad_id: int, packing: bool = True) -> None:
+                 process_count: int, pad_id: int, packing: bool = True, max_segments: int = 0) -> None:
         self.sources, self.targets, self.rows, self.seed, self.pad_id = sources, targets, global_rows, seed, pad_id
         self.packing = packing  # False: one example per row
+        self.max_segments = max_segments  # > 0: at most this many examples a row
         self.local = global_rows // process_count
         self.start = process_index * self.local
         self._plans: list[list[list[list[int]]]] = []  # per epoch, per batch, per row: example indices
@@ -215,7 +217,8 @@ class _PackedBatches:
             rng = np.random.default_rng([e, self.seed & (2**64 - 1), 1])
             order = rng.permutation(len(self.sources.lengths))
             rows = (_pack_rows(order, self.sources.lengths, self.targets.lengths, self.sources.width,
-                               self.targets.width) if self.packing else [[int(i)] for i in order])
+                               self.targets.width, max_segments=self.max_segments)
+                    if self.packing else [[int(i)] for i in order])
             rows = [rows[j] for j in rng.permutation(len(rows))]
             usable = len(rows) // self.rows * self.rows
             self._plans.append([rows[j:j + self.rows] for j in range(0, usable, self.rows)])

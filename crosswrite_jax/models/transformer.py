@@ -87,6 +87,21 @@ def segment_mask(query_segments_BT: Array, key_segments_BS: Array) -> Array:
     return same & (key_segments_BS != 0)[:, None, None, :]
 
 
+def segment_states(hidden_BSD: Array, segments_BS: Array, count: int, how: str) -> Array:
+    """[B, count, D]: the first ('first') or last ('last') token's state, or the mean state ('mean'), of each packed
+    segment 1..count of every row; rows of absent segments hold no meaning."""
+    member_BKS = segments_BS[:, None, :] == jnp.arange(1, count + 1)[None, :, None]
+    if how == "mean":
+        weights = member_BKS.astype(hidden_BSD.dtype)
+        total = jnp.einsum("bks,bsd->bkd", weights, hidden_BSD, precision=jax.lax.Precision.HIGHEST)
+        return total / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+    if how == "first":
+        index_BK = jnp.argmax(member_BKS, axis=-1)
+    else:
+        index_BK = segments_BS.shape[1] - 1 - jnp.argmax(member_BKS[..., ::-1], axis=-1)
+    return jnp.take_along_axis(hidden_BSD, index_BK[..., None], axis=1)
+
+
 def shift_right(targets_BT: Array, positions_BT: Array | None = None) -> Array:
     """Decoder inputs: targets moved one step right behind the start token (at every packed example's start)."""
     shifted = jnp.pad(targets_BT, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
@@ -355,10 +370,14 @@ class Encoder(nn.Module):
         logits = self.embedder.tokens.attend(h) + self.mlm_bias.astype(h.dtype)
         return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
 
-    def pooled(self, hidden_BSD: Array, inputs_BS: Array) -> Array:
+    def pooled(self, hidden_BSD: Array, inputs_BS: Array, segments_BS: Array | None = None,
+               max_segments: int = 0) -> Array:
         """tanh(dense(h)) of the first token's state (BERT) or, with `model.pooling=mean`, of the mean state over
-        the non-pad tokens (an encoder trained without a [CLS] token, such as T5's)."""
-        if self.config.pooling == "mean":
+        the non-pad tokens (an encoder trained without a [CLS] token, such as T5's); with `max_segments`, of each
+        packed segment's: [B, max_segments, D]."""
+        if max_segments:
+            h = segment_states(hidden_BSD, segments_BS, max_segments, self.config.pooling)
+        elif self.config.pooling == "mean":
             real = (inputs_BS != PAD_ID)[..., None].astype(hidden_BSD.dtype)
             h = jnp.sum(hidden_BSD * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
         else:
@@ -367,9 +386,10 @@ class Encoder(nn.Module):
 
     def __call__(self, inputs: Array, deterministic: bool = True, token_types: Array | None = None,
                  inputs_segments: Array | None = None, inputs_positions: Array | None = None,
-                 predict_positions: Array | None = None, return_hidden: bool = False) -> Array:
+                 predict_positions: Array | None = None, return_hidden: bool = False, max_segments: int = 0) -> Array:
         """`predict_positions` [B, K] (MLM head): logits [B, K, V] at these positions only; `return_hidden`
-        (MLM head): the states [B, K or S, D] the head would read, for `logits` to project in chunks."""
+        (MLM head): the states [B, K or S, D] the head would read, for `logits` to project in chunks;
+        `max_segments` (classification head, packed rows): logits [B, max_segments, L], one per segment."""
         c = self.config
         positions = default_positions(inputs) if inputs_positions is None else inputs_positions
         mask = padding_mask(inputs) if inputs_segments is None else segment_mask(inputs_segments, inputs_segments)
@@ -380,7 +400,8 @@ class Encoder(nn.Module):
                 hidden = jnp.take_along_axis(hidden, predict_positions[..., None], axis=1)
             return hidden if return_hidden else self.logits(hidden)
         if c.head == "classification":
-            pooled = self.dropout(self.pooled(hidden, inputs), deterministic=deterministic)
+            pooled = self.pooled(hidden, inputs, inputs_segments, max_segments)
+            pooled = self.dropout(pooled, deterministic=deterministic)
             return self.classifier(pooled).astype(jnp.float32)
         if c.head == "token_classification":
             return self.classifier(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
@@ -411,12 +432,13 @@ class Decoder(nn.Module):
     def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
                  inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
                  cache_length: int = 0, padding: Array | None = None, inputs_prefix: Array | None = None,
-                 return_hidden: bool = False) -> Array:
+                 return_hidden: bool = False, max_segments: int = 0) -> Array:
         """Next-token logits (final states [B, T, D] with `return_hidden`); `padding` [B, T] (True at real
         tokens) masks left or right padding in the keys.
 
         `inputs_prefix` [B, T] (non-zero on each example's prefix) makes attention to prefix keys
-        bidirectional: a prefix LM.
+        bidirectional: a prefix LM. `max_segments` (classification head, packed rows): class logits
+        [B, max_segments, L] from each segment's last token.
 
         With `decode`, the T tokens fill the cache from slot `position` on (T > 1: a prompt's prefill), each
         attending to the slots up to its own, and `padding` and `inputs_prefix` cover the cache's slots
@@ -444,13 +466,18 @@ class Decoder(nn.Module):
         y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
                          cache_length=cache_length or inputs.shape[1], mask_is_causal=inputs_prefix is None)
         if self.config.head == "classification":
-            return self.classified(y, inputs, deterministic)
+            return self.classified(y, inputs, deterministic, inputs_segments, max_segments)
         return y if return_hidden else self.logits(y)
 
-    def classified(self, hidden_BTD: Array, inputs_BT: Array, deterministic: bool) -> Array:
-        """Class logits [B, L] from each row's last non-PAD token (right-padded rows, as labeled batches are)."""
-        last = jnp.maximum(jnp.sum(inputs_BT != PAD_ID, axis=1) - 1, 0)
-        pooled = jnp.take_along_axis(hidden_BTD, last[:, None, None], axis=1)[:, 0]
+    def classified(self, hidden_BTD: Array, inputs_BT: Array, deterministic: bool, segments_BT: Array | None = None,
+                   max_segments: int = 0) -> Array:
+        """Class logits [B, L] from each row's last non-PAD token (right-padded rows, as labeled batches are); with
+        `max_segments`, [B, max_segments, L] from each packed segment's last token."""
+        if max_segments:
+            pooled = segment_states(hidden_BTD, segments_BT, max_segments, "last")
+        else:
+            last = jnp.maximum(jnp.sum(inputs_BT != PAD_ID, axis=1) - 1, 0)
+            pooled = jnp.take_along_axis(hidden_BTD, last[:, None, None], axis=1)[:, 0]
         return self.classifier(self.dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
 
     def logits(self, hidden_BTD: Array) -> Array:

@@ -17,10 +17,11 @@ class Classification(LabelingTask):
     def predicted_labels(self, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
                          examples: Sequence, labels: Sequence[str]) -> list:
         out: list = [None] * len(examples)
-        for batch, ids in zip(batches, predictions):
-            for row, index in enumerate(batch["example_index"]):
-                if index >= 0:
-                    out[index] = labels[int(ids[row])]
+        for batch, ids in zip(batches, predictions):  # a label per row [b], or per packed segment [b, K]
+            index = np.asarray(batch["example_index"])
+            for i, label_id in zip(index.ravel().tolist(), np.asarray(ids)[:len(index)].ravel().tolist()):
+                if i >= 0:
+                    out[i] = labels[label_id]
         return out
 
     def scores(self, predicted: list, examples: Sequence) -> dict[str, Any]:

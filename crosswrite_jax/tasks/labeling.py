@@ -1,7 +1,9 @@
 """The base of classification and tagging: an encoder with a label head, scored on its argmax predictions.
 
 Batches (crosswrite_jax/data/labeled.py): `inputs` [B, S] with `labels` [B] (classification) or `tags`
-[B, S] (tagging: the label id at each word's first subword, -1 elsewhere); -1 marks what carries no loss.
+[B, S] (tagging: the label id at each word's first subword, -1 elsewhere); -1 marks what carries no loss. Packed
+rows (data.packing) add `inputs_segments` and `inputs_positions` [B, S], and classification's `labels` are then
+[B, K]: one per segment of the row.
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ import numpy as np
 from crosswrite_jax.tasks.base import Task
 
 
-def _labeled(key: str):
+def packed_inputs(batch: dict, per_segment_key: str = "") -> dict[str, Any]:
+    """The model's keyword arguments for packed rows (none for unpacked ones): segment ids, positions and, when
+    `batch[per_segment_key]` holds a label per segment ([B, K]), the K outputs per row to make."""
+    if "inputs_segments" not in batch:
+        return {}
+    extra = {"inputs_segments": batch["inputs_segments"], "inputs_positions": batch["inputs_positions"]}
+    if per_segment_key:
+        extra["max_segments"] = batch[per_segment_key].shape[1]
+    return extra
+
+
+def _labeled(key: str, per_segment: bool):
     def forward(model, variables, batch, deterministic, rngs):
-        logits = model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs)
+        logits = model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                             **packed_inputs(batch, key if per_segment else ""))
         gold = batch[key]
         return logits, jnp.maximum(gold, 0), (gold >= 0).astype(jnp.float32)
 
     return forward
 
 
-classify = _labeled("labels")
-tag = _labeled("tags")
+classify = _labeled("labels", per_segment=True)
+tag = _labeled("tags", per_segment=False)
 
 
 def make_predict_step(model, task=None) -> Callable[[Any, dict], jax.Array]:

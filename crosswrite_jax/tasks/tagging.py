@@ -40,26 +40,34 @@ def word_tags(predicted_ids: np.ndarray, batch: dict[str, np.ndarray], examples:
               labels: Sequence[str]) -> dict[int, list[str]]:
     """Example index -> the predicted tag of each of its words, read at each word's first subword.
 
-    `predicted_ids` [b, W] are label ids for a tagging eval batch. Words cut off by truncation or with no subword
-    get "O".
+    `predicted_ids` [b, W] are label ids for a tagging eval batch (packed or not). Words cut off by truncation or
+    with no subword get "O".
     """
     predicted = np.asarray(predicted_ids)
     word_index = batch["word_index"]
     if predicted.ndim != 2 or predicted.shape[0] < word_index.shape[0] or predicted.shape[1] < word_index.shape[1]:
         raise ValueError(f"predicted ids have shape {predicted.shape}, the batch's word_index {word_index.shape}")
     predicted = predicted[:word_index.shape[0], :word_index.shape[1]]
-    out: dict[int, list[str]] = {}
-    for r, example in enumerate(batch["example_index"].tolist()):
-        if example < 0:
-            continue
-        tags = [OUTSIDE] * len(examples[example][0])
-        positions = np.flatnonzero(word_index[r] >= 0)
-        for w, label_id in zip(word_index[r, positions].tolist(), predicted[r, positions].tolist()):
-            if not 0 <= label_id < len(labels):
-                raise ValueError(f"predicted label id {label_id} is outside the {len(labels)} labels")
-            tags[w] = labels[label_id]
-        out[example] = tags
+    example_of_token = token_examples(batch)
+    out = {int(e): [OUTSIDE] * len(examples[e][0]) for e in np.unique(example_of_token) if e >= 0}
+    at = np.flatnonzero((word_index >= 0) & (example_of_token >= 0))
+    for e, w, label_id in zip(example_of_token.flat[at].tolist(), word_index.flat[at].tolist(),
+                              predicted.flat[at].tolist()):
+        if not 0 <= label_id < len(labels):
+            raise ValueError(f"predicted label id {label_id} is outside the {len(labels)} labels")
+        out[e][w] = labels[label_id]
     return out
+
+
+def token_examples(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """[b, W]: the example index of every token of an eval batch (-1 on filler rows, and on padding when packed);
+    packed batches hold an example per segment (`example_index` [b, K], `inputs_segments`), others one per row."""
+    index = np.asarray(batch["example_index"])
+    width = batch["word_index"].shape[1]
+    if index.ndim == 1:
+        return np.broadcast_to(index[:, None], (len(index), width))
+    by_segment = np.concatenate([np.full((len(index), 1), -1, index.dtype), index], axis=1)
+    return np.take_along_axis(by_segment, batch["inputs_segments"], axis=1)
 
 
 TASK = Tagging("tagging", "encoder", tag, ("inputs",), head="token_classification", per_word=True,
