@@ -162,6 +162,9 @@ def test_cached_greedy_and_beam_decoding_equal_unrolled(name):
         outputs.append((greedy, beam, score))
     (greedy, beam, score), (scanned_greedy, scanned_beam, scanned_score) = outputs
     np.testing.assert_array_equal(scanned_greedy, greedy)
+    if config.family == "decoder":  # the prompt prefilled into the stacked cache two tokens at a time
+        chunked = greedy_decode(model, stack_layers(params), inputs, 8, eos_id=1, padding=padding, prefill_chunk=2)
+        np.testing.assert_array_equal(chunked, greedy)
     np.testing.assert_array_equal(scanned_beam, beam)
     np.testing.assert_allclose(scanned_score, score, rtol=1e-5)
 
@@ -185,6 +188,20 @@ def test_lora_adapters_stack_and_merge_to_the_same_outputs():
     # layer by layer: the merge of layer 1 is what the unrolled model's layer 1 merges to
     unrolled = peft.merge_lora(unstack_layers(params), config.lora_alpha)
     _assert_close(stack_layers(unrolled), merged)
+
+
+@pytest.mark.parametrize("method, trained", [
+    ("bitfit", {"decoder/layers/mlp_norm/scale", "decoder/layers/self_attention_norm/bias"}),
+    ("prompt", {"prompt/embedding"}),
+    ("freeze", {"decoder/layers/mlp/wi/kernel", "encoder/layers/mlp/wo/kernel"}),
+])
+def test_the_other_peft_methods_select_stacked_parameters(method, trained):
+    config = peft.resolve(tiny_config(peft__method=method, peft__freeze="embeddings", model__scan_layers=True))
+    paths = list(param_shapes(config.model))
+    rule = peft.trainable_rule(config)
+    peft.check_trainable(config, paths, rule)
+    assert trained <= {path for path in paths if rule(path)}
+    assert not rule("embed/token_embed/embedding")
 
 
 def test_lora_targets_that_name_one_layer_are_refused_with_the_scanned_path_as_example():
