@@ -79,7 +79,7 @@ class ModelConfig:
     lora_alpha: float = 16.0  # adapter output scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on an adapter's input while training
     lora_targets: str = ".*/(query|key|value|out)"  # regex over module paths, e.g. 'encoder/layer_0/mlp/wi'
-    prompt_length: int = 0  # > 0: learned soft-prompt vectors prepended to the encoder input (prompt tuning)
+    prompt_length: int = 0  # > 0: learned soft-prompt vectors before the encoder or decoder-only input
     # MLM head: project only the first N masked positions of each row (BERT's max_predictions_per_seq), not every
     # position; 0: every position. About 2x the expected count keeps the loss exact in practice.
     mlm_max_predictions: int = 0
@@ -553,11 +553,9 @@ def _check_peft(config: Config) -> None:
             re.compile(get(config, key))
         except re.error as error:
             raise UserError(f"config key '{key}' is not a valid regex ({error})") from None
-    if (m.prompt_length or p.method == "prompt") and m.family == "decoder":
-        raise UserError("prompt tuning prepends a soft prompt to an encoder's input; model.family 'decoder' has "
-                        "none: pick peft.method lora or bitfit")
-    if m.prompt_length and config.data.packing:
-        raise UserError("a soft prompt (model.prompt_length > 0) needs unpacked rows; set --config.data.packing=false")
+    if (m.prompt_length or p.method == "prompt") and config.data.packing:
+        raise UserError("a soft prompt (peft.method prompt, model.prompt_length > 0) needs unpacked rows; set "
+                        "--config.data.packing=false")
 
 
 def _check_types(obj: Any, prefix: str) -> None:

@@ -14,6 +14,7 @@ EOS included (HF's convention; T5X uses ((5 + length) / 6) ** alpha instead).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -265,9 +266,9 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
     the slots before are masked. The prefill runs every prompt token in one pass, causally or, with
     `prefix_lm`, each seeing the whole prompt (the prefix-LM objective's attention); with `prefill_chunk`, a
     causal prompt goes in that many tokens at a time (a loop), so one chunk's activations and attention scores
-    exist at once instead of the whole prompt's. The search then feeds the
-    last prompt token again: its keys and values come out the same, and its logits choose the first new
-    token. An empty prompt is PAD, the start token causal-LM training feeds first.
+    exist at once instead of the whole prompt's. The search then feeds the last prompt token again: its keys and
+    values come out the same, and its logits choose the first new token. An empty prompt is PAD, the start token
+    causal-LM training feeds first. A soft prompt (prompt tuning) takes the cache's first slots, ahead of these.
     """
     padding = prompts_BT != PAD_ID if padding_BT is None else padding_BT.astype(bool)
     prompt, lengths = right_align(prompts_BT.astype(jnp.int32), padding)
@@ -282,22 +283,24 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
     keys = slots[None, :] >= offset[:, None]  # [B, S] real slots
     prefix = jnp.broadcast_to(slots < width, keys.shape) if prefix_lm else None
     ids = jax.ShapeDtypeStruct((batch, cache_length), jnp.int32)
-    allocate = lambda x: model.apply({"params": params}, x, decode=True, mutable=["cache"])[1]["cache"]  # noqa: E731
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(allocate, ids))
+    allocate = functools.partial(model.apply, {"params": params}, decode=True, write_soft_prompt=True,
+                                 mutable=["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(allocate, ids)[1]["cache"])
 
     def run(tokens_NT: Array, position: Array | int, cache: Any, offset: Array, keys: Array,
-            prefix: Array | None, prefill: bool = False) -> tuple[Array, Any]:
+            prefix: Array | None, prefill: bool = False, first: bool = False) -> tuple[Array, Any]:
         places = jnp.maximum(position + jnp.arange(tokens_NT.shape[1])[None, :] - offset[:, None], 0)
         out, updated = model.apply({"params": params, "cache": cache}, tokens_NT, decode=True, position=position,
                                    inputs_positions=places, cache_length=cache_length, padding=keys,
-                                   inputs_prefix=prefix, return_hidden=prefill, mutable=["cache"])
+                                   inputs_prefix=prefix, return_hidden=prefill, write_soft_prompt=first,
+                                   mutable=["cache"])
         return out[:, -1], updated["cache"]
 
     chunk = prefill_chunk if 0 < prefill_chunk < width else width
     if chunk < width and prefix_lm:
         raise UserError(PREFIX_LM_PREFILL_CHUNK)
     lead = width - (-(-width // chunk) - 1) * chunk  # 1..chunk tokens first, then a loop over equal chunks
-    _, cache = run(prompt[:, :lead], 0, cache, offset, keys, prefix, prefill=True)  # no logits: the cache is all
+    _, cache = run(prompt[:, :lead], 0, cache, offset, keys, prefix, prefill=True, first=True)  # the cache is all
 
     def prefill(i, cache):
         begin = lead + i * chunk
@@ -305,7 +308,7 @@ def decoder_only_start(model: Decoder, params: Any, prompts_BT: Array, padding_B
         return run(tokens, begin, cache, offset, keys, prefix, prefill=True)[1]
 
     cache = jax.lax.fori_loop(0, (width - lead) // chunk, prefill, cache)
-    cache = repeat_rows(_rewind(cache, width - 1), batch, copies)
+    cache = repeat_rows(_rewind(cache, c.prompt_length + width - 1), batch, copies)  # a soft prompt's slots first
     offset, keys = jnp.repeat(offset, copies, axis=0), jnp.repeat(keys, copies, axis=0)
     prefix = None if prefix is None else jnp.repeat(prefix, copies, axis=0)
 

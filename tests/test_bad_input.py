@@ -163,8 +163,9 @@ CASES = [
      "matches no layer path"),
     ("patience-alone", lambda t, w: _finetune(t, **{"train.best_metric": "", "train.early_stopping_patience": 2}),
      "needs train.best_metric"),
-    ("prompt-decoder", lambda t, w: _pretrain(t, "text:x.txt", "x.txt", b"a b\n", **{"peft.method": "prompt"}),
-     "prompt tuning"),
+    ("prompt-packed", lambda t, w: _pretrain(t, "text:x.txt", "x.txt", b"a b\n", **{"peft.method": "prompt",
+                                                                                   "data.packing": True}),
+     "set --config.data.packing=false"),
     ("init-from-hf-mismatch", lambda t, w: _finetune(t, **{"train.init_from": MINILM, "model.vocab_size": 30522}),
      "make the model config match"),
 ]

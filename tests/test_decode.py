@@ -118,8 +118,14 @@ def test_decoder_only_prefill_greedy_equals_uncached_argmax(position, prefix_lm)
     ours = np.asarray(greedy(params, right))
     np.testing.assert_array_equal(np.asarray(greedy(params, left)), ours)
 
+    assert_uncached_argmax(model, params, rows, ours, prefix_lm)
+
+
+def assert_uncached_argmax(model, params, rows, generated_NL, prefix_lm):
+    """Each row's generated ids are argmax over full forward passes of that row alone, PAD after EOS."""
     forward = jax.jit(lambda ids, prefix: model.apply({"params": params}, ids, inputs_prefix=prefix))
-    for row, generated in zip(rows, ours.tolist()):
+    steps = generated_NL.shape[1]
+    for row, generated in zip(rows, np.asarray(generated_NL).tolist()):
         sequence = list(row) or [0]  # an empty prompt starts from PAD
         expected = []
         for _ in range(steps):

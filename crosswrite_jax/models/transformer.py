@@ -240,8 +240,9 @@ class Embedder(nn.Module):
 class SoftPrompt(nn.Module):
     """Prompt tuning (Lester et al., 2021): `prompt_length` learned vectors prepended to the embedded input.
 
-    The encoder reads them with the tokens; its outputs at the prompt positions are dropped afterwards, so
-    heads, cross-attention and decoding see one output per input token as without a prompt.
+    The encoder (or a decoder-only stack, see Decoder) reads them with the tokens; its outputs at the prompt
+    positions are dropped afterwards, so heads, cross-attention and decoding see one output per input token as
+    without a prompt.
     """
 
     config: ModelConfig
@@ -423,6 +424,7 @@ class Decoder(nn.Module):
         self.decoder = Stack(c, c.num_decoder_layers, causal=True, final_norm_scale=output_norm_scale(c),
                              name="decoder")
         self.dropout = nn.Dropout(c.dropout_rate)
+        self.prompt = SoftPrompt(c, name="prompt") if c.prompt_length else None
         if c.head == "classification":
             self.classifier = Dense((c.num_labels,), 1, ("embed", "labels"), DTYPES[c.dtype], use_bias=True,
                                     name="classifier")
@@ -432,7 +434,7 @@ class Decoder(nn.Module):
     def __call__(self, inputs: Array, deterministic: bool = True, inputs_segments: Array | None = None,
                  inputs_positions: Array | None = None, decode: bool = False, position: Array | int = 0,
                  cache_length: int = 0, padding: Array | None = None, inputs_prefix: Array | None = None,
-                 return_hidden: bool = False, max_segments: int = 0) -> Array:
+                 return_hidden: bool = False, max_segments: int = 0, write_soft_prompt: bool = False) -> Array:
         """Next-token logits (final states [B, T, D] with `return_hidden`); `padding` [B, T] (True at real
         tokens) masks left or right padding in the keys.
 
@@ -443,31 +445,61 @@ class Decoder(nn.Module):
         With `decode`, the T tokens fill the cache from slot `position` on (T > 1: a prompt's prefill), each
         attending to the slots up to its own, and `padding` and `inputs_prefix` cover the cache's slots
         [B, cache_length]; `inputs_positions` then gives the tokens' positions when they are not their slots.
+
+        A soft prompt (model.prompt_length P) comes before the tokens: every token attends to all of it, it
+        attends causally to itself only, and the outputs keep one row per token. With `decode` it holds P cache
+        slots ahead of the tokens' (`position`, `cache_length`, `padding`, `inputs_prefix` count the tokens'
+        slots); the allocation and the first prefill call pass `write_soft_prompt` to write it.
         """
         positions = default_positions(inputs, position) if inputs_positions is None else inputs_positions
-        if decode:
-            mask = None
-            if inputs.shape[1] > 1 or padding is not None or inputs_prefix is not None:
-                slots = jnp.arange(cache_length or inputs.shape[1])
-                mask = (slots[None, :] <= (position + jnp.arange(inputs.shape[1]))[:, None])[None, None]
-                if inputs_prefix is not None:
-                    mask = mask | (inputs_prefix != 0)[:, None, None, :]
-                if padding is not None:
-                    mask = mask & padding[:, None, None, :]
-        else:
-            mask = causal_mask(inputs.shape[1])
-            if inputs_prefix is not None:
-                mask = mask | (inputs_prefix != 0)[:, None, None, :]
-            if inputs_segments is not None:
-                mask = mask & segment_mask(inputs_segments, inputs_segments)
-            elif padding is not None:
-                mask = mask & padding[:, None, None, :]
+        with_vectors = self.prompt is not None and (write_soft_prompt or not decode)
+        mask = self.attention_mask(inputs, decode, position, cache_length, padding, inputs_prefix, inputs_segments,
+                                   with_vectors)
         x = self.dropout(self.embedder(inputs, positions), deterministic=deterministic)
-        y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode,
-                         cache_length=cache_length or inputs.shape[1], mask_is_causal=inputs_prefix is None)
+        length = cache_length or inputs.shape[1]
+        if self.prompt is not None:
+            x, mask, positions = self.behind_prompt(x, mask, positions, with_vectors)
+            length += self.config.prompt_length
+        y = self.decoder(x, mask, positions, deterministic=deterministic, decode=decode, cache_length=length,
+                         mask_is_causal=inputs_prefix is None)
+        if with_vectors:
+            y = y[:, self.config.prompt_length:]
         if self.config.head == "classification":
             return self.classified(y, inputs, deterministic, inputs_segments, max_segments)
         return y if return_hidden else self.logits(y)
+
+    @staticmethod
+    def attention_mask(inputs: Array, decode: bool, position: Array | int, cache_length: int, padding: Array | None,
+                       inputs_prefix: Array | None, inputs_segments: Array | None, needed: bool) -> Array | None:
+        """Which token slots each token attends to ([B or 1, 1, T, T or cache_length]); None for a lone cached
+        step that the cache's own written-slots mask covers (unless `needed`)."""
+        if decode:
+            if not (inputs.shape[1] > 1 or padding is not None or inputs_prefix is not None or needed):
+                return None
+            slots = jnp.arange(cache_length or inputs.shape[1])
+            mask = (slots[None, :] <= (position + jnp.arange(inputs.shape[1]))[:, None])[None, None]
+        else:
+            mask = causal_mask(inputs.shape[1])
+        if inputs_prefix is not None:
+            mask = mask | (inputs_prefix != 0)[:, None, None, :]
+        if inputs_segments is not None and not decode:
+            return mask & segment_mask(inputs_segments, inputs_segments)
+        return mask if padding is None else mask & padding[:, None, None, :]
+
+    def behind_prompt(self, x_BTD: Array, mask: Array | None, positions_BT: Array,
+                      with_vectors: bool) -> tuple[Array, Array | None, Array]:
+        """Tokens moved behind the soft prompt's slots (positions + P, every prompt key visible); with
+        `with_vectors`, the prompt's vectors put in front, each attending to the ones before it only."""
+        length = self.config.prompt_length
+        if not with_vectors:
+            if mask is not None:
+                mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (length,), bool), mask], -1)
+            return x_BTD, mask, positions_BT + length
+        x, mask, positions = self.prompt(x_BTD, mask, positions_BT)
+        keys = mask.shape[-1]
+        rows = jnp.arange(keys)[None, :] <= jnp.arange(length)[:, None]  # [P, P + S]: earlier prompt slots
+        rows = jnp.broadcast_to(rows, mask.shape[:2] + rows.shape)
+        return x, jnp.concatenate([rows, mask], 2), positions
 
     def classified(self, hidden_BTD: Array, inputs_BT: Array, deterministic: bool, segments_BT: Array | None = None,
                    max_segments: int = 0) -> Array:
