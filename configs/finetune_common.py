@@ -67,14 +67,21 @@ def on_span_corruption_encoder(base: "Config", name: str, steps: int, **head) ->
                                train=dataclasses.replace(base.train, init_from=SPAN_CORRUPTION_RUN))
 
 
-MLM_RUN = "runs/pretrain_mlm"
+# books + news (configs/pretrain_mlm.py), then the tasks' unlabeled training sentences (configs/pretrain_mlm_tasks.py)
+MLM_RUN = "runs/pretrain_mlm_tasks"
 
 
 def mlm_encoder(**head) -> "ModelConfig":  # noqa: F821
-    """The encoder of this project's masked-LM pretraining run (configs/pretrain_mlm.py) with a task head."""
+    """The encoder of this project's masked-LM pretraining (configs/pretrain_mlm.py) with a task head.
+
+    A classifier's pooler reads the mean state of the real tokens: masked-LM pretraining never trains the [CLS]
+    state (BERT's next-sentence task did).
+    """
     import pretrain_mlm
 
-    return dataclasses.replace(pretrain_mlm.get_config().model, mlm_max_predictions=0, dropout_rate=0.1, **head)
+    pooling = {"pooling": "mean"} if head.get("head") == "classification" else {}
+    return dataclasses.replace(pretrain_mlm.get_config().model, mlm_max_predictions=0, dropout_rate=0.1,
+                               **pooling, **head)
 
 
 def on_mlm_encoder(base: "Config", name: str, steps: int, learning_rate: float, **head) -> "Config":  # noqa: F821

@@ -1,6 +1,8 @@
-"""CoNLL-2003 NER from this project's own masked-LM encoder (configs/pretrain_mlm.py, cased WordPiece).
+"""CoNLL-2003 NER from this project's own masked-LM encoder (configs/pretrain_mlm.py, then
+configs/pretrain_mlm_tasks.py; cased WordPiece).
 
-Run (first `crosswrite train --config configs/pretrain_mlm.py --workdir runs/pretrain_mlm`):
+Run (first configs/pretrain_mlm.py into runs/pretrain_mlm, then configs/pretrain_mlm_tasks.py into
+runs/pretrain_mlm_tasks; their docstrings have the commands):
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_ner_conll_mlm.py --workdir runs/conll_mlm
 With N of the 14,041 training sentences, drawn with a fixed seed (the same draw for every starting point):
     ... --config.data.max_train_examples=2000 --config.data.train_subset_seed=0 --config.train.seed=S

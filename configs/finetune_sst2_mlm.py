@@ -1,6 +1,8 @@
-"""SST-2 sentiment from this project's own masked-LM encoder (configs/pretrain_mlm.py): the few-label curve.
+"""SST-2 sentiment from this project's own masked-LM encoder (configs/pretrain_mlm.py, then
+configs/pretrain_mlm_tasks.py): the few-label curve.
 
-Run (first `crosswrite train --config configs/pretrain_mlm.py --workdir runs/pretrain_mlm`):
+Run (first configs/pretrain_mlm.py into runs/pretrain_mlm, then configs/pretrain_mlm_tasks.py into
+runs/pretrain_mlm_tasks; their docstrings have the commands):
     CROSSWRITE_DATA=../shared/data crosswrite train --config configs/finetune_sst2_mlm.py --workdir runs/sst2_mlm
 With N of the 6,920 labeled sentences, drawn with a fixed seed (the same draw for every starting point):
     ... --config.data.max_train_examples=1000 --config.data.train_subset_seed=0 --config.train.seed=S
