@@ -62,6 +62,21 @@ def tiny():
     return tiny_config
 
 
+def restore_run(workdir):
+    """(config, params) of a run directory's newest checkpoint, restored on one device."""
+    from crosswrite_jax import checkpoint, sharding
+    from crosswrite_jax.trainer import Trainer
+
+    config = config_lib.load_json(Path(workdir) / "config.json")
+    trainer = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    manager = checkpoint.open_manager(Path(workdir) / "checkpoints", read_only=True)
+    try:
+        params, _, _ = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params)
+    finally:
+        manager.close()
+    return config, params
+
+
 def assert_trees_equal(a, b):
     """Bitwise equality of two pytrees of arrays."""
     import numpy as np

