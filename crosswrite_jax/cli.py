@@ -314,9 +314,13 @@ def run_compile_check(args, overrides) -> dict:
     report = compile_check(_load_config(args.config, overrides), args.topology)
     print(format_report(report), flush=True)
     check_fits(report)  # exit 2 when it would not fit
-    return {"command": "compile-check", "topology": report.topology, "fits": report.fits,
+    return {"command": "compile-check", "topology": report.topology, "chips": report.chips, "fits": report.fits,
             "bytes_per_chip": report.total_bytes, "hbm_bytes": report.hbm_bytes,
-            "mfu_ceiling": round(report.mfu_ceiling, 3)}
+            "headroom": round(report.headroom, 3), "model_flops_per_step": report.model_flops_per_step,
+            "compiled_flops_per_chip": report.compiled_flops_per_chip,
+            "step_time_lower_bound_s": report.step_time_lower_bound_s, "mfu_ceiling": round(report.mfu_ceiling, 3),
+            "lower_seconds": round(report.lower_seconds, 1), "compile_seconds": round(report.compile_seconds, 1),
+            "host_peak_bytes": report.host_peak_bytes}
 
 
 def run_checkpoint(args, overrides) -> dict:

@@ -1,8 +1,9 @@
 """Compiles a config's exact sharded train step for a Cloud TPU topology on this machine (no TPU needed).
 
 libtpu (`pip install 'crosswrite-jax[tpu-compile]'`) describes the topology's chips to XLA as compile-only devices;
-the mesh, shardings and train step are the ones `crosswrite train` builds, lowered on abstract state and batch
-and compiled ahead of time. XLA's memory and cost analyses then say what one chip holds and computes per step:
+the mesh, shardings and train step are the ones `crosswrite train` builds, lowered on abstract state and on the
+batch the task's pipeline makes (Task.batch_shapes: every task, its widest bucket when rows are not packed) and
+compiled ahead of time. XLA's memory and cost analyses then say what one chip holds and computes per step:
 whether the run fits in HBM, and how many of the compiled FLOPs the model needs (the MFU ceiling).
 
 Compiling takes host memory and time as the real compile would: on 2 CPU cores, a 24-layer model for 16 chips
@@ -16,17 +17,19 @@ import contextlib
 import math
 import os
 import re
+import resource
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-from crosswrite_jax import sharding
+from crosswrite_jax import peft, sharding
 from crosswrite_jax.chips import ALIASES, CHIPS, Chip, GiB
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.flops import step_flops
+from crosswrite_jax.flops import batch_lengths, step_flops
 from crosswrite_jax.trainer import Trainer
 
 EXAMPLES = "v5e-256, v5litepod-16, v4-128, v5p-256, v6e-64 or v5e:16x16, v4:4x4x8"
@@ -130,20 +133,15 @@ def _on_tpu_vm() -> bool:
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def abstract_batch(config: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of one global training batch, as the task's pipeline makes them (longest bucket when unpacked)."""
+def abstract_batch(config: Config, mesh=None) -> dict[str, jax.ShapeDtypeStruct]:
+    """One global training batch as the task's pipeline makes it (its widest bucket when unpacked; Task.batch_shapes),
+    sharded over the mesh's data-parallel axes when a mesh is given."""
     from crosswrite_jax.tasks import get_task
 
-    d, rows, task = config.data, config.train.batch_size, get_task(config.task)
-    lengths = task.batch_features(d.max_source_length, d.max_target_length)
-    segmented = d.packing or task.pretraining  # pretraining rows always carry segment ids and positions
-    keys = dict(lengths)
-    if segmented:
-        for key, length in lengths.items():
-            if key not in ("targets_prefix", "targets_prompt"):  # masks of the targets row, not rows of their own
-                keys[f"{key}_segments"] = keys[f"{key}_positions"] = length
-    spec = sharding.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=spec) for k, length in keys.items()}
+    spec = sharding.batch_sharding(mesh) if mesh is not None else None
+    shapes = get_task(config.task).batch_shapes(config.data)
+    return {k: jax.ShapeDtypeStruct((config.train.batch_size, *shape), np.int32, sharding=spec)
+            for k, shape in shapes.items()}
 
 
 def per_chip_bytes(abstract: Any, shardings: Any) -> int:
@@ -155,18 +153,9 @@ def per_chip_bytes(abstract: Any, shardings: Any) -> int:
 
 
 def model_flops_per_step(config: Config) -> float:
-    """Matmul FLOPs of a training step (flops.step_flops: forward and backward) at the config's padded shapes."""
-    d, m = config.data, config.model
-    if m.family == "encoder_decoder":
-        source, target = d.max_source_length, d.max_target_length
-    elif m.family == "decoder":
-        from crosswrite_jax.tasks import get_task
-
-        # one stream of inputs_length tokens; an sft row holds a prompt and a response
-        source, target = 0, d.max_source_length + (d.max_target_length if get_task(config.task).prompted else 0)
-    else:
-        source, target = d.max_source_length, 0
-    return step_flops(m, config.train.batch_size, source, target).training
+    """Matmul FLOPs of a training step (flops.step_flops: forward and backward) at the shapes of abstract_batch."""
+    rows, source, target = batch_lengths(config.model.family, abstract_batch(config))
+    return step_flops(config.model, rows, source, target).training
 
 
 @dataclass
@@ -190,10 +179,18 @@ class Report:
     mfu_ceiling: float
     parameters: int
     scanned_layers: bool = False  # model.scan_layers: XLA's cost analysis counts the scanned layer once
+    lower_seconds: float = 0.0  # tracing and lowering the train step
+    compile_seconds: float = 0.0  # XLA's compile of the lowered step for the topology
+    host_peak_bytes: int = 0  # this process's peak resident memory by the end of the compile
 
     @property
     def fits(self) -> bool:
         return self.total_bytes <= self.hbm_bytes
+
+    @property
+    def headroom(self) -> float:
+        """The share of one chip's HBM the step leaves free (negative when it does not fit)."""
+        return 1.0 - self.total_bytes / self.hbm_bytes
 
 
 # Variables libtpu sets in the C environment while it compiles (so child processes inherit them, unseen by
@@ -214,6 +211,7 @@ def compile_check(config: Config, topology_name: str) -> Report:
 
 
 def _compile_check(config: Config, topology_name: str) -> Report:
+    config = peft.resolve(config)  # as `crosswrite train` does: LoRA adapters or a soft prompt where asked
     topology = parse_topology(topology_name)
     slices = math.prod(abs(s) for s in config.mesh.dcn_shape)
     devices = topology_devices(topology, slices)
@@ -228,7 +226,9 @@ def _compile_check(config: Config, topology_name: str) -> Report:
     params_bytes = per_chip_bytes(trainer.layout.abstract.params, trainer.layout.shardings.params)
     optimizer_bytes = per_chip_bytes(trainer.layout.abstract.opt_state, trainer.layout.shardings.opt_state)
     with trainer.context():
+        started = time.perf_counter()
         lowered = trainer.jit_train_step().lower(state, batch)
+        lowered_at = time.perf_counter()
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as error:  # XLA refuses a program that cannot fit in HBM
@@ -237,6 +237,7 @@ def _compile_check(config: Config, topology_name: str) -> Report:
             raise UserError(f"does not fit: {topology.libtpu_name} with mesh {dict(mesh.shape)}: "
                             f"{_out_of_memory(error)}; params {params_bytes / GiB:.2f} GiB and optimizer state "
                             f"{optimizer_bytes / GiB:.2f} GiB per chip. {_ADVICE}") from None
+    compile_seconds = time.perf_counter() - lowered_at
     memory = compiled.memory_analysis()
     cost = _cost(compiled)
     chips = len(devices)
@@ -257,7 +258,8 @@ def _compile_check(config: Config, topology_name: str) -> Report:
         bytes_accessed_per_chip=accessed, model_flops_per_step=model_flops, step_time_lower_bound_s=lower_bound,
         mfu_ceiling=min(model_flops / (chips * topology.chip.peak_flops * lower_bound), 1.0),
         parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.layout.abstract.params)),
-        scanned_layers=config.model.scan_layers)
+        scanned_layers=config.model.scan_layers, lower_seconds=lowered_at - started, compile_seconds=compile_seconds,
+        host_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -278,13 +280,16 @@ def format_report(report: Report) -> str:
         ("per chip: batch", gib(report.batch_bytes)),
         ("per chip: temporaries", gib(report.temp_bytes)),
         ("per chip: total", f"{gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM "
-                            f"({100 * report.total_bytes / report.hbm_bytes:.0f}%)"),
+                            f"({100 * report.total_bytes / report.hbm_bytes:.0f}%, headroom "
+                            f"{100 * report.headroom:.0f}%)"),
         ("compiled FLOPs / chip", f"{report.compiled_flops_per_chip:.3e} per step"),
         ("model FLOPs", f"{report.model_flops_per_step:.3e} per step (all chips; compiled / model = "
                         f"{report.chips * report.compiled_flops_per_chip / max(report.model_flops_per_step, 1):.2f})"),
         ("step time >=", f"{report.step_time_lower_bound_s * 1e3:.1f} ms (XLA's estimate, at least FLOPs / peak"
                          f"{'; scanned layers, which XLA counts once: model FLOPs' if report.scanned_layers else ''})"),
         ("MFU ceiling", f"{100 * report.mfu_ceiling:.0f}%"),
+        ("compile", f"{report.lower_seconds:.1f} s lowering + {report.compile_seconds:.1f} s XLA compile; host "
+                    f"peak {report.host_peak_bytes / 1e9:.1f} GB"),
     ]
     return "\n".join(f"{name:24s}{value}" for name, value in rows)
 

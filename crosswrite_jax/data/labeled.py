@@ -35,6 +35,7 @@ import numpy as np
 
 from crosswrite_jax.data import pipeline, specs
 from crosswrite_jax.data.files import resolve_paths
+from crosswrite_jax.data.pipeline import segments_per_row
 from crosswrite_jax.data.text_sources import _as_text, _field, _missing_field, read_conll, read_delimited, read_jsonl
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
@@ -374,11 +375,6 @@ class _TaskBatches(pipeline.LengthGroupedBatches):
         else:
             batch["tags"] = self.rows.pad("tags", local, width, IGNORE)
         return batch
-
-
-def segments_per_row(max_segments: int, row_length: int) -> int:
-    """The most examples a packed row holds: data.max_segments_per_row, or (0) half the row length."""
-    return max_segments or max(1, row_length // 2)
 
 
 def _per_segment(rows: list[list[int]], values: np.ndarray, max_segments: int) -> np.ndarray:

@@ -44,6 +44,17 @@ def _bucket(longest: int, buckets: tuple[int, ...]) -> int:
     return buckets[int(np.searchsorted(buckets, longest))]
 
 
+def widest_bucket(max_length: int, bucket_lengths: Sequence[int]) -> int:
+    """The width of the widest bucketed batch: the bucket of a row cut to min(max_length, the longest bucket)."""
+    buckets = _check_buckets(bucket_lengths)
+    return _bucket(min(max_length, buckets[-1]), buckets)
+
+
+def segments_per_row(max_segments: int, row_length: int) -> int:
+    """The most examples a packed labeled row holds: data.max_segments_per_row, or (0) half the row length."""
+    return max_segments or max(1, row_length // 2)
+
+
 def check_batching(bucket_lengths: Sequence[int], global_batch_size: int, window: int, process_index: int,
                    process_count: int) -> tuple[int, ...]:
     """The bucket lengths as a tuple, after checking them and how batches split over processes."""

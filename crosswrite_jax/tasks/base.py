@@ -86,7 +86,22 @@ class Task:
         """The row length of each feature its training batches carry."""
         raise UserError(self.not_raw_text())
 
+    def batch_shapes(self, data: Any) -> dict[str, tuple[int, ...]]:
+        """The shape of one row of each feature of its widest training batch (all int32), as its pipeline makes
+        them under `data` (the config's data.*): what compile-check compiles the train step for."""
+        raise NotImplementedError
+
     def not_raw_text(self) -> str:
         """The error for reading raw text with a task that does not."""
         return (f"config key 'task' is {self.name!r}, which does not read raw text; use mlm, span_corruption, "
                 f"denoising, causal_lm or prefix_lm with data.sources")
+
+
+def with_segments(lengths: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Row shapes of packed features: each token row with its `_segments` and `_positions` (a prefix or prompt mask
+    marks tokens of the targets row and has none of its own)."""
+    shapes = {key: (length,) for key, length in lengths.items()}
+    for key, length in lengths.items():
+        if key not in ("targets_prefix", "targets_prompt"):
+            shapes[f"{key}_segments"] = shapes[f"{key}_positions"] = (length,)
+    return shapes

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosswrite_jax.tasks.base import Task
+from crosswrite_jax.data.pipeline import segments_per_row, widest_bucket
+from crosswrite_jax.tasks.base import Task, with_segments
 
 
 def packed_inputs(batch: dict, per_segment_key: str = "") -> dict[str, Any]:
@@ -58,6 +59,17 @@ class LabelingTask(Task):
     """An encoder with a label head over data.examples; its label vocabulary is data.labels."""
 
     labeled: bool = True
+
+    def batch_shapes(self, data: Any) -> dict[str, tuple[int, ...]]:
+        """`inputs` (with `tags` for tagging) padded to the widest bucket and `labels` [] per row; packed, rows of
+        data.max_source_length with segments and a label per segment, [K]."""
+        if not data.packing:
+            width = widest_bucket(data.max_source_length, data.bucket_lengths)
+            return {"inputs": (width,), **({"tags": (width,)} if self.per_word else {"labels": ()})}
+        width = data.max_source_length
+        labels = {"tags": (width,)} if self.per_word else {
+            "labels": (segments_per_row(data.max_segments_per_row, width),)}
+        return {**with_segments({"inputs": width}), **labels}
 
     def predicted_labels(self, batches: Sequence[dict[str, np.ndarray]], predictions: Sequence[np.ndarray],
                          examples: Sequence, labels: Sequence[str]) -> list:

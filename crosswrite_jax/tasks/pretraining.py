@@ -16,7 +16,7 @@ from crosswrite_jax.data.tokenizer import PAD_ID
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import shift_right
 from crosswrite_jax.tasks import seq2seq
-from crosswrite_jax.tasks.base import Task
+from crosswrite_jax.tasks.base import Task, with_segments
 
 
 def first_positions(chosen_BL: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
@@ -65,6 +65,10 @@ class PretrainingTask(Task):
     """A self-supervised objective over chunks of raw text."""
 
     pretraining: bool = True
+
+    def batch_shapes(self, data: Any) -> dict[str, tuple[int, ...]]:
+        """Rows of the feature lengths, always with segments and positions (an unpacked row is one segment)."""
+        return with_segments(self.batch_features(data.max_source_length, data.max_target_length))
 
     def chunk_length(self, inputs_length: int, targets_length: int, noise_density: float,
                      mean_noise_span_length: float) -> int:

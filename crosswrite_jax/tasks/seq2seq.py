@@ -8,8 +8,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from crosswrite_jax.data.pipeline import widest_bucket
 from crosswrite_jax.data.tokenizer import PAD_ID
-from crosswrite_jax.tasks.base import Task
+from crosswrite_jax.tasks.base import Task, with_segments
 
 
 def forward(model, variables, batch, deterministic, rngs, return_hidden=False):
@@ -31,6 +32,13 @@ class Seq2SeqTask(Task):
 
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         return {"inputs": inputs_length, "targets": targets_length}
+
+    def batch_shapes(self, data: Any) -> dict[str, tuple[int, ...]]:
+        """Packed: rows of the maximum lengths with segments; else each side padded to its widest bucket."""
+        lengths = self.batch_features(data.max_source_length, data.max_target_length)
+        if data.packing:
+            return with_segments(lengths)
+        return {key: (widest_bucket(length, data.bucket_lengths),) for key, length in lengths.items()}
 
     def generation_scores(self, hypotheses: list[str], references: list[list[str]],
                           config: Any = None) -> dict[str, Any]:

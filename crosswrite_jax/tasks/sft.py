@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crosswrite_jax.errors import UserError
-from crosswrite_jax.tasks.base import HELD_OUT, Task
+from crosswrite_jax.tasks.base import HELD_OUT, Task, with_segments
 from crosswrite_jax.tasks.pretraining import language_model
 
 SCORES = {"sacrebleu": ("bleu", "chrf"), "rouge": ("rouge1", "rouge2", "rougeL"), "exact_match": ("exact_match",)}
@@ -28,6 +28,11 @@ class PromptResponse(Task):
 
     def batch_features(self, inputs_length: int, targets_length: int) -> dict[str, int]:
         return {"targets": inputs_length + targets_length, "targets_prompt": inputs_length + targets_length}
+
+    def batch_shapes(self, data: Any) -> dict[str, tuple[int, ...]]:
+        """Rows of a prompt and a response at their maximum lengths, packed or not (no buckets)."""
+        lengths = self.batch_features(data.max_source_length, data.max_target_length)
+        return with_segments(lengths) if data.packing else {key: (n,) for key, n in lengths.items()}
 
     def check_config(self, config: Any, head_too: bool = False) -> None:
         """Also: no task head, rows (prompt and response lengths together) within the model's positions, and a
