@@ -94,9 +94,10 @@ def test_t5_starts_like_the_quickstart_transformer(version):
 
     Before the fix, T5 v1.1's tied, unscaled output shrank the token table to d_model**-0.5 (tokens entered 16x
     below the sublayer outputs, and the table moved 16x faster than the projections), its query carried the score
-    scale (8x faster), and the relative bias started at std 1 (16x slower)."""
+    scale (8x faster), the relative bias started at std 1 (16x slower), and then its final norm's stored gain,
+    the output temperature, started at d_model**-0.5 (16x faster)."""
     from crosswrite_jax.models.presets import t5
-    from crosswrite_jax.models.transformer import output_norm_scale
+    from crosswrite_jax.models.transformer import output_norm_multiplier
 
     config = t5(version, vocab_size=512, d_model=256, num_heads=4, d_ff=256, num_encoder_layers=2,
                 num_decoder_layers=2, dropout_rate=0.0)
@@ -115,9 +116,8 @@ def test_t5_starts_like_the_quickstart_transformer(version):
     for stack in ("encoder", "decoder"):
         table = params[stack]["relative_attention_bias"]["embedding"]
         assert 0.5 < float(jnp.std(table)) * config.d_model ** 0.5 < 1.5
-    gain = params["decoder"]["final_norm"]["scale"]
-    assert np.allclose(gain, output_norm_scale(config))
-    assert output_norm_scale(config) == (1.0 if version == "1.0" else config.d_model ** -0.5)
+    assert np.allclose(params["decoder"]["final_norm"]["scale"], 1.0)  # every stored gain starts at 1
+    assert output_norm_multiplier(config) == (1.0 if version == "1.0" else config.d_model ** -0.5)
 
 
 def test_flat_matmul_equals_dot_general_over_trailing_axes():

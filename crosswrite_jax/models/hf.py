@@ -18,7 +18,7 @@ from crosswrite_jax.config import ModelConfig, read_json_object
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import presets
 from crosswrite_jax.models.layers import head_dim
-from crosswrite_jax.models.transformer import stack_layers, unstack_layers, unstacked_shapes
+from crosswrite_jax.models.transformer import output_norm_multiplier, stack_layers, unstack_layers, unstacked_shapes
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -212,7 +212,7 @@ def kind_of(c: ModelConfig) -> str:
 
 def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
     n, h, d = c.num_heads, head_dim(c), c.d_model
-    k = c.num_kv_heads or n
+    k, m = c.num_kv_heads or n, output_norm_multiplier(c)
     return {
         "same": (lambda w: w, lambda w: w),
         "linear": (lambda w: w.T, lambda w: w.T),
@@ -223,6 +223,8 @@ def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
         "q_bias": (lambda b: b.reshape(n, h), lambda b: b.reshape(n * h)),
         "kv_bias": (lambda b: b.reshape(k, h), lambda b: b.reshape(k * h)),
         "out": (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T),
+        # Before a tied, unscaled output the model keeps the final norm's d_model**-0.5 out of its stored gain.
+        "output_norm": (lambda w: w / m, lambda w: w * m),
     }
 
 
@@ -273,7 +275,7 @@ def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
              "decoder/relative_attention_bias/embedding": (
                  "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
              "encoder/final_norm/scale": ("encoder.final_layer_norm.weight", "same"),
-             "decoder/final_norm/scale": ("decoder.final_layer_norm.weight", "same")}
+             "decoder/final_norm/scale": ("decoder.final_layer_norm.weight", "output_norm")}
     if not c.tie_output_embedding:
         rules["output/kernel"] = ("lm_head.weight", "linear")
     mlp = ("wi_0", "wi_1", "wo") if c.gated_mlp else ("wi", "wo")
@@ -299,7 +301,7 @@ def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
 
 def _llama_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
     rules = {"embed/token_embed/embedding": ("model.embed_tokens.weight", "same"),
-             "decoder/final_norm/scale": ("model.norm.weight", "same")}
+             "decoder/final_norm/scale": ("model.norm.weight", "output_norm")}
     if not c.tie_output_embedding:
         rules["output/kernel"] = ("lm_head.weight", "linear")
     for i in range(c.num_decoder_layers):

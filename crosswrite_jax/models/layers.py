@@ -128,12 +128,10 @@ class Embed(nn.Module):
         return flat_matmul(x_BTD, self.embedding.astype(self.dtype).T, 1)
 
 
-def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32, name: str | None = None,
-         scale: float = 1.0):
-    """LayerNorm or RMSNorm over the embedding axis, its gain initialised to `scale`; its small vectors are
-    replicated (logical axis 'norm')."""
-    gain = nn.initializers.ones if scale == 1.0 else nn.initializers.constant(scale)
-    scale_init = nn.with_logical_partitioning(gain, ("norm",))
+def Norm(kind: str = "layernorm", epsilon: float = 1e-6, dtype: jnp.dtype = jnp.float32, name: str | None = None):
+    """LayerNorm or RMSNorm over the embedding axis, its gain initialised to 1; its small vectors are replicated
+    (logical axis 'norm')."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
     if kind == "rmsnorm":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
