@@ -317,6 +317,7 @@ def run_compile_check(args, overrides) -> dict:
     return {"command": "compile-check", "topology": report.topology, "chips": report.chips, "fits": report.fits,
             "bytes_per_chip": report.total_bytes, "hbm_bytes": report.hbm_bytes,
             "headroom": round(report.headroom, 3), "model_flops_per_step": report.model_flops_per_step,
+            "program_flops_per_step": report.program_flops_per_step,
             "compiled_flops_per_chip": report.compiled_flops_per_chip,
             "step_time_lower_bound_s": report.step_time_lower_bound_s, "mfu_ceiling": round(report.mfu_ceiling, 3),
             "lower_seconds": round(report.lower_seconds, 1), "compile_seconds": round(report.compile_seconds, 1),

@@ -3,17 +3,20 @@
 libtpu (`pip install 'crosswrite-jax[tpu-compile]'`) describes the topology's chips to XLA as compile-only devices;
 the mesh, shardings and train step are the ones `crosswrite train` builds, lowered on abstract state and on the
 batch the task's pipeline makes (Task.batch_shapes: every task, its widest bucket when rows are not packed) and
-compiled ahead of time. XLA's memory and cost analyses then say what one chip holds and computes per step:
-whether the run fits in HBM, and how many of the compiled FLOPs the model needs (the MFU ceiling).
+compiled ahead of time. XLA's memory analysis then says what one chip holds (whether the run fits in HBM), and
+its cost analysis of the step without loops (program_flops_per_step) how many FLOPs a step takes against the model's
+(the step-time bound and MFU ceiling at the chip's peak).
 
-Compiling takes host memory and time as the real compile would: on 2 CPU cores, a 24-layer model for 16 chips
-took 7 minutes, a 32-layer 8B model for 128 chips 4 minutes and 9 GB; a 48-layer T5-XL for 64 chips needed
-more than 22 GB. Only one libtpu normally loads per machine; compile checks set ALLOW_MULTIPLE_LIBTPU_LOAD.
+Compiling takes host memory and time as the real compile would: with scanned layers the pod recipes compiled in 1 to
+2 minutes with 2 to 5 GB on 2 shared CPU cores; unrolled, Llama 1B's 16 layers for 256 chips took 6 minutes and
+T5-XL's 48 for 64 chips needed more than 22 GB (docs/PERFORMANCE.md). Only one libtpu normally loads per machine;
+compile checks set ALLOW_MULTIPLE_LIBTPU_LOAD.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -152,6 +155,21 @@ def per_chip_bytes(abstract: Any, shardings: Any) -> int:
     return total
 
 
+def program_flops_per_step(config: Config) -> float:
+    """XLA's count of every FLOP of a train step (all chips): its cost analysis of the step lowered on one CPU device
+    with no loops (layers unrolled, one microbatch, logits unchunked: the same arithmetic), since a compiled
+    program's cost analysis counts a loop's body once. 0 where XLA gives no count."""
+    model = dataclasses.replace(config.model, scan_layers=False)
+    train = dataclasses.replace(config.train, grad_accum_steps=1, logits_chunk_length=0)
+    flat = dataclasses.replace(config, model=model, train=train)
+    trainer = Trainer.build(flat, sharding.make_mesh((1, 1, 1), jax.devices("cpu")[:1]))
+    with trainer.context():
+        lowered = trainer.jit_train_step().lower(trainer.layout.abstract_with_shardings(),
+                                                 abstract_batch(flat, trainer.mesh))
+        cost = lowered.cost_analysis()
+    return float(_first(cost).get("flops", 0.0))
+
+
 def model_flops_per_step(config: Config) -> float:
     """Matmul FLOPs of a training step (flops.step_flops: forward and backward) at the shapes of abstract_batch."""
     rows, source, target = batch_lengths(config.model.family, abstract_batch(config))
@@ -175,10 +193,12 @@ class Report:
     compiled_flops_per_chip: float
     bytes_accessed_per_chip: float
     model_flops_per_step: float
-    step_time_lower_bound_s: float
+    step_time_lower_bound_s: float  # the step's FLOPs (program_flops_per_step per chip, or more) at peak, or XLA's
+    # roofline estimate where that is longer
     mfu_ceiling: float
     parameters: int
     scanned_layers: bool = False  # model.scan_layers: XLA's cost analysis counts the scanned layer once
+    program_flops_per_step: float = 0.0  # every FLOP of the step's program, all chips (program_flops_per_step)
     lower_seconds: float = 0.0  # tracing and lowering the train step
     compile_seconds: float = 0.0  # XLA's compile of the lowered step for the topology
     host_peak_bytes: int = 0  # this process's peak resident memory by the end of the compile
@@ -241,10 +261,11 @@ def _compile_check(config: Config, topology_name: str) -> Report:
     memory = compiled.memory_analysis()
     cost = _cost(compiled)
     chips = len(devices)
-    model_flops = model_flops_per_step(config)
+    model_flops, program_flops = model_flops_per_step(config), program_flops_per_step(config)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    # XLA's cost analysis counts a loop's body once: with scanned layers, the model's FLOPs bound the step instead.
-    bound_flops = max(flops, model_flops / chips) if config.model.scan_layers else flops
+    # The compiled count misses all but one pass of each loop (scanned layers, microbatches, logits chunks): the
+    # whole program's FLOPs, shared over the chips, bound the step where more (the model's where XLA gave none).
+    bound_flops = max(flops, (program_flops or model_flops) / chips)
     # XLA's own roofline estimate of the step, where it gives one; never below the FLOPs at peak rate.
     lower_bound = max(bound_flops / topology.chip.peak_flops, float(cost.get("optimal_seconds", 0.0)), 1e-12)
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes \
@@ -258,13 +279,18 @@ def _compile_check(config: Config, topology_name: str) -> Report:
         bytes_accessed_per_chip=accessed, model_flops_per_step=model_flops, step_time_lower_bound_s=lower_bound,
         mfu_ceiling=min(model_flops / (chips * topology.chip.peak_flops * lower_bound), 1.0),
         parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.layout.abstract.params)),
-        scanned_layers=config.model.scan_layers, lower_seconds=lowered_at - started, compile_seconds=compile_seconds,
+        scanned_layers=config.model.scan_layers, program_flops_per_step=program_flops,
+        lower_seconds=lowered_at - started, compile_seconds=compile_seconds,
         host_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
 
 
 def _cost(compiled) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    return _first(compiled.cost_analysis())
+
+
+def _first(cost: Any) -> dict[str, float]:
+    """A cost analysis as one dict (older jax: a list, one per program; None where there is none)."""
+    if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
 
@@ -282,12 +308,15 @@ def format_report(report: Report) -> str:
         ("per chip: total", f"{gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM "
                             f"({100 * report.total_bytes / report.hbm_bytes:.0f}%, headroom "
                             f"{100 * report.headroom:.0f}%)"),
-        ("compiled FLOPs / chip", f"{report.compiled_flops_per_chip:.3e} per step"),
-        ("model FLOPs", f"{report.model_flops_per_step:.3e} per step (all chips; compiled / model = "
-                        f"{report.chips * report.compiled_flops_per_chip / max(report.model_flops_per_step, 1):.2f})"),
-        ("step time >=", f"{report.step_time_lower_bound_s * 1e3:.1f} ms (XLA's estimate, at least FLOPs / peak"
-                         f"{'; scanned layers, which XLA counts once: model FLOPs' if report.scanned_layers else ''})"),
-        ("MFU ceiling", f"{100 * report.mfu_ceiling:.0f}%"),
+        ("model FLOPs", f"{report.model_flops_per_step:.3e} per step, all chips (flops.step_flops: matmuls, "
+                        f"forward and backward)"),
+        ("step FLOPs", f"{report.program_flops_per_step:.3e} per step, all chips (XLA's count of the step without "
+                       f"loops; {report.program_flops_per_step / max(report.model_flops_per_step, 1):.2f} x model)"),
+        ("compiled FLOPs / chip", f"{report.compiled_flops_per_chip:.3e} per step (XLA"
+                                  f"{', the scanned layer counted once' if report.scanned_layers else ''})"),
+        ("step time >=", f"{report.step_time_lower_bound_s * 1e3:.1f} ms (the step's FLOPs per chip at peak, or "
+                         f"XLA's roofline estimate)"),
+        ("MFU ceiling", f"{100 * report.mfu_ceiling:.1f}% (model FLOPs in that time at peak)"),
         ("compile", f"{report.lower_seconds:.1f} s lowering + {report.compile_seconds:.1f} s XLA compile; host "
                     f"peak {report.host_peak_bytes / 1e9:.1f} GB"),
     ]

@@ -121,3 +121,18 @@ def test_compile_check_compiles_labeled_tasks_for_a_tpu_slice(case, tmp_path, to
     rows, source, _ = batch_lengths("encoder", cc.abstract_batch(config))
     assert report.model_flops_per_step == step_flops(config.model, rows, source, 0).training
     assert 0 < report.mfu_ceiling <= 1 and "headroom" in cc.format_report(report)
+
+
+def test_the_step_flops_count_every_layer_microbatch_and_chunk():
+    """XLA's count of the step without loops: at least the model's matmul FLOPs, the same scanned or not, with
+    microbatches or chunked logits; full remat adds a second forward pass."""
+    config = tiny_config(task="span_corruption", model__num_encoder_layers=4, model__num_decoder_layers=4,
+                         model__scan_layers=True, data__max_target_length=16, train__grad_accum_steps=2,
+                         train__logits_chunk_length=8)
+    model, flops = cc.model_flops_per_step(config), cc.program_flops_per_step(config)
+    assert model < flops < 1.25 * model
+    plain = config_lib.override(config, {"model.scan_layers": False, "train.grad_accum_steps": 1,
+                                         "train.logits_chunk_length": 0})
+    assert cc.program_flops_per_step(plain) == flops
+    remat = cc.program_flops_per_step(config_lib.override(config, {"model.remat": "full"}))
+    assert 1.25 * model < remat < 1.6 * model
