@@ -22,10 +22,11 @@ def data(tokenizer_model: str, inputs_length: int, targets_length: int) -> DataC
                       tokenizer_model=tokenizer_model)
 
 
-def train(steps: int, batch_size: int) -> TrainConfig:
-    """A long run: logs every 100 steps, 20 held-out batches every 2,000, no per-step progress bar in pod logs."""
+def train(steps: int, batch_size: int, logits_chunk_length: int = 0) -> TrainConfig:
+    """A long run: logs every 100 steps, 20 held-out batches every 2,000, no per-step progress bar in pod logs;
+    `logits_chunk_length` > 0: the output layer and loss a chunk of positions at a time (same loss, less memory)."""
     return TrainConfig(steps=steps, batch_size=batch_size, label_smoothing=0.0, eval_every=2000, eval_batches=20,
-                       log_every=100, progress_bar=False)
+                       log_every=100, progress_bar=False, logits_chunk_length=logits_chunk_length)
 
 
 def optimizer(learning_rate: float, warmup_steps: int, schedule: str = "cosine") -> OptimizerConfig:

@@ -9,7 +9,8 @@ process 0's log; --delete removes the TPU afterwards):
     launch/tpu_pod.sh --name t5-base --zone us-west4-a --accelerator v5litepod-16 \
         --config configs/t5_base_pod.py --workdir gs://YOUR_BUCKET/runs/t5_base --delete
 Check that it fits first (no TPU needed; measured with scanned layers and Adafactor: 6.76 of 16 GiB per chip
-(temporaries 6.64 GiB), in 125 s and 2.5 GB of host memory; unrolled under AdamW it was 5.4 GiB):
+(temporaries 6.64 GiB; 58% headroom), compiled in 71 s with 2.6 GB of host memory; unrolled under AdamW it was
+5.4 GiB; docs/PERFORMANCE.md):
     crosswrite compile-check --config configs/t5_base_pod.py --topology v5e-16
 """
 

@@ -9,7 +9,8 @@ process 0's log; --delete removes the TPU afterwards):
     launch/tpu_pod.sh --name t5-large --zone us-west4-a --accelerator v5litepod-64 \
         --config configs/t5_large_pod.py --workdir gs://YOUR_BUCKET/runs/t5_large --delete
 Check that it fits first (no TPU needed; measured with scanned layers and Adafactor: 8.62 of 16 GiB per chip
-(temporaries 8.52 GiB), in 104 s and 2.5 GB of host memory; unrolled under AdamW it was 8.3 GiB):
+(temporaries 8.52 GiB; 46% headroom), compiled in 63 s with 2.5 GB of host memory; unrolled under AdamW it was
+8.3 GiB; docs/PERFORMANCE.md):
     crosswrite compile-check --config configs/t5_large_pod.py --topology v5e-64
 """
 

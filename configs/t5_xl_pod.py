@@ -9,8 +9,8 @@ process 0's log; --delete removes the TPU afterwards):
     launch/tpu_pod.sh --name t5-xl --zone us-central2-b --accelerator v4-128 \
         --config configs/t5_xl_pod.py --workdir gs://YOUR_BUCKET/runs/t5_xl --delete
 Check that it fits first (no TPU needed; measured with scanned layers: 20.66 of 32 GiB per chip (temporaries
-20.28 GiB), compiled in 173 s with 4.4 GB of host memory; unrolled, the compile needed more than 22 GB and was
-never measured):
+20.28 GiB; 35% headroom), compiled in 102 s with 4.5 GB of host memory; unrolled, the compile needed more than
+22 GB and was never measured; docs/PERFORMANCE.md):
     crosswrite compile-check --config configs/t5_xl_pod.py --topology v4-128
 """
 
