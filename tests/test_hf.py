@@ -177,22 +177,22 @@ def _config_edit(**fields):
 
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, **SMALL)
-# Fields import-hf neither honours nor refuses by name today (crosswrite_jax/models/hf.py; found while checking issue
-# 26): (HF model, an edit of its saved config.json, the field a refusal must name).
+# Fields import-hf once neither honoured nor refused by name (found while checking issue 26): (HF model, an edit of
+# its saved config.json, the field a refusal must name).
 GAPS = {
-    # An untied BERT MLM decoder: the import ties it to the embeddings, other logits.
+    # An untied BERT MLM decoder: the import tied it to the embeddings, other logits; now refused.
     "bert-untied-mlm": (lambda: BertForMaskedLM(BertConfig(tie_word_embeddings=False, **BERT)), None,
                         "tie_word_embeddings"),
-    # KeyError 'silu' (an internal error), not a refusal.
+    # Was KeyError 'silu' (an internal error); now imported.
     "t5-gated-silu": (lambda: T5ForConditionalGeneration(T5Config(feed_forward_proj="gated-silu", **TINY_T5)), None,
                       "feed_forward_proj"),
-    # transformers applies dense_act_fn over feed_forward_proj's activation; the import reads feed_forward_proj.
+    # transformers applies dense_act_fn over feed_forward_proj's activation; so does the import now.
     "t5-dense-act-fn": (lambda: T5ForConditionalGeneration(T5Config(**TINY_T5)), _config_edit(dense_act_fn="silu"),
                         "dense_act_fn"),
-    # transformers 5 takes rope_scaling over rope_parameters; the import reads rope_parameters.
+    # transformers 5 takes rope_scaling over rope_parameters; so does the import (and refuses linear scaling).
     "llama-rope-scaling-too": (HF_MODELS["llama-gqa"], _config_edit(rope_scaling={"rope_type": "linear",
                                                                                   "factor": 4.0}), "rope_scaling"),
-    # Refused by a missing MLP bias tensor, not by the field.
+    # Was refused by a missing MLP bias tensor; now by the field.
     "llama-attention-bias": (lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=37,
                                                                   num_hidden_layers=1, num_attention_heads=4,
                                                                   attention_bias=True, **SMALL)), None,
@@ -200,7 +200,6 @@ GAPS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="import-hf gaps in crosswrite_jax/models/hf.py (issue 26), not fixed yet")
 @pytest.mark.parametrize("name", sorted(GAPS))
 def test_every_config_field_is_honoured_or_refused_by_name(name, tmp_path):
     """The import gives transformers' logits, or a one-line refusal naming the field."""

@@ -29,6 +29,11 @@ BERT_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForSequenceCla
               "BertForTokenClassification": "token_classification"}
 
 
+# transformers' T5 activation names -> ours (the last name of each activation is the one export writes).
+_T5_ACTIVATIONS = {"relu": "relu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+                   "swish": "silu", "silu": "silu"}
+
+
 def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, ModelConfig]:
     """The architecture kind ('bert', 't5', 'llama') and the ModelConfig of a HF config.json dict."""
     kind = hf.get("model_type")
@@ -39,6 +44,9 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
         if architecture not in BERT_HEADS:
             raise UserError(f"config.json names {architecture}; import-hf supports {', '.join(BERT_HEADS)}")
         head = BERT_HEADS[architecture]
+        if head == "mlm" and hf.get("tie_word_embeddings", True) is False:
+            raise UserError("config.json field 'tie_word_embeddings' is false; import-hf supports only BERT masked-LM "
+                            "decoders tied to the word embeddings")
         has_pooler = any(name.removeprefix("bert.") == "pooler.dense.weight" for name in tensor_names)
         return kind, presets.bert(
             head=head, pooler=has_pooler or head == "classification", num_labels=len(hf.get("id2label") or "01"),
@@ -50,12 +58,18 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
     if kind == "t5":
         projection = hf.get("feed_forward_proj", "relu")
         gated = projection.startswith("gated-")
-        act = projection.removeprefix("gated-")
+        # transformers applies dense_act_fn; without it, feed_forward_proj's (gated-gelu means the tanh GELU).
+        act = hf.get("dense_act_fn") or ("gelu_new" if projection == "gated-gelu"
+                                         else projection.removeprefix("gated-"))
+        field = "dense_act_fn" if hf.get("dense_act_fn") else "feed_forward_proj"
+        if act not in _T5_ACTIVATIONS:
+            raise UserError(f"config.json field '{field}' gives activation {act!r}; import-hf supports "
+                            f"{', '.join(sorted(_T5_ACTIVATIONS))} for t5 checkpoints")
         return kind, presets.t5(
             "1.1" if gated else "1.0", vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"],
             head_dim=hf["d_kv"], d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
             num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-            activation={"relu": "relu", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}[act],
+            activation=_T5_ACTIVATIONS[act],
             norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
             relative_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_max_distance=hf.get("relative_attention_max_distance", 128),
@@ -68,7 +82,7 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
             d_ff=hf["intermediate_size"], num_decoder_layers=hf["num_hidden_layers"],
-            use_bias=bool(hf.get("attention_bias", False)), norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            norm_epsilon=hf.get("rms_norm_eps", 1e-6),
             max_length=hf.get("max_position_embeddings", 2048),
             tie_output_embedding=hf.get("tie_word_embeddings", False), **_llama_rope(hf))
     raise UserError(f"config.json has model_type {kind!r}; import-hf supports bert, t5 and llama")
@@ -77,29 +91,32 @@ def config_from_hf(hf: dict[str, Any], tensor_names: Any = ()) -> tuple[str, Mod
 def _llama_rope(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig's RoPE settings from transformers 5's `rope_parameters` or the older `rope_scaling` +
     `rope_theta`; a RoPE variant this project does not implement is refused."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # transformers takes rope_scaling first
+    rope = dict(hf.get(source) or {})
+    theta = float(rope.pop("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta",
+                                                                                hf.get("rope_theta", 10000.0))))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UserError("config.json: rope 'partial_rotary_factor' below 1 is not supported by import-hf")
+        raise UserError(f"config.json: {source} 'partial_rotary_factor' below 1 is not supported by import-hf")
     rope.pop("partial_rotary_factor", None)
     if rope_type == "default":
         if rope:
-            raise UserError(f"config.json: rope field '{sorted(rope)[0]}' has no meaning for the default RoPE; "
+            raise UserError(f"config.json: {source} field '{sorted(rope)[0]}' has no meaning for the default RoPE; "
                             f"remove it or give rope_type")
         return {"rope_theta": theta}
     if rope_type != "llama3":
-        raise UserError(f"config.json: rope_type '{rope_type}' is not supported by import-hf (default and llama3 "
-                        f"are); such a checkpoint would import with wrong positions")
+        raise UserError(f"config.json: {source} rope_type '{rope_type}' is not supported by import-hf (default and "
+                        f"llama3 are); such a checkpoint would import with wrong positions")
     names = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
              "high_freq_factor": "rope_high_freq_factor",
              "original_max_position_embeddings": "rope_original_max_length"}
     unknown = sorted(set(rope) - set(names))
     if unknown:
-        raise UserError(f"config.json: rope field '{unknown[0]}' is not one llama3 scaling uses; import-hf refuses it")
+        raise UserError(f"config.json: {source} field '{unknown[0]}' is not one llama3 scaling uses; import-hf refuses "
+                        f"it")
     missing = sorted(set(names) - set(rope))
     if missing:
-        raise UserError(f"config.json: llama3 rope scaling needs '{missing[0]}'; add it to rope_parameters")
+        raise UserError(f"config.json: llama3 rope scaling needs '{missing[0]}'; add it to {source}")
     return {"rope_theta": theta, "rope_type": "llama3", **{ours: type(getattr(ModelConfig, ours))(rope[key])
                                                            for key, ours in names.items()}}
 
@@ -131,7 +148,7 @@ _FIELDS = {
 _ONLY = {"bert": {"position_embedding_type": ("absolute",), "is_decoder": (False,), "add_cross_attention": (False,),
                   "hidden_act": ("gelu", "gelu_new", "relu")},
          "t5": {"is_decoder": (False,)},
-         "llama": {"hidden_act": ("silu",), "mlp_bias": (False,)}}
+         "llama": {"hidden_act": ("silu",), "mlp_bias": (False,), "attention_bias": (False,)}}
 
 
 def check_fields(kind: str, hf: dict[str, Any]) -> None:
@@ -163,7 +180,7 @@ def config_to_hf(kind: str, c: ModelConfig) -> dict[str, Any]:
         if not c.tie_output_embedding:
             raise UserError("transformers 5 always ties T5's output layer to its embeddings; export a model "
                             "trained with model.tie_output_embedding=true")
-        act = {"relu": "relu", "gelu_tanh": "gelu_new"}[c.activation]
+        act = {ours: theirs for theirs, ours in _T5_ACTIVATIONS.items()}[c.activation]
         hf = T5Config(
             vocab_size=c.vocab_size, d_model=c.d_model, d_kv=head_dim(c), d_ff=c.d_ff,
             num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
