@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import resource
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from crosswrite_jax.batches import training_batches, with_labels
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models.transformer import PAD_ID
+from crosswrite_jax.profiling import cost_analysis, peak_host_bytes
 from crosswrite_jax.tasks import check_config
 from crosswrite_jax.trainer import Trainer
 
@@ -43,16 +43,6 @@ def _token_counts(batch: dict[str, np.ndarray], token_keys: tuple[str, ...]) -> 
     return real, sum(int(batch[k].size) for k in token_keys if k in batch)
 
 
-def _cost(compiled) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
-def peak_host_bytes() -> int:
-    """Peak resident memory of this process (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def device_peak_bytes() -> int | None:
@@ -144,7 +134,7 @@ def _compile_shapes(jitted, state, batches: list[dict[str, np.ndarray]], device_
             started = time.perf_counter()
             compiled[key] = jitted.lower(state, device_batch).compile()
             compile_seconds += time.perf_counter() - started
-            xla_flops[key] = float(_cost(compiled[key]).get("flops", 0.0))
+            xla_flops[key] = float(cost_analysis(compiled[key]).get("flops", 0.0))
             if memory is None:
                 memory = compiled[key].memory_analysis()
     return compiled, compile_seconds, memory, xla_flops

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import os
 import re
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -33,6 +32,7 @@ from crosswrite_jax.chips import ALIASES, CHIPS, Chip, GiB
 from crosswrite_jax.config import Config
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.flops import batch_lengths, step_flops
+from crosswrite_jax.profiling import cost_analysis, peak_host_bytes
 from crosswrite_jax.trainer import Trainer
 
 EXAMPLES = "v5e-256, v5litepod-16, v4-128, v5p-256, v6e-64 or v5e:16x16, v4:4x4x8"
@@ -166,8 +166,8 @@ def program_flops_per_step(config: Config) -> float:
     with trainer.context():
         lowered = trainer.jit_train_step().lower(trainer.layout.abstract_with_shardings(),
                                                  abstract_batch(flat, trainer.mesh))
-        cost = lowered.cost_analysis()
-    return float(_first(cost).get("flops", 0.0))
+        cost = cost_analysis(lowered)
+    return float(cost.get("flops", 0.0))
 
 
 def model_flops_per_step(config: Config) -> float:
@@ -259,7 +259,7 @@ def _compile_check(config: Config, topology_name: str) -> Report:
                             f"{optimizer_bytes / GiB:.2f} GiB per chip. {_ADVICE}") from None
     compile_seconds = time.perf_counter() - lowered_at
     memory = compiled.memory_analysis()
-    cost = _cost(compiled)
+    cost = cost_analysis(compiled)
     chips = len(devices)
     model_flops, program_flops = model_flops_per_step(config), program_flops_per_step(config)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -281,18 +281,7 @@ def _compile_check(config: Config, topology_name: str) -> Report:
         parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.layout.abstract.params)),
         scanned_layers=config.model.scan_layers, program_flops_per_step=program_flops,
         lower_seconds=lowered_at - started, compile_seconds=compile_seconds,
-        host_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-
-
-def _cost(compiled) -> dict[str, float]:
-    return _first(compiled.cost_analysis())
-
-
-def _first(cost: Any) -> dict[str, float]:
-    """A cost analysis as one dict (older jax: a list, one per program; None where there is none)."""
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
+        host_peak_bytes=peak_host_bytes())
 
 
 def format_report(report: Report) -> str:

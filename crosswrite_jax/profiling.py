@@ -4,6 +4,7 @@ programs a run compiles."""
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,19 @@ import jax
 from jax import monitoring
 
 log = logging.getLogger("crosswrite")
+
+
+def cost_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a lowered or compiled program as one dict (older jax: one per program; {} if none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def peak_host_bytes() -> int:
+    """Peak resident memory of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class StepProfiler:

@@ -40,6 +40,11 @@ HF_MODELS = {
                                                            num_decoder_layers=3, num_heads=4,
                                                            feed_forward_proj="gated-gelu",
                                                            tie_word_embeddings=False, **SMALL)),
+    # This project's T5 v1.1 layout: tied and unscaled, so the final norm's d_model**-0.5 folds in and out.
+    "t5-v1.1-tied": lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                                                num_heads=4, feed_forward_proj="gated-gelu",
+                                                                tie_word_embeddings=True,
+                                                                scale_decoder_outputs=False, **SMALL)),
     "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                                       num_attention_heads=4, num_key_value_heads=2,
                                                       max_position_embeddings=64, **SMALL)),

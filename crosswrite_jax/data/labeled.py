@@ -35,7 +35,6 @@ import numpy as np
 
 from crosswrite_jax.data import pipeline, specs
 from crosswrite_jax.data.files import resolve_paths
-from crosswrite_jax.data.pipeline import segments_per_row
 from crosswrite_jax.data.text_sources import _as_text, _field, _missing_field, read_conll, read_delimited, read_jsonl
 from crosswrite_jax.data.tokenizer import Tokenizer
 from crosswrite_jax.errors import UserError
@@ -461,7 +460,8 @@ def train_dataset(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: S
     if packing:
         batches = _PackedTaskBatches(rows, label_ids, max_length, global_rows=global_batch_size, seed=seed,
                                      process_index=process_index, process_count=process_count,
-                                     pad_id=tokenizer.pad_id, max_segments=segments_per_row(max_segments, max_length))
+                                     pad_id=tokenizer.pad_id,
+                                     max_segments=pipeline.segments_per_row(max_segments, max_length))
         if not batches._plan(0):
             raise UserError(f"{len(examples)} training examples pack into fewer rows than one batch of "
                             f"{global_batch_size}; lower train.batch_size or use a larger split")
@@ -496,7 +496,8 @@ def eval_batches(task: Any, examples: Sequence, tokenizer: Tokenizer, labels: Se
     rows, label_ids = _encode(task, examples, tokenizer, labels, min(max_length, buckets[-1]))
     if packing:
         return _packed_eval_batches(rows, label_ids, batch_size=batch_size, width=max_length,
-                                    max_segments=segments_per_row(max_segments, max_length), pad_id=tokenizer.pad_id)
+                                    max_segments=pipeline.segments_per_row(max_segments, max_length),
+                                    pad_id=tokenizer.pad_id)
     batches = []
     for start in range(0, len(examples), batch_size):
         index = np.arange(start, start + batch_size, dtype=np.int32)
