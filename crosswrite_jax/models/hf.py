@@ -17,7 +17,7 @@ import numpy as np
 from crosswrite_jax.config import ModelConfig, read_json_object
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.models import presets
-from crosswrite_jax.models.layers import head_dim
+from crosswrite_jax.models.layers import head_dim, relative_bias_multiplier
 from crosswrite_jax.models.transformer import output_norm_multiplier, stack_layers, unstack_layers, unstacked_shapes
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -229,7 +229,7 @@ def kind_of(c: ModelConfig) -> str:
 
 def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
     n, h, d = c.num_heads, head_dim(c), c.d_model
-    k, m = c.num_kv_heads or n, output_norm_multiplier(c)
+    k, m, r = c.num_kv_heads or n, output_norm_multiplier(c), relative_bias_multiplier(c)
     return {
         "same": (lambda w: w, lambda w: w),
         "linear": (lambda w: w.T, lambda w: w.T),
@@ -242,6 +242,8 @@ def _layouts(c: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
         "out": (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T),
         # Before a tied, unscaled output the model keeps the final norm's d_model**-0.5 out of its stored gain.
         "output_norm": (lambda w: w / m, lambda w: w * m),
+        # T5's relative-bias table is stored over a fixed factor (layers.relative_bias_multiplier).
+        "relative_bias": (lambda w: w / r, lambda w: w * r),
     }
 
 
@@ -288,9 +290,9 @@ def _bert_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
 def _t5_rules(c: ModelConfig) -> dict[str, tuple[str, str]]:
     rules = {"embed/token_embed/embedding": ("shared.weight", "same"),
              "encoder/relative_attention_bias/embedding": (
-                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
+                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_bias"),
              "decoder/relative_attention_bias/embedding": (
-                 "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
+                 "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_bias"),
              "encoder/final_norm/scale": ("encoder.final_layer_norm.weight", "same"),
              "decoder/final_norm/scale": ("decoder.final_layer_norm.weight", "output_norm")}
     if not c.tie_output_embedding:
