@@ -59,6 +59,7 @@ class Experiment:
 MT = "configs/mt_multi30k.py"
 MT_SECTION = "Translation from scratch, Multi30k en-de, all 29,000 pairs (test_2016_flickr)"
 T5_TEMPERATURE_BEFORE = "287639f"  # the last commit with the output temperature stored in the final norm's gain
+T5_RELATIVE_BEFORE = "2e98682"  # the last commit with T5's relative-bias table stored as transformers stores it
 QUICKSTART_T5 = "The T5 layout against the quickstart's Transformer (bundled 8,000 pairs, 1,000 steps, test)"
 EXPERIMENTS = [
     Experiment(MT_SECTION, "mt_multi30k", "the recipe, greedy",
@@ -72,25 +73,37 @@ EXPERIMENTS = [
     Experiment(QUICKSTART_T5, "quickstart", "the quickstart's Transformer (3+3 layers, d 256)",
                "crosswrite train --config configs/quickstart.py --workdir runs/quickstart && crosswrite eval "
                "--workdir runs/quickstart --split test", "test", ("bleu", "chrf")),
+    Experiment(QUICKSTART_T5, "quickstart_seed", "the quickstart's Transformer, 3 seeds (seed 0 is the row above)",
+               "crosswrite train --config configs/quickstart.py --workdir runs/quickstart_seed_s{seed} "
+               "--config.train.seed={seed} && crosswrite eval --workdir runs/quickstart_seed_s{seed} --split test",
+               "test", ("bleu", "chrf"), seeds=(0, 1, 2)),
+    Experiment(QUICKSTART_T5, "quickstart_t5_seed", "T5 v1.1 of the same size, after the init, output-temperature "
+               "and relative-bias fixes (the recipe), 3 seeds",
+               "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_seed_s{seed} "
+               "--config.train.seed={seed} && crosswrite eval --workdir runs/quickstart_t5_seed_s{seed} --split test",
+               "test", ("bleu", "chrf"), seeds=(0, 1, 2)),
     Experiment(QUICKSTART_T5, "quickstart_t5_fixed", "T5 v1.1 of the same size, after the init and "
-               "output-temperature fixes (the recipe)",
-               "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_fixed && crosswrite "
-               "eval --workdir runs/quickstart_t5_fixed --split test", "test", ("bleu", "chrf")),
-    Experiment(QUICKSTART_T5, "quickstart_relative", "check: the quickstart's Transformer with T5's relative position "
-               "bias instead of sinusoids",
-               "crosswrite train --config configs/quickstart.py --workdir runs/quickstart_relative "
-               "--config.model.position=relative && crosswrite eval --workdir runs/quickstart_relative --split test",
-               "test", ("bleu", "chrf")),
-    Experiment(QUICKSTART_T5, "quickstart_t5_sinusoidal", "check: T5 v1.1 (both fixes) with sinusoids instead of "
-               "its relative position bias",
+               "output-temperature fixes, before the relative-bias fix",
+               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
+               "configs/quickstart_t5.py --workdir runs/quickstart_t5_fixed && crosswrite eval --workdir "
+               "runs/quickstart_t5_fixed --split test", "test", ("bleu", "chrf"), code_commit=T5_RELATIVE_BEFORE),
+    Experiment(QUICKSTART_T5, "quickstart_relative", "check before the relative-bias fix: the quickstart's "
+               "Transformer with T5's relative position bias instead of sinusoids",
+               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
+               "configs/quickstart.py --workdir runs/quickstart_relative --config.model.position=relative && "
+               "crosswrite eval --workdir runs/quickstart_relative --split test",
+               "test", ("bleu", "chrf"), code_commit=T5_RELATIVE_BEFORE),
+    Experiment(QUICKSTART_T5, "quickstart_t5_sinusoidal", "check: T5 v1.1 (init and temperature fixes) with "
+               "sinusoids instead of its relative position bias (the relative-bias fix does not apply)",
                "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_sinusoidal "
                "--config.model.position=sinusoidal && crosswrite eval --workdir runs/quickstart_t5_sinusoidal "
                "--split test", "test", ("bleu", "chrf")),
-    Experiment(QUICKSTART_T5, "quickstart_t5_buckets128", "check: T5 v1.1 (both fixes) with 128 relative-position "
-               "buckets instead of 32",
-               "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_buckets128 "
-               "--config.model.relative_buckets=128 && crosswrite eval --workdir runs/quickstart_t5_buckets128 "
-               "--split test", "test", ("bleu", "chrf")),
+    Experiment(QUICKSTART_T5, "quickstart_t5_buckets128", "check before the relative-bias fix: T5 v1.1 (init and "
+               "temperature fixes) with 128 relative-position buckets instead of 32",
+               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
+               "configs/quickstart_t5.py --workdir runs/quickstart_t5_buckets128 --config.model.relative_buckets=128 "
+               "&& crosswrite eval --workdir runs/quickstart_t5_buckets128 --split test", "test", ("bleu", "chrf"),
+               code_commit=T5_RELATIVE_BEFORE),
     Experiment(QUICKSTART_T5, "quickstart_t5", "T5 v1.1 of the same size, after the init fix only",
                f"git checkout {T5_TEMPERATURE_BEFORE} -- crosswrite_jax && crosswrite train --config "
                "configs/quickstart_t5.py --workdir runs/quickstart_t5 && crosswrite eval --workdir runs/quickstart_t5 "
