@@ -140,6 +140,47 @@ def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str,
             minilm]
 
 
+SFT = "Decoder-only fine-tuning (sft) against the encoder-decoder, the same data and budget"
+LORA = "--config.peft.method=lora --config.peft.learning_rate=2e-3"
+
+
+def _sft_rows() -> list[Experiment]:
+    """The causal-LM run fine-tuned as prompt -> response (full and LoRA), beside an encoder-decoder on the same pairs."""
+    mt, rouge = ("bleu", "chrf"), ("rouge1", "rouge2", "rougeL")
+    rows = [Experiment(SFT, "pretrain_causal_lm", "causal-LM pretraining: Llama layout, 4 layers, d 256, 400 steps "
+                       "on books + news (WikiText-2 validation)",
+                       f"{DATA}crosswrite train --config configs/pretrain_causal_lm.py --workdir runs/pretrain_causal_lm",
+                       "", ("perplexity", "loss"))]
+    for run, what, recipe, split, metrics, extra in (
+            ("sft_mt", "Multi30k en-de as prompt -> response, full fine-tuning", "finetune_sft_mt.py",
+             "test_2016_flickr", mt, ""),
+            ("sft_mt_lora", "Multi30k en-de as prompt -> response, LoRA (rank 8, attention, lr 2e-3)",
+             "finetune_sft_mt.py", "test_2016_flickr", mt, f" {LORA}"),
+            ("sft_scitldr", "SciTLDR as prompt -> response, full fine-tuning", "finetune_sft_scitldr.py", "dev",
+             rouge, ""),
+            ("sft_scitldr_lora", "SciTLDR as prompt -> response, LoRA (rank 8, attention, lr 2e-3)",
+             "finetune_sft_scitldr.py", "dev", rouge, f" {LORA}")):
+        rows.append(Experiment(SFT, run, what, f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{run}"
+                               f"{extra} && {DATA}crosswrite eval --checkpoint runs/{run}/best --split {split}",
+                               split, metrics))
+    rows += [
+        Experiment(SFT, "mt_encdec_2000", "encoder-decoder: mt_multi30k's Transformer (3+3 layers, d 256) from "
+                   "scratch, 2,000 steps of 16 rows",
+                   f"{DATA}crosswrite train --config {MT} --workdir runs/mt_encdec_2000 --config.train.steps=2000 "
+                   f"--config.train.batch_size=16 && {DATA}crosswrite eval --checkpoint runs/mt_encdec_2000/best "
+                   "--split test_2016_flickr", "test_2016_flickr", mt),
+        Experiment(SFT, "pretrain_span_corruption", "encoder-decoder pretraining: T5 v1.1 span corruption, 3+3 "
+                   "layers, d 256, 400 steps on books + news (WikiText-2 validation)",
+                   f"{DATA}crosswrite train --config configs/pretrain_span_corruption.py "
+                   "--workdir runs/pretrain_span_corruption", "", ("loss",)),
+        Experiment(SFT, "scitldr_encdec_300", "encoder-decoder: the span-corruption T5 fine-tuned on SciTLDR "
+                   "(configs/finetune_scitldr.py), 300 steps of 32 abstracts",
+                   f"{DATA}crosswrite train --config configs/finetune_scitldr.py --workdir runs/scitldr_encdec_300 "
+                   f"--config.train.steps=300 && {DATA}crosswrite eval --checkpoint runs/scitldr_encdec_300/best",
+                   "dev", rouge)]
+    return rows
+
+
 def _sst2_checks() -> list[Experiment]:
     """Seed-0 checks behind the SST-2 recipe's choices at 1,000 labels: the task text, mean pooling vs [CLS], the
     learning rate."""
@@ -214,6 +255,7 @@ EXPERIMENTS += [
     *(e for n in (2000, 500, 14041)
       for e in _few_label(FEW_CONLL, "finetune_ner_conll_mlm.py", "ner_conll", n, ("f1", "precision", "recall"),
                           "finetune_ner_conll.py")),
+    *_sft_rows(),
     Experiment(QUICKSTART_T5, "quickstart_t5_before_fix", "T5 v1.1 of the same size, before the init fix",
                "git checkout eb87928 -- crosswrite_jax && crosswrite train --config configs/quickstart_t5.py "
                "--workdir runs/quickstart_t5_before_fix && crosswrite eval --workdir runs/quickstart_t5_before_fix "
