@@ -4,8 +4,10 @@ programs a run compiles."""
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,38 @@ class CompileCounter:
         return {"compiled_programs": now["programs"] - self.start["programs"],
                 "compile_seconds": round(now["seconds"] - self.start["seconds"], 2),
                 "compile_cache_hits": now["cache_hits"] - self.start["cache_hits"]}
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc, 10 ms ticks), or None where /proc is absent."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"), 0.0)  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PhaseClock:
+    """Wall seconds of a run's consecutive phases, from the process's start: `mark(name)` ends the phase `name`.
+
+    The first phase, `imports`, runs from the interpreter's start to the clock's creation (Python, the imports and
+    the config); it is absent where the process's start time is unknown.
+    """
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        age = process_age()
+        if age is not None:
+            self.phases["imports"] = round(age, 2)
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self._last, 2)
+        self._last = now
+
+    def describe(self) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.phases.items())

@@ -25,7 +25,7 @@ from crosswrite_jax.initialize import params_from
 from crosswrite_jax.losses import SUMS, summarize
 from crosswrite_jax.models.transformer import PAD_ID
 from crosswrite_jax.preflight import check_params
-from crosswrite_jax.profiling import CompileCounter, StepProfiler
+from crosswrite_jax.profiling import CompileCounter, PhaseClock, StepProfiler
 from crosswrite_jax.reporting import MetricsWriter
 from crosswrite_jax.state import TrainState
 from crosswrite_jax.tasks import Task, check_config
@@ -42,35 +42,40 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
     `on_validation(step, metrics)` sees each validation after the first step; when it returns True the run stops
     there with a checkpoint (a sweep's pruner), and the result holds `pruned_at`.
     """
-    started, compiles = time.perf_counter(), CompileCounter()
+    started, compiles, clock = time.perf_counter(), CompileCounter(), PhaseClock()
     new_directory = not Path(workdir).exists()
     try:  # every check and every input read before config.json is written
-        run, trainer = _prepare(config, workdir)
+        run, trainer = _prepare(config, workdir, clock)
         config = run.config
         report = trainer.parameter_report()
         if jax.process_index() == 0:
             _log_sizes(config, trainer, report)
         data_iterator = iter(training_batches(run, trainer.task))
+        clock.mark("data")
         manager = checkpoint.open_manager(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
                                           async_save=config.checkpoint.async_save)
         state, resumed = _initial_state(run, trainer, manager, data_iterator)
+        clock.mark("parameters")
     except BaseException:
         if new_directory and jax.process_index() == 0:  # a failed first run leaves no directory behind
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     workdir_lib.record_config(run)
-    loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at, on_validation)
+    loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at, on_validation, clock)
     try:
         loop.run()
     finally:
         loop.close()
+        clock.mark("finish")
         summary = {"trainable_parameters": report["trainable"], "total_parameters": report["total"],
                    "trainable_percent": round(100 * report["trainable"] / report["total"], 3),
                    "optimizer_state_bytes": report["optimizer_state_bytes"], **loop.best.summary(),
-                   "seconds": round(time.perf_counter() - started, 1), **compiles.counts()}
+                   "seconds": round(time.perf_counter() - started, 1), **compiles.counts(),
+                   "phase_seconds": clock.phases}
         if jax.process_index() == 0:
             log.info("compiled %d programs in %.1f s (%d of them loaded from the compilation cache)",
                      summary["compiled_programs"], summary["compile_seconds"], summary["compile_cache_hits"])
+            log.info("wall time by phase: %s", clock.describe())
         loop.writer.write(int(jax.device_get(loop.state.step)), "summary", summary)  # this invocation: wall time, sizes
         loop.writer.close()
     if loop.preemption.interrupted:  # Ctrl-C: saved; the command exits 130 as an interrupted one does
@@ -78,7 +83,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
     return {**loop.last, **loop.initial, **summary}
 
 
-def _prepare(config: Config, workdir: str | Path) -> tuple[workdir_lib.Run, Trainer]:
+def _prepare(config: Config, workdir: str | Path, clock: PhaseClock) -> tuple[workdir_lib.Run, Trainer]:
     """The run directory (config, tokenizer) and the Trainer on this run's mesh, after the batch-size checks."""
     config = with_labels(peft.resolve(config), workdir)
     check_config(config, head_too=True)
@@ -92,7 +97,10 @@ def _prepare(config: Config, workdir: str | Path) -> tuple[workdir_lib.Run, Trai
         raise UserError(f"config key 'train.grad_accum_steps' ({config.train.grad_accum_steps}) leaves microbatches "
                         f"of {micro} rows, not a multiple of the data-parallel size {ways}; lower it")
     run = workdir_lib.prepare(config, workdir)
-    return run, Trainer.build(run.config, mesh)
+    clock.mark("run_directory")  # the config checked, the tokenizer loaded or trained
+    trainer = Trainer.build(run.config, mesh)
+    clock.mark("model")
+    return run, trainer
 
 
 def _log_sizes(config: Config, trainer: Trainer, report: dict[str, int]) -> None:
@@ -130,8 +138,10 @@ class _Loop:
     """One invocation's steps: log windows, validation, the best checkpoint, saves, early stopping, preemption."""
 
     def __init__(self, run: workdir_lib.Run, trainer: Trainer, manager, data_iterator: grain.DatasetIterator,
-                 state: TrainState, resumed: dict[str, Any], stop_at: int | None, on_validation=None):
+                 state: TrainState, resumed: dict[str, Any], stop_at: int | None, on_validation=None,
+                 clock: PhaseClock | None = None):
         config = self.config = run.config
+        self.clock = clock or PhaseClock()
         self.on_validation = on_validation
         self.trainer, self.manager, self.data_iterator, self.state = trainer, manager, data_iterator, state
         self.start = start = int(jax.device_get(state.step))
@@ -153,6 +163,7 @@ class _Loop:
         self.profiler = StepProfiler(run.workdir / "profile", start + 1, config.train.profile_steps, enabled=is_main)
         self.end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
         self.preemption = _Preemption(manager)
+        self.clock.mark("validation_setup")  # the validation data, and the validation at step 0 where asked
 
     def run(self) -> None:
         """Steps from the state's step to the end (or an early stop), each followed by its bookkeeping."""
@@ -162,10 +173,15 @@ class _Loop:
                 self.profiler.before(step)
                 self.state, metrics = self.train_step(self.state, sharding.to_global_batch(local, self.trainer.mesh))
                 self.profiler.after(step, metrics)
+                if step in (self.start, self.end - 1):  # the first step's compile; the steps end on the device
+                    jax.block_until_ready(metrics)
+                    self.clock.mark("first_step" if step == self.start else "steps")
                 self._log(step, metrics, local)
                 self.progress.update(1)
                 if self._stops(step + 1):
                     break
+        if "steps" not in self.clock.phases:  # stopped early: the validations and the save so far count as steps
+            self.clock.mark("steps")
 
     def _log(self, step: int, metrics, local: dict[str, np.ndarray]) -> None:
         """Accounts the step before (its metrics are ready now); writes a record every train.log_every steps."""

@@ -104,6 +104,12 @@ def test_training_logs_model_flops_and_its_compiles(tmp_path, caplog):
     summary, = [r for r in read_metrics(tmp_path / "run") if r["split"] == "summary"]
     assert summary["compiled_programs"] > 1 and summary["compile_seconds"] > 0  # init and the train step at least
     assert f"compiled {summary['compiled_programs']} programs in {summary['compile_seconds']:.1f} s" in caplog.text
+    phases = summary["phase_seconds"]  # the start-up and finish breakdown (docs/PERFORMANCE.md)
+    assert list(phases) == ["imports", "run_directory", "model", "data", "parameters", "validation_setup",
+                            "first_step", "steps", "finish"]
+    assert min(phases.values()) >= 0 and phases["first_step"] > 0 and phases["imports"] > 0
+    assert sum(v for k, v in phases.items() if k != "imports") == pytest.approx(summary["seconds"], abs=0.2)
+    assert "wall time by phase: imports" in caplog.text
     records = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert len(records) == 2
     batch = {"inputs": np.zeros((16, 32), np.int32), "targets": np.zeros((16, 32), np.int32)}  # one packed shape
