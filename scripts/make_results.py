@@ -555,6 +555,43 @@ def curve_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+LABELED_TASKS = ("classification", "tagging")
+BEFORE_AFTER = "Before and after fine-tuning: every classification and tagging recipe"
+
+
+def labeled_recipes() -> list[str]:
+    """The fine-tuning recipes (configs/finetune_*.py) whose task is classification or tagging."""
+    from crosswrite_jax import config as config_lib
+
+    paths = [p for p in sorted((ROOT / "configs").glob("finetune_*.py")) if "def get_config" in p.read_text()]
+    return [f"configs/{path.name}" for path in paths if config_lib.load(path).task in LABELED_TASKS]
+
+
+def _recipe(command: str) -> str:
+    found = re.search(r"crosswrite train --config (configs/\S+\.py)", command)
+    return found.group(1) if found else ""
+
+
+def before_after_table(rows: list[dict], recipes: list[str]) -> list[str]:
+    """Each recipe's rows: the metric at step 0 (a fresh head on the starting weights) and at the best checkpoint."""
+    if not recipes:
+        return []
+    lines = [f"## {BEFORE_AFTER}", "", "Validation at step 0 (`train.eval_at_start`: the starting weights with a fresh "
+             "head) against the best validation of the run (the checkpoint kept in `best/`), means over the row's "
+             "seeds; the rows are those of the sections above.", "",
+             "| recipe | run | metric | before (step 0) | after (best) | gain |", "|---|---|---|---|---|---|"]
+    for recipe in recipes:
+        measured = [r for r in rows if not r.get("legacy") and _recipe(r["command"]) == recipe]
+        if not measured:
+            lines.append(f"| `{recipe}` | not run with a step-0 validation yet | | | | |")
+        for row in measured:
+            metric, after = row["metric"], row["mean"]
+            before = (row.get("before") or {}).get(metric)
+            gain = f"{after - before:+.2f}" if before is not None and after is not None else ""
+            lines.append(f"| `{recipe}` | {row['what']} | {metric} | {_fmt(before)} | {_fmt(after)} | {gain} |")
+    return lines + [""]
+
+
 def curve_image(section: str) -> str:
     """The file name of a section's learning-curve plot."""
     return "curve_" + re.sub(r"[^a-z0-9]+", "_", section.split(",")[0].lower()).strip("_") + ".png"
@@ -676,7 +713,7 @@ SIDE_BY_SIDE_COMMAND = f"{DATA}python benchmarks/sst2_vs_pytorch.py | tail -1 > 
 
 
 def render(rows: list[dict], images: list[str], compared: dict | None = None, notes: dict | None = None,
-           sweep: dict | None = None) -> str:
+           sweep: dict | None = None, recipes: list[str] | None = None) -> str:
     """RESULTS.md from the rows alone."""
     notes = NOTES if notes is None else notes
     parts = ["# Results", "",
@@ -704,6 +741,7 @@ def render(rows: list[dict], images: list[str], compared: dict | None = None, no
                 parts += [f"![{curve_image(section)}](results/{curve_image(section)})", ""]
             if section in notes:
                 parts += [notes[section], ""]
+    parts += before_after_table(rows, recipes or [])
     parts += _side_by_side_section(compared)
     parts += _sweep_section(sweep, images)
     for image in images:
@@ -790,7 +828,7 @@ def load_summary(path: Path = SUMMARY) -> dict:
 def render_stored(summary: dict, out: Path = SUMMARY.parent) -> str:
     """RESULTS.md as the stored summary renders it (what the results test compares with the file)."""
     return render(summary["rows"], images(out), summary.get("side_by_side"), {**summary.get("notes", {}), **NOTES},
-                  summary.get("sweep"))
+                  summary.get("sweep"), labeled_recipes())
 
 
 def pending_commands(runs: Path, pattern: str) -> list[str]:

@@ -145,3 +145,15 @@ def test_pending_commands_list_each_unfinished_seed_once_seed_0_first(tmp_path):
     assert workdirs == [f"runs/mt_{side}_n2900_s{seed}" for seed in (0, 1, 2) for side in ("pretrained", "scratch")
                         if (side, seed) != ("scratch", 0)]
     assert all("{seed}" not in c for c in commands)
+
+
+def test_before_and_after_table_lists_every_labeled_recipe_with_its_rows():
+    make_results = _script()
+    recipes = make_results.labeled_recipes()
+    assert "configs/finetune_sst2_mlm.py" in recipes and "configs/finetune_ner_conll.py" in recipes
+    assert not any("mt" in r or "scitldr" in r for r in recipes)  # generation recipes have their own rows
+    row = {"what": "own MLM, 1,000 labels", "metric": "accuracy", "mean": 70.25, "before": {"accuracy": 50.0},
+           "command": "crosswrite train --config configs/finetune_sst2_mlm.py --workdir runs/x"}
+    lines = make_results.before_after_table([row], ["configs/finetune_sst2_mlm.py", "configs/finetune_sst2.py"])
+    assert "| `configs/finetune_sst2_mlm.py` | own MLM, 1,000 labels | accuracy | 50.00 | 70.25 | +20.25 |" in lines
+    assert "| `configs/finetune_sst2.py` | not run with a step-0 validation yet | | | | |" in lines
