@@ -145,12 +145,12 @@ LORA = "--config.peft.method=lora --config.peft.learning_rate=2e-3"
 
 
 def _sft_rows() -> list[Experiment]:
-    """The causal-LM run fine-tuned as prompt -> response (full and LoRA), beside an encoder-decoder on the same pairs."""
+    """The causal-LM run fine-tuned as prompt -> response (full, LoRA), beside encoder-decoders on the same pairs."""
     mt, rouge = ("bleu", "chrf"), ("rouge1", "rouge2", "rougeL")
     rows = [Experiment(SFT, "pretrain_causal_lm", "causal-LM pretraining: Llama layout, 4 layers, d 256, 400 steps "
                        "on books + news (WikiText-2 validation)",
-                       f"{DATA}crosswrite train --config configs/pretrain_causal_lm.py --workdir runs/pretrain_causal_lm",
-                       "", ("perplexity", "loss"))]
+                       f"{DATA}crosswrite train --config configs/pretrain_causal_lm.py "
+                       "--workdir runs/pretrain_causal_lm", "", ("perplexity", "loss"))]
     for run, what, recipe, split, metrics, extra in (
             ("sft_mt", "Multi30k en-de as prompt -> response, full fine-tuning", "finetune_sft_mt.py",
              "test_2016_flickr", mt, ""),
