@@ -3,10 +3,9 @@
     python benchmarks/t5_init.py [--version 1.1] [--d-model 256]
 
 Prints, for one batch of random ids: each parameter group's standard deviation (the query's with the score scale
-folded in, as transformers stores it), the scale of the embedded tokens, the initial logit spread and loss, and
-the share of the squared gradient norm that falls on the token embedding. transformers' side uses
-T5ForConditionalGeneration
-with the same config (needs torch).
+folded in and the relative bias with its multiplier, as transformers stores them), the scale of the embedded
+tokens, the initial logit spread and loss, and the share of the squared gradient norm that falls on the token
+embedding. transformers' side uses T5ForConditionalGeneration with the same config (needs torch).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosswrite_jax.models import presets
+from crosswrite_jax.models.layers import relative_bias_multiplier
 from crosswrite_jax.models.transformer import build_model
 
 
@@ -56,6 +56,8 @@ def ours(config) -> dict[str, float]:
     out = {f"std {k}": float(np.mean(v)) for k, v in stats.items()}
     if config.scale_attention:  # the score scale applied in attention is folded into transformers' query
         out["std query"] /= math.sqrt(config.d_model // config.num_heads)
+    # The bias itself (stored table times its fixed multiplier), as transformers stores it.
+    out["std relative"] *= relative_bias_multiplier(config)
     embedded = model.apply({"params": params}, jnp.asarray(inputs), method=lambda m, x: m.embedder(
         x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)))
     out["embedded rms"] = float(jnp.sqrt(jnp.mean(embedded ** 2)))
