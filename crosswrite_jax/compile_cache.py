@@ -1,9 +1,8 @@
 """A default home for JAX's persistent compilation cache, so a re-run loads its compiled steps instead of compiling.
 
 `crosswrite` commands other than bench (which measures compilation) keep compiled XLA programs under
-$XDG_CACHE_HOME/crosswrite_jax/xla/<host fingerprint> (XDG_CACHE_HOME defaults to ~/.cache), every program
-however fast it compiled (JAX's default keeps only those over a second). JAX's own JAX_COMPILATION_CACHE_DIR wins
-when it is set; set it to the empty string to turn the cache off.
+$XDG_CACHE_HOME/crosswrite_jax/xla/<host fingerprint> (XDG_CACHE_HOME defaults to ~/.cache). JAX's own
+JAX_COMPILATION_CACHE_DIR wins when it is set; set it to the empty string to turn the cache off.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import platform
 from pathlib import Path
 
 ENV = "JAX_COMPILATION_CACHE_DIR"
-MIN_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"  # JAX caches only programs slower to compile than this
 
 
 def host_fingerprint() -> str:
@@ -42,6 +40,4 @@ def enable_default() -> str | None:
 
     folder = str(default_dir())
     jax.config.update("jax_compilation_cache_dir", folder)
-    if MIN_TIME_ENV not in os.environ:  # every program, so a re-run loads even those that compile in under a second
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder

@@ -104,12 +104,6 @@ def test_compilation_cache_default_yields_to_jax_env(monkeypatch, tmp_path):
     folder = compile_cache.default_dir()
     assert folder.parent == tmp_path / "crosswrite_jax" / "xla"
     assert folder.name == compile_cache.host_fingerprint() and len(folder.name) == 12
-    # In a fresh process (it sets JAX's global cache): the default caches every program, fast compiles included.
-    env = {k: v for k, v in os.environ.items() if k not in (compile_cache.ENV, compile_cache.MIN_TIME_ENV)}
-    shown = subprocess.run([sys.executable, "-c", "import jax; from crosswrite_jax import compile_cache; print("
-                            "compile_cache.enable_default(), jax.config.jax_persistent_cache_min_compile_time_secs)"],
-                           capture_output=True, text=True, env=dict(env, XDG_CACHE_HOME=str(tmp_path)), timeout=120)
-    assert shown.stdout.split() == [str(folder), "0.0"], shown.stderr
 
 
 RUN_WITH_HANDLER = ("import atexit, sys\n"
