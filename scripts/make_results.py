@@ -56,6 +56,16 @@ class Experiment:
         return f"{self.section}|{self.run}|{self.beam_size}"
 
 
+def _quickstart_check(run: str, what: str, recipe: str, overrides: str = "", commit: str = "") -> Experiment:
+    """A row of the T5-against-the-quickstart section: train `recipe` with `overrides` (at `commit`'s package code,
+    when given), then score the test split."""
+    at_commit = f"git checkout {commit} -- crosswrite_jax && " if commit else ""
+    extra = f" {overrides}" if overrides else ""
+    return Experiment(QUICKSTART_T5, run, what, f"{at_commit}crosswrite train --config configs/{recipe} --workdir "
+                      f"runs/{run}{extra} && crosswrite eval --workdir runs/{run} --split test", "test",
+                      ("bleu", "chrf"), code_commit=commit)
+
+
 MT = "configs/mt_multi30k.py"
 MT_SECTION = "Translation from scratch, Multi30k en-de, all 29,000 pairs (test_2016_flickr)"
 T5_TEMPERATURE_BEFORE = "287639f"  # the last commit with the output temperature stored in the final norm's gain
@@ -82,38 +92,21 @@ EXPERIMENTS = [
                "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_seed_s{seed} "
                "--config.train.seed={seed} && crosswrite eval --workdir runs/quickstart_t5_seed_s{seed} --split test",
                "test", ("bleu", "chrf"), seeds=(0, 1, 2)),
-    Experiment(QUICKSTART_T5, "quickstart_t5_fixed", "T5 v1.1 of the same size, after the init and "
-               "output-temperature fixes, before the relative-bias fix",
-               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
-               "configs/quickstart_t5.py --workdir runs/quickstart_t5_fixed && crosswrite eval --workdir "
-               "runs/quickstart_t5_fixed --split test", "test", ("bleu", "chrf"), code_commit=T5_RELATIVE_BEFORE),
-    Experiment(QUICKSTART_T5, "quickstart_relative", "check before the relative-bias fix: the quickstart's "
-               "Transformer with T5's relative position bias instead of sinusoids",
-               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
-               "configs/quickstart.py --workdir runs/quickstart_relative --config.model.position=relative && "
-               "crosswrite eval --workdir runs/quickstart_relative --split test",
-               "test", ("bleu", "chrf"), code_commit=T5_RELATIVE_BEFORE),
-    Experiment(QUICKSTART_T5, "quickstart_t5_sinusoidal", "check: T5 v1.1 (init and temperature fixes) with "
-               "sinusoids instead of its relative position bias (the relative-bias fix does not apply)",
-               "crosswrite train --config configs/quickstart_t5.py --workdir runs/quickstart_t5_sinusoidal "
-               "--config.model.position=sinusoidal && crosswrite eval --workdir runs/quickstart_t5_sinusoidal "
-               "--split test", "test", ("bleu", "chrf")),
-    Experiment(QUICKSTART_T5, "quickstart_t5_buckets128", "check before the relative-bias fix: T5 v1.1 (init and "
-               "temperature fixes) with 128 relative-position buckets instead of 32",
-               f"git checkout {T5_RELATIVE_BEFORE} -- crosswrite_jax && crosswrite train --config "
-               "configs/quickstart_t5.py --workdir runs/quickstart_t5_buckets128 --config.model.relative_buckets=128 "
-               "&& crosswrite eval --workdir runs/quickstart_t5_buckets128 --split test", "test", ("bleu", "chrf"),
-               code_commit=T5_RELATIVE_BEFORE),
-    Experiment(QUICKSTART_T5, "quickstart_t5", "T5 v1.1 of the same size, after the init fix only",
-               f"git checkout {T5_TEMPERATURE_BEFORE} -- crosswrite_jax && crosswrite train --config "
-               "configs/quickstart_t5.py --workdir runs/quickstart_t5 && crosswrite eval --workdir runs/quickstart_t5 "
-               "--split test", "test", ("bleu", "chrf"), code_commit=T5_TEMPERATURE_BEFORE),
-    Experiment(QUICKSTART_T5, "quickstart_t5_dropout01", "T5 v1.1 of the same size, after the init fix only, "
-               "dropout 0.1",
-               f"git checkout {T5_TEMPERATURE_BEFORE} -- crosswrite_jax && crosswrite train --config "
-               "configs/quickstart_t5.py --workdir runs/quickstart_t5_dropout01 --config.model.dropout_rate=0.1 && "
-               "crosswrite eval --workdir runs/quickstart_t5_dropout01 --split test", "test", ("bleu", "chrf"),
-               code_commit=T5_TEMPERATURE_BEFORE),
+    _quickstart_check("quickstart_t5_fixed", "T5 v1.1 of the same size, after the init and output-temperature fixes, "
+                      "before the relative-bias fix", "quickstart_t5.py", commit=T5_RELATIVE_BEFORE),
+    _quickstart_check("quickstart_relative", "check before the relative-bias fix: the quickstart's Transformer with "
+                      "T5's relative position bias instead of sinusoids", "quickstart.py",
+                      "--config.model.position=relative", T5_RELATIVE_BEFORE),
+    _quickstart_check("quickstart_t5_sinusoidal", "check: T5 v1.1 (init and temperature fixes) with sinusoids "
+                      "instead of its relative position bias (the relative-bias fix does not apply)",
+                      "quickstart_t5.py", "--config.model.position=sinusoidal"),
+    _quickstart_check("quickstart_t5_buckets128", "check before the relative-bias fix: T5 v1.1 (init and temperature "
+                      "fixes) with 128 relative-position buckets instead of 32", "quickstart_t5.py",
+                      "--config.model.relative_buckets=128", T5_RELATIVE_BEFORE),
+    _quickstart_check("quickstart_t5", "T5 v1.1 of the same size, after the init fix only", "quickstart_t5.py",
+                      commit=T5_TEMPERATURE_BEFORE),
+    _quickstart_check("quickstart_t5_dropout01", "T5 v1.1 of the same size, after the init fix only, dropout 0.1",
+                      "quickstart_t5.py", "--config.model.dropout_rate=0.1", T5_TEMPERATURE_BEFORE),
 ]
 
 FEW_SST2 = "Few labels: SST-2 dev accuracy, the project's own masked-LM encoder against scratch and MiniLM"
