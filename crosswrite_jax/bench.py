@@ -43,8 +43,6 @@ def _token_counts(batch: dict[str, np.ndarray], token_keys: tuple[str, ...]) -> 
     return real, sum(int(batch[k].size) for k in token_keys if k in batch)
 
 
-
-
 def device_peak_bytes() -> int | None:
     """Peak bytes in use on the first device, where the backend reports it (GPU, TPU; not CPU)."""
     stats = jax.devices()[0].memory_stats() or {}

@@ -138,10 +138,9 @@ class _Loop:
     """One invocation's steps: log windows, validation, the best checkpoint, saves, early stopping, preemption."""
 
     def __init__(self, run: workdir_lib.Run, trainer: Trainer, manager, data_iterator: grain.DatasetIterator,
-                 state: TrainState, resumed: dict[str, Any], stop_at: int | None, on_validation=None,
-                 clock: PhaseClock | None = None):
+                 state: TrainState, resumed: dict[str, Any], stop_at: int | None, on_validation, clock: PhaseClock):
         config = self.config = run.config
-        self.clock = clock or PhaseClock()
+        self.clock = clock
         self.on_validation = on_validation
         self.trainer, self.manager, self.data_iterator, self.state = trainer, manager, data_iterator, state
         self.start = start = int(jax.device_get(state.step))

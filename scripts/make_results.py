@@ -526,11 +526,18 @@ def _score_text(row: dict) -> str:
             continue
         std = (row.get("score_stds") or {}).get(metric)
         parts.append(f"{metric} {mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
-    planned = len(row.get("seeds") or [0])
-    seeds = row.get("seeds_found", planned)
-    if seeds < planned:  # a row whose other seeds have not run yet says so
-        return ", ".join(parts) + f" ({seeds} of {planned} seeds)"
+    partial = _partial_seeds(row)
+    if partial:
+        return ", ".join(parts) + partial
+    seeds = row.get("seeds_found", len(row.get("seeds") or [0]))
     return ", ".join(parts) + (f" ({seeds} seeds)" if seeds > 1 else "")
+
+
+def _partial_seeds(row: dict) -> str:
+    """' (n of m seeds)' for a row whose other planned seeds have not run yet, else ''."""
+    planned = len(row.get("seeds") or [0])
+    found = row.get("seeds_found", planned)
+    return f" ({found} of {planned} seeds)" if found < planned else ""
 
 
 def _before_text(row: dict) -> str:
@@ -578,10 +585,7 @@ def curve_table(rows: list[dict]) -> list[str]:
         for n in sizes:
             row = next((r for r in points if r["start"] == start and r["labeled_examples"] == n), None)
             std = "" if row is None or row["std"] is None else f" ± {row['std']:.2f}"
-            planned = len((row or {}).get("seeds") or [0])
-            found = (row or {}).get("seeds_found", planned)
-            partial = f" ({found} of {planned} seeds)" if found < planned else ""
-            cells.append("" if row is None or row["mean"] is None else f"{row['mean']:.2f}{std}{partial}")
+            cells.append("" if row is None or row["mean"] is None else f"{row['mean']:.2f}{std}{_partial_seeds(row)}")
         lines.append(f"| {start} | " + " | ".join(cells) + " |")
     return lines + [""]
 
