@@ -280,6 +280,13 @@ class MultiHeadAttention(nn.Module):
         if not initialized:  # allocation call: shapes are [B, max_length, K, H]
             return k, v, mask
         i = index.value
+        if i.ndim == 1:  # one index per row (decoding slots, crosswrite_jax.slots): one position each, in place
+            rows = jnp.arange(k.shape[0])
+            cached_k.value = cached_k.value.at[rows, i].set(k[:, 0], mode="drop")
+            cached_v.value = cached_v.value.at[rows, i].set(v[:, 0], mode="drop")
+            index.value = i + 1
+            written = (jnp.arange(cached_k.value.shape[1])[None, :] < index.value[:, None])[:, None, None, :]
+            return cached_k.value, cached_v.value, written if mask is None else written & mask
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + k.shape[1]
