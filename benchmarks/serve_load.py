@@ -5,11 +5,13 @@ time, and against `predict` without a server.
         [--max-batch 16] [--max-wait-ms 5]
 
 Each request carries one sentence of the run's test split (test_2016_flickr for the quickstart). For each server
-mode (`--max-batch 16 --max-wait-ms 5`, then `--max-batch 1`) the script starts `crosswrite serve`, waits for it
+mode (continuous batching with `--max-batch 16 --max-wait-ms 5`, the same with `--batching static`, then one
+request at a time: `--batching static --max-batch 1`) the script starts `crosswrite serve`, waits for it
 to be ready (compiled), sends a few warm-up requests, then lets --clients threads (http.client, keep-alive) send
 --requests requests as fast as answers come, and stops the server with SIGTERM. With the server gone it runs the
 same sentences through predict's code in this process: once as `crosswrite predict` does (eval.batch_size rows
-per batch) and once as a loop of one-sentence calls. All four must give the same outputs.
+per batch) and once as a loop of one-sentence calls. All five must give the same outputs. "texts per batch" is, for
+continuous batching, the texts decoding together in an average step.
 
 Without a run at --workdir it trains the quickstart for 200 steps into runs/serve_load_quickstart200 (and says so).
 Prints a table and a JSON line. Not a test.
@@ -146,8 +148,10 @@ def serve_mode(workdir: Path, port: int, args: list[str], texts: list[str], clie
     status, model = request(port, "GET", "/v1/model")
     code = server.stop()
     batching = model["batching"]
+    together = (batching["slot_steps"] / max(batching["decode_steps"], 1) if model["batching_mode"] == "continuous"
+                else batching["batched_texts"] / max(batching["batches"], 1))  # texts decoded together, on average
     result.update(startup_s=server.startup_seconds, exit_code=code, batches=batching["batches"],
-                  texts_per_batch=batching["batched_texts"] / max(batching["batches"], 1),
+                  texts_per_batch=together, mode=model["batching_mode"],
                   step=model["step"], checkpoint=model["checkpoint"], compiled_shapes=len(model["compiled_shapes"]))
     return result
 
@@ -197,17 +201,19 @@ def main() -> None:
 
     workdir, origin = ensure_run(Path(args.workdir))
     texts = sentences(workdir, args.requests)
+    batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     modes = {
-        f"serve, dynamic batching (--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g})":
-            serve_mode(workdir, args.port, ["--max-batch", str(args.max_batch), "--max-wait-ms",
-                                            str(args.max_wait_ms)], texts, args.clients),
-        "serve, one request at a time (--max-batch 1)":
-            serve_mode(workdir, args.port + 1, ["--max-batch", "1"], texts, args.clients),
+        f"serve, continuous batching ({' '.join(batched)})":
+            serve_mode(workdir, args.port, batched, texts, args.clients),
+        f"serve, static batching (--batching static {' '.join(batched)})":
+            serve_mode(workdir, args.port + 1, ["--batching", "static", *batched], texts, args.clients),
+        "serve, one request at a time (--batching static --max-batch 1)":
+            serve_mode(workdir, args.port + 2, ["--batching", "static", "--max-batch", "1"], texts, args.clients),
     }
     modes.update(predict_modes(workdir, texts))
     reference = next(iter(modes.values()))["outputs"]
     identical = all(m["outputs"] == reference for m in modes.values())
-    dynamic, single = list(modes.values())[:2]
+    dynamic, static, single = list(modes.values())[:3]
     speedup = dynamic["requests_per_s"] / single["requests_per_s"]
 
     print(f"\n{origin}; step {dynamic['step']} from {dynamic['checkpoint']}; {len(texts)} requests of one sentence "
@@ -221,10 +227,12 @@ def main() -> None:
             f"{m['rows']} rows" if "rows" in m else "1")
         startup = f"{m['startup_s']:.0f} s ({m['compiled_shapes']} shapes)" if "startup_s" in m else "-"
         print(f"| {name} | {m['requests_per_s']:.1f} | {p50} | {p99} | {per_batch} | {startup} |")
-    print(f"\ndynamic batching / one at a time: {speedup:.2f}x requests/s (target >= 4x); outputs identical across "
+    print(f"\ncontinuous batching / one at a time: {speedup:.2f}x requests/s (target >= 4x); static batching / one "
+          f"at a time: {static['requests_per_s'] / single['requests_per_s']:.2f}x; outputs identical across "
           f"all modes: {identical}; server exit codes after SIGTERM: "
           f"{[m['exit_code'] for m in modes.values() if 'exit_code' in m]}")
     summary = {"origin": origin, "requests": len(texts), "clients": args.clients, "speedup": round(speedup, 2),
+               "static_speedup": round(static["requests_per_s"] / single["requests_per_s"], 2),
                "identical": identical,
                **{name: {k: (round(v, 1) if isinstance(v, float) else v) for k, v in m.items() if k != "outputs"}
                   for name, m in modes.items()}}

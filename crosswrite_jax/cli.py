@@ -81,6 +81,9 @@ def _serve_command(commands) -> argparse.ArgumentParser:
                        help="a text longer than the longest input: truncate it as predict does, or refuse it (413)")
     serve.add_argument("--max-texts", type=int, default=64, help="texts in one request at most (default: 64)")
     serve.add_argument("--max-chars", type=int, default=10_000, help="characters in one text at most (default: 10000)")
+    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                       help="continuous: texts join and leave decoding slots between steps (greedy encoder-decoder "
+                            "runs); static: a batch decodes until its longest output ends (default: continuous)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="texts waiting for a batch at most; more get 503 (default: 256)")
     return serve
@@ -265,7 +268,7 @@ def run_serve(args, overrides) -> dict:
         raise UserError(f"--batch-sizes takes numbers separated by commas, e.g. 1,4,16; got {args.batch_sizes!r}")
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            batch_sizes=sizes, overlong=args.overlong, max_texts=args.max_texts,
-                           max_chars=args.max_chars, max_queue=args.max_queue)
+                           max_chars=args.max_chars, max_queue=args.max_queue, batching=args.batching)
     return serve(args.workdir, options, checkpoint=args.checkpoint, overrides=overrides)
 
 

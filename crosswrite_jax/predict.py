@@ -188,10 +188,18 @@ class Predictor:
                 ids, padding = prompt_batch(self.restored, self.spec.prompts(self.restored.run.config, texts), rows)
             else:
                 ids, padding = source_batch(self.restored, texts, rows), None
-        generated = self._decode_ids(ids, padding, decode, max_length, rng)[:len(texts)]
+        return self.generated_outputs(self._decode_ids(ids, padding, decode, max_length, rng)[:len(texts)])
+
+    def generated_outputs(self, generated: np.ndarray) -> list[dict[str, Any]]:
+        """One output (see the class) per row of generated ids [N, L] (EOS, then PAD, after each text)."""
         key = self.spec.output_key if self.spec.generates else "continuation"  # a language model continues text
         return [{"output": " ".join(text.splitlines()), key: text}
                 for text in self.restored.run.tokenizer.decode_batch(generated)]
+
+    def source_ids(self, texts: list[str]) -> np.ndarray:
+        """Encoder inputs [len(texts), bucket width] for an encoder-decoder run's texts, as predict makes them."""
+        with self._tokenizer_lock:
+            return source_batch(self.restored, texts, len(texts))
 
     def _label(self, texts: list[str], rows: int) -> list[dict[str, Any]]:
         from crosswrite_jax.data import labeled

@@ -1,9 +1,10 @@
 """`crosswrite serve`: a run's checkpoint behind HTTP (FastAPI + uvicorn), with dynamic batching.
 
-Requests' texts wait in one queue; a worker thread takes up to --max-batch texts that share decoding settings
-(waiting at most --max-wait-ms after the oldest arrived), pads them to one of a few (rows, width) shapes compiled
-at start-up, runs them through `Predictor.outputs` (the function `crosswrite predict` uses) and hands each
-request its outputs.
+Requests' texts wait in one queue served by a worker thread. Static batching (`Batcher`) takes up to --max-batch
+texts that share decoding settings (waiting at most --max-wait-ms after the oldest arrived), pads them to one of
+a few (rows, width) shapes compiled at start-up, runs them through `Predictor.outputs` (the function
+`crosswrite predict` uses) and hands each request its outputs. Continuous batching (`SlotBatcher`, the default for
+greedy encoder-decoder runs) lets each text join a decoding row between steps and leave it when its output ends.
 """
 
 import asyncio
@@ -24,11 +25,14 @@ import numpy as np
 
 from crosswrite_jax.decode import describe
 from crosswrite_jax.errors import UserError
+from crosswrite_jax.models.transformer import PAD_ID
 from crosswrite_jax.predict import Predictor, load_predictor
+from crosswrite_jax.slots import SlotDecoder, SlotState
 
 log = logging.getLogger("crosswrite")
 
 OVERLONG = ("truncate", "refuse")
+BATCHING = ("continuous", "static")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ServeOptions:
     max_texts: int = 64  # texts in one request
     max_chars: int = 10_000  # characters in one text
     max_queue: int = 256  # texts waiting for a batch; more gets 503
+    batching: str = "continuous"  # 'continuous' where the run decodes greedily with an encoder-decoder, else 'static'
 
     def check(self) -> None:
         """Raises UserError naming the first bad option."""
@@ -54,6 +59,8 @@ class ServeOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise UserError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
+        if self.batching not in BATCHING:
+            raise UserError(f"--batching is 'continuous' or 'static', got {self.batching!r}")
         if self.overlong not in OVERLONG:
             raise UserError(f"--overlong is 'truncate' or 'refuse', got {self.overlong!r}")
         if any(b < 1 for b in self.batch_sizes):
@@ -98,6 +105,8 @@ class _Item:
 
 class Batcher:
     """Gathers queued texts into batches (by decoding settings) and runs them on a worker thread."""
+
+    mode = "static"
 
     def __init__(self, predictor: Predictor, options: ServeOptions):
         self.predictor, self.options = predictor, options
@@ -190,13 +199,20 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every caller gets the one-line error; the server keeps serving
             log.exception("batch of %d texts failed", len(batch))
             outputs, error = [None] * len(batch), exc
-        self.counters["batches"] += 1
-        self.counters["batched_texts"] += len(batch)
-        self.counters["filler_rows"] += rows - len(batch)
+        self._count_batch(len(batch), rows)
         self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
         self.counters["multi_request_batches"] += len({id(item.request) for item in batch}) > 1
-        self.batch_sizes[len(batch)] += 1
-        for item, output in zip(batch, outputs):
+        self._deliver(batch, outputs, error)
+
+    def _count_batch(self, texts: int, rows: int) -> None:
+        self.counters["batches"] += 1
+        self.counters["batched_texts"] += texts
+        self.counters["filler_rows"] += rows - texts
+        self.batch_sizes[texts] += 1
+
+    def _deliver(self, items: list[_Item], outputs: list, error: BaseException | None) -> None:
+        """Hands each item its output; a request is answered when its last text is through (or fails at once)."""
+        for item, output in zip(items, outputs):
             request = item.request
             if error is not None:
                 if not request.failed:
@@ -208,6 +224,148 @@ class Batcher:
             request.remaining -= 1
             if request.remaining == 0 and not request.failed:
                 request.done(request.outputs, None)
+
+
+class SlotBatcher(Batcher):
+    """Continuous batching: a text joins a free decoding slot at the next step boundary and leaves it when its
+    output ends (crosswrite_jax.slots), so short outputs do not wait for the longest one of their batch.
+
+    For encoder-decoder runs that decode greedily. Texts that ask for other decoding settings run as Batcher's
+    batches between decoding calls. With every slot free, the first text waits up to max_wait_ms for others
+    to join it (as Batcher gathers a batch).
+    """
+
+    mode = "continuous"
+
+    def __init__(self, predictor: Predictor, options: ServeOptions):
+        super().__init__(predictor, options)
+        r = predictor.restored
+        self.slots, self.width = self.rows[-1], max(predictor.widths())
+        self.decoder = SlotDecoder(r.model, r.params, self.slots, self.width, r.run.config.eval.max_decode_length,
+                                   r.run.tokenizer.eos_id)
+        self._occupants: list[_Item | None] = [None] * self.slots
+        self._state: SlotState | None = None
+        self._idle_since = time.perf_counter()  # when the last text left the slots
+        self.counters.update(decode_calls=0, decode_steps=0, slot_steps=0)
+
+    @staticmethod
+    def supports(predictor: Predictor) -> bool:
+        d = predictor.restored.run.config.decode
+        return predictor.family == "encoder_decoder" and predictor.generates and d.beam_size == 1 and not d.sample
+
+    def compile(self) -> list[tuple[int, int]]:
+        """Compiles (and runs once) joining A texts of width w for every A in rows and w in the input widths, and
+        the decoding loop; returns the (A, w) shapes."""
+        shapes = [(a, w) for a in self.rows for w in self.predictor.widths()]
+        with self.predictor.restored.context():
+            state = self.decoder.start()
+            for a, w in shapes:  # filler rows only: slot index `slots` is dropped
+                state = self.decoder.join(state, np.full((a, w), PAD_ID, np.int32), np.full((a,), self.slots, np.int32))
+            self._state = jax.block_until_ready(self.decoder.advance(state, 1)[0])
+        return shapes
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + sum(item is not None for item in self._occupants)
+
+    def _busy(self) -> bool:
+        return any(item is not None for item in self._occupants)
+
+    def _next(self) -> tuple[list[_Item], list[_Item]] | None:
+        """(texts to join free slots, a batch of texts with other decoding settings); None once stopped and done."""
+        with self._cond:
+            while not self._queue and not self._busy():
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            free = self._occupants.count(None)
+            if not self._busy():  # gather concurrent callers for max_wait_ms, as Batcher does
+                start = max(self._queue[0].arrived, self._idle_since)
+                while not self._stopping and sum(item.key is None for item in self._queue) < free:
+                    left = start + self.options.max_wait_ms / 1000 - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            joining, rest = [], collections.deque()
+            for item in self._queue:
+                (joining if item.key is None and len(joining) < free else rest).append(item)
+            batch, others = [], collections.deque()
+            for item in rest:
+                (batch if len(batch) < self.options.max_batch and item.key == rest[0].key else others).append(item)
+            self._queue = others
+            return joining, batch
+
+    def _work(self) -> None:
+        while (work := self._next()) is not None:
+            joining, batch = work
+            if joining:
+                self._join(joining)
+            if batch:
+                self._run(batch)
+            if self._busy():
+                self._advance()
+                if not self._busy():
+                    self._idle_since = time.perf_counter()
+
+    def _join(self, items: list[_Item]) -> None:
+        rows = next(r for r in self.rows if r >= len(items))
+        free = [s for s, item in enumerate(self._occupants) if item is None]
+        slots = np.full((rows,), self.slots, np.int32)
+        slots[:len(items)] = free[:len(items)]
+        try:
+            ids = self.predictor.source_ids([item.text for item in items])  # at their bucket width
+            ids = np.pad(ids, ((0, rows - len(items)), (0, 0)), constant_values=PAD_ID)
+            with self.predictor.restored.context():
+                self._state = self.decoder.join(self._state, ids, slots)
+        except Exception as exc:  # noqa: BLE001 - the callers get the error; the server keeps serving
+            log.exception("%d texts failed to join the decoding slots", len(items))
+            self._deliver(items, [None] * len(items), exc)
+            self._restart()
+            return
+        for slot, item in zip(slots, items):
+            self._occupants[slot] = item
+        self._count_batch(len(items), rows)
+
+    def _advance(self) -> None:
+        """Decodes until a text ends (or the longest output's steps), then answers the texts that ended."""
+        occupied = [item for item in self._occupants if item is not None]
+        try:
+            with self.predictor.restored.context():
+                self._state, taken = self.decoder.advance(self._state, self.decoder.max_new)
+                running, out = self.decoder.outputs(self._state)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decoding %d texts failed", len(occupied))
+            self._deliver(occupied, [None] * len(occupied), exc)
+            self._occupants = [None] * self.slots
+            self._restart()
+            return
+        steps = int(taken)
+        self.counters["decode_calls"] += 1
+        self.counters["decode_steps"] += steps
+        self.counters["slot_steps"] += steps * len(occupied)
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(occupied))
+        self.counters["multi_request_batches"] += len({id(item.request) for item in occupied}) > 1
+        ended = [s for s, item in enumerate(self._occupants) if item is not None and not running[s]]
+        if ended:
+            items = [self._occupants[s] for s in ended]
+            for s in ended:
+                self._occupants[s] = None
+            self._deliver(items, self.predictor.generated_outputs(out[ended]), None)
+
+    def _restart(self) -> None:
+        """Fresh slots after a failure (the donated state may be gone)."""
+        with self.predictor.restored.context():
+            self._state = self.decoder.start()
+
+
+def make_batcher(predictor: Predictor, options: ServeOptions) -> Batcher:
+    """A SlotBatcher for --batching continuous where the run supports it (it says so when not), else a Batcher."""
+    if options.batching == "continuous":
+        if SlotBatcher.supports(predictor):
+            return SlotBatcher(predictor, options)
+        log.info("continuous batching is for greedy encoder-decoder runs; this %s %s run batches statically",
+                 predictor.family, predictor.task)
+    return Batcher(predictor, options)
 
 
 def compile_shapes(predictor: Predictor, rows: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -231,7 +389,7 @@ def model_info(predictor: Predictor, batcher: Batcher, shapes: list[tuple[int, i
             "max_input_tokens": predictor.input_limit(), "overlong": options.overlong,
             "compiled_shapes": [list(s) for s in shapes], "max_batch": options.max_batch,
             "max_wait_ms": options.max_wait_ms, "max_texts": options.max_texts, "max_chars": options.max_chars,
-            "max_queue": options.max_queue, "queued": batcher.queued,
+            "max_queue": options.max_queue, "queued": batcher.queued, "batching_mode": batcher.mode,
             "batching": dict(batcher.counters, batch_sizes={str(k): v for k, v in sorted(batcher.batch_sizes.items())})}
     if predictor.generates:
         info["decoding"] = {"method": describe(c.decode), **dataclasses.asdict(c.decode),
@@ -479,11 +637,11 @@ def serve(workdir: str | Path, options: ServeOptions, *, checkpoint: str | None 
     options.check()
     _check_port(options.host, options.port)
     predictor = load_predictor(workdir, overrides=overrides, checkpoint=checkpoint)
-    batcher = Batcher(predictor, options)
+    batcher = make_batcher(predictor, options)
     started = time.perf_counter()
-    shapes = compile_shapes(predictor, batcher.rows)
-    log.info("compiled %d (batch, length) shapes %s in %.1fs", len(shapes),
-             " ".join(f"{r}x{w}" for r, w in shapes), time.perf_counter() - started)
+    shapes = batcher.compile() if isinstance(batcher, SlotBatcher) else compile_shapes(predictor, batcher.rows)
+    log.info("compiled %d (batch, length) shapes %s in %.1fs (%s batching)", len(shapes),
+             " ".join(f"{r}x{w}" for r, w in shapes), time.perf_counter() - started, batcher.mode)
     app = build_app(predictor, batcher, options, shapes)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None)

@@ -160,16 +160,42 @@ def test_translations_equal_predict_and_concurrent_requests_share_batches(transl
     assert model["task"] == "translation" and model["family"] == "encoder_decoder" and model["step"] == 2
     assert model["tokenizer_fingerprint"] == Tokenizer.load(workdir / "tokenizer").fingerprint
     assert model["parameters"] > 10_000 and model["checkpoint"].endswith("checkpoints")
-    assert [1, 16] in model["compiled_shapes"] and [16, 32] in model["compiled_shapes"]
+    # Continuous batching: 1, 2, 4, 8 or 16 texts join at their width; rows decode at their own positions.
+    assert model["batching_mode"] == "continuous"
+    assert model["compiled_shapes"] == [[a, w] for a in (1, 2, 4, 8, 16) for w in (16, 32)]
+    assert model["batching"]["slot_steps"] > model["batching"]["decode_steps"] > 0
     assert "ready: step 2" in server.log() and "compiled 10 (batch, length) shapes" in server.log()
+
+
+def test_static_batching_equals_predict_and_compiles_every_bucket(translator):
+    workdir, _ = translator
+    server = Server(workdir, "--batching", "static", "--max-batch", "4", "--max-wait-ms", "300")
+    try:
+        expected = _predict_lines(workdir, SOURCES[:4])
+        responses = _concurrently(server, [[text] for text in SOURCES[:4]])
+        assert [r.json()["outputs"][0]["output"] for r in responses] == expected
+        model = server.client.get("/v1/model").json()
+        assert model["batching_mode"] == "static" and model["batching"]["largest_batch"] > 1
+        assert model["compiled_shapes"] == [[r, w] for r in (1, 2, 4) for w in (16, 32)]
+    finally:
+        assert server.stop() == 0
 
 
 def test_decoding_settings_per_request_equal_predict_with_the_same_config(translator):
     workdir, server = translator
     expected = _predict_lines(workdir, SOURCES[:3], **{"decode.beam_size": "2", "eval.max_decode_length": "8"})
-    response = server.predict(SOURCES[:3], beam_size=2, max_length=8)
-    assert response.status_code == 200, response.text
-    assert [o["output"] for o in response.json()["outputs"]] == expected
+    greedy = _predict_lines(workdir, SOURCES[3:6])
+    answers: dict = {}
+    calls = [threading.Thread(target=lambda: answers.update(beam=server.predict(SOURCES[:3], beam_size=2,
+                                                                                 max_length=8))),
+             threading.Thread(target=lambda: answers.update(greedy=server.predict(SOURCES[3:6])))]
+    for call in calls:  # a beam-search batch runs between the decoding calls of the greedy slots
+        call.start()
+    for call in calls:
+        call.join()
+    assert answers["beam"].status_code == 200, answers["beam"].text
+    assert [o["output"] for o in answers["beam"].json()["outputs"]] == expected
+    assert [o["output"] for o in answers["greedy"].json()["outputs"]] == greedy
     sampled = server.predict(SOURCES[:2], sample=True, temperature=0.7, top_k=5, seed=3)
     assert sampled.status_code == 200 and len(sampled.json()["outputs"]) == 2
     too_long = server.predict(SOURCES[:1], max_length=500)
