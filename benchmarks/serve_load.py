@@ -10,7 +10,8 @@ request at a time: `--batching static --max-batch 1`) the script starts `crosswr
 to be ready (compiled), sends a few warm-up requests, then lets --clients threads (http.client, keep-alive) send
 --requests requests as fast as answers come, and stops the server with SIGTERM. With the server gone it runs the
 same sentences through predict's code in this process: once as `crosswrite predict` does (eval.batch_size rows
-per batch) and once as a loop of one-sentence calls. All five must give the same outputs. "texts per batch" is, for
+per batch) and once as a loop of one-sentence calls; then continuous batching's decoding loop alone (no HTTP, the
+same slots refilled as texts end). All six must give the same outputs. "texts per batch" is, for
 continuous batching, the texts decoding together in an average step.
 
 Without a run at --workdir it trains the quickstart for 200 steps into runs/serve_load_quickstart200 (and says so).
@@ -188,6 +189,43 @@ def predict_modes(workdir: Path, texts: list[str]) -> dict[str, dict]:
                              "p99_ms": 1000 * percentile(latencies, 99), "seconds": loop, "outputs": loop_outputs}}
 
 
+def slots_mode(workdir: Path, texts: list[str], rows: int) -> dict:
+    """Continuous batching's decoding loop in this process, without HTTP: `rows` slots, refilled as texts end."""
+    import numpy as np
+
+    from crosswrite_jax.predict import load_predictor
+    from crosswrite_jax.slots import SlotDecoder
+
+    predictor = load_predictor(workdir)
+    r = predictor.restored
+    decoder = SlotDecoder(r.model, r.params, rows, max(predictor.widths()), r.run.config.eval.max_decode_length,
+                          r.run.tokenizer.eos_id)
+
+    def run(batch: list[str]) -> tuple[list[str], float]:
+        waiting, occupant, done = list(range(len(batch))), {}, {}
+        started = time.perf_counter()
+        with r.context():
+            state = decoder.start()
+            while waiting or occupant:
+                free = [s for s in range(rows) if s not in occupant][:len(waiting)]
+                if free:
+                    joining = [waiting.pop(0) for _ in free]
+                    ids = predictor.source_ids([batch[i] for i in joining])
+                    state = decoder.join(state, ids, np.array(free, np.int32))
+                    occupant.update(zip(free, joining))
+                state, _ = decoder.advance(state, decoder.max_new)
+                running, out = decoder.outputs(state)
+                ended = [s for s in occupant if not running[s]]
+                for s, output in zip(ended, predictor.generated_outputs(out[ended])):
+                    done[occupant.pop(s)] = output["output"]
+        return [done[i] for i in range(len(batch))], time.perf_counter() - started
+
+    run(texts)  # compiles the shapes this order needs
+    outputs, seconds = run(texts)
+    return {"requests_per_s": len(texts) / seconds, "p50_ms": None, "p99_ms": None, "seconds": seconds,
+            "outputs": outputs, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "quickstart"))
@@ -211,6 +249,8 @@ def main() -> None:
             serve_mode(workdir, args.port + 2, ["--batching", "static", "--max-batch", "1"], texts, args.clients),
     }
     modes.update(predict_modes(workdir, texts))
+    modes[f"decoding slots in this process, no HTTP ({args.max_batch} rows)"] = slots_mode(workdir, texts,
+                                                                                            args.max_batch)
     reference = next(iter(modes.values()))["outputs"]
     identical = all(m["outputs"] == reference for m in modes.values())
     dynamic, static, single = list(modes.values())[:3]
