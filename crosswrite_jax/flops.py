@@ -18,14 +18,21 @@ so the default counts it whole; `causal_halving=True` counts half of it, as a ke
 blocks would do (the convention of some MFU reports). Embedding lookups, norms, activations, softmax and
 the optimizer update are not counted: they are memory-bound and a few percent of the total at d_model >= 256.
 
-On CPU the peak is measured, not looked up: `measure_matmul_peak` times a float32 matmul in this process. On TPUs
-and NVIDIA GPUs it is the chip's dense bfloat16 peak from a table (`device_peak_flops`).
+On CPU the peak is measured, not looked up: `measure_matmul_peak` times a float32 matmul (bench does it in its
+own process; `crosswrite train` reads the figure `measure_host_peak` measured once per host in a subprocess, or
+CROSSWRITE_PEAK_FLOPS when set). On TPUs and NVIDIA GPUs it is the chip's dense bfloat16 peak from a table
+(`device_peak_flops`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -172,3 +179,46 @@ def device_peak_flops(device=None) -> float | None:
         return None
     chip = CHIPS.get(_TPU_NAMES.get(kind.replace(" ", ""), ""))  # e.g. "TPU v5 lite", "TPU v4"
     return chip.peak_flops if chip else None
+
+
+PEAK_ENV = "CROSSWRITE_PEAK_FLOPS"  # FLOP/s of the whole host or chip set, for a CPU or a chip the table lacks
+
+
+def host_peak_path() -> Path:
+    """Where this host's measured CPU matmul peak is kept (beside the compilation cache)."""
+    from crosswrite_jax.compile_cache import host_fingerprint
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return base / "crosswrite_jax" / "peak" / f"{host_fingerprint()}-{cores}cores.json"
+
+
+def known_host_peak() -> tuple[float | None, str | None]:
+    """(FLOP/s, source) of the CPU host: CROSSWRITE_PEAK_FLOPS, else the measurement kept for this host, else
+    (None, None). Never measures."""
+    if os.environ.get(PEAK_ENV):
+        try:
+            return float(os.environ[PEAK_ENV]), PEAK_ENV
+        except ValueError:
+            from crosswrite_jax.errors import UserError
+            raise UserError(f"{PEAK_ENV} must be a number of FLOP/s such as 2.5e11, got {os.environ[PEAK_ENV]!r}")
+    try:
+        kept = json.loads(host_peak_path().read_text())
+        return float(kept["flops_per_second"]), f"measured f32 matmul on this host ({kept['measured']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+def measure_host_peak(size: int = 2048) -> float:
+    """Measures the f32 matmul peak in a subprocess (nothing in this process changes) and keeps it for this host."""
+    code = f"from crosswrite_jax.flops import measure_matmul_peak; print(measure_matmul_peak({size}))"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    peak = float(done.stdout.split()[-1])
+    path = host_peak_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps({"flops_per_second": peak, "size": size,
+                                   "measured": time.strftime("%Y-%m-%d %H:%M")}))
+    partial.replace(path)
+    return peak

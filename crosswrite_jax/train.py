@@ -4,8 +4,10 @@ checkpoint, early stopping, preemption and the non-finite guard; resumes from th
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -72,10 +74,17 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
                    "optimizer_state_bytes": report["optimizer_state_bytes"], **loop.best.summary(),
                    "seconds": round(time.perf_counter() - started, 1), **compiles.counts(),
                    "phase_seconds": clock.phases}
+        peak, source = host_peak_at_finish() if loop.last.get("model_flops_per_second") else (None, None)
+        if peak:  # the last logged window's model FLOP/s over the peak
+            summary.update(mfu=loop.last["model_flops_per_second"] / peak, peak_flops_per_second=peak,
+                           peak_source=source)
         if jax.process_index() == 0:
             log.info("compiled %d programs in %.1f s (%d of them loaded from the compilation cache)",
                      summary["compiled_programs"], summary["compile_seconds"], summary["compile_cache_hits"])
             log.info("wall time by phase: %s", clock.describe())
+            if "mfu" in summary:
+                log.info("MFU %.1f%% (the last %d steps' model FLOP/s over %.1f GFLOP/s, %s)", 100 * summary["mfu"],
+                         config.train.log_every, summary["peak_flops_per_second"] / 1e9, summary["peak_source"])
         loop.writer.write(int(jax.device_get(loop.state.step)), "summary", summary)  # this invocation: wall time, sizes
         loop.writer.close()
     if loop.preemption.interrupted:  # Ctrl-C: saved; the command exits 130 as an interrupted one does
@@ -157,7 +166,7 @@ class _Loop:
             self.writer.write(0, "val", val)
             self.initial = {f"initial_val_{k}": v for k, v in val.items()}
         self.progress = _progress_bar(start, config, enabled=is_main and config.train.progress_bar)
-        self.window = _Window(peak_flops())
+        self.window = _Window(peak_flops()[0])
         self.pending = None  # metrics of the step before, read after the next one is dispatched
         self.profiler = StepProfiler(run.workdir / "profile", start + 1, config.train.profile_steps, enabled=is_main)
         self.end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
@@ -351,11 +360,29 @@ def _token_counts(local: dict[str, np.ndarray], task: Task, model: Any) -> tuple
     return real * count, padded * count, flops.training_flops(model, local) * count
 
 
-def peak_flops() -> float | None:
-    """FLOP/s of all devices at their peak from the chip table (TPU, NVIDIA GPU); None elsewhere. Not measured on
-    CPU: a matmul run before training changed the quickstart's figures (17.57 BLEU instead of 17.11)."""
+def peak_flops() -> tuple[float | None, str | None]:
+    """(FLOP/s of all devices at their peak, its source): the chip table (TPU, NVIDIA GPU), else on a CPU host
+    CROSSWRITE_PEAK_FLOPS or the matmul peak measured once for this host (see `host_peak_at_finish`). Never
+    measured in this process: a matmul run before training changed the quickstart's BLEU (17.57 against 17.11)."""
     peak = flops.device_peak_flops()
-    return peak * jax.device_count() if peak is not None else None
+    if peak is not None:
+        return peak * jax.device_count(), f"table: {jax.devices()[0].device_kind}, bf16 dense"
+    if os.environ.get(flops.PEAK_ENV) or jax.devices()[0].platform == "cpu":
+        return flops.known_host_peak()  # the host's cores serve every simulated CPU device
+    return None, None
+
+
+def host_peak_at_finish() -> tuple[float | None, str | None]:
+    """The peak for a CPU run's summary: the known one, else measured now (once per host, in a subprocess)."""
+    peak, source = peak_flops()
+    if peak is not None or jax.devices()[0].platform != "cpu" or jax.process_index() != 0:
+        return peak, source
+    log.info("measuring this host's float32 matmul peak for MFU, once (kept in %s)", flops.host_peak_path())
+    try:
+        return flops.measure_host_peak(), "measured f32 matmul on this host (just now)"
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("could not measure the host's matmul peak (%s); no MFU in this run's summary", exc)
+        return None, None
 
 
 class _Window:

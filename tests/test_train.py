@@ -116,4 +116,39 @@ def test_training_logs_model_flops_and_its_compiles(tmp_path, caplog):
     per_step = flops.training_flops(config.model, batch)
     for record in records:
         assert record["model_flops_per_second"] == pytest.approx(per_step * record["steps_per_second"], rel=1e-3)
-        assert "mfu" not in record  # CPU: no table peak (crosswrite bench measures one)
+        assert record["mfu"] == pytest.approx(record["model_flops_per_second"] / 1e11, rel=0.01, abs=1e-5)
+    assert summary["mfu"] == records[-1]["mfu"] and summary["peak_source"] == "CROSSWRITE_PEAK_FLOPS"
+    assert f"MFU {100 * summary['mfu']:.1f}% (the last 2 steps' model FLOP/s over 100.0 GFLOP/s" in caplog.text
+
+
+def test_the_host_peak_is_measured_once_in_a_subprocess_kept_and_read(tmp_path, monkeypatch):
+    from crosswrite_jax import flops
+
+    monkeypatch.delenv(flops.PEAK_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert flops.known_host_peak() == (None, None)
+    peak = flops.measure_host_peak(size=256)
+    assert 1e8 < peak < 1e14 and flops.host_peak_path().is_relative_to(tmp_path / "cache")
+    kept, source = flops.known_host_peak()
+    assert kept == peak and source.startswith("measured f32 matmul on this host (")
+    monkeypatch.setenv(flops.PEAK_ENV, "fast")
+    with pytest.raises(UserError, match="CROSSWRITE_PEAK_FLOPS must be a number"):
+        flops.known_host_peak()
+
+
+def test_a_cpu_run_without_a_known_peak_measures_it_at_the_end(tmp_path, monkeypatch):
+    from crosswrite_jax import flops
+    from crosswrite_jax.reporting import read_metrics
+    from crosswrite_jax.train import train
+
+    monkeypatch.delenv(flops.PEAK_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(flops, "measure_host_peak", lambda: measured.append(1) or 5e10)
+    train(tiny_config(train__steps=2, train__log_every=1), tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    summary, = [r for r in records if r["split"] == "summary"]
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert measured == [1] and "mfu" not in last  # the progress line had no peak; the summary has
+    assert summary["mfu"] == pytest.approx(last["model_flops_per_second"] / 5e10, rel=0.01, abs=1e-5)
+    assert summary["peak_source"].endswith("(just now)")
