@@ -133,6 +133,26 @@ def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str,
             minilm]
 
 
+BACKBONE = "One backbone, many tasks: the span-corruption T5 (3+3 layers, d 256, 8k vocabulary)"
+T5_SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_span_corruption/tokenizer"
+
+
+def _t5_encoder_rows() -> list[Experiment]:
+    """Sentiment and NER on the span-corruption T5's encoder after the three T5 fixes, against the same
+    architecture and tokenizer from scratch (one seed each)."""
+    rows = []
+    for stem, recipe, what, metrics in (
+            ("sst2_t5", "finetune_sst2_t5.py", "sentiment, SST-2 dev (its encoder, mean pooling)",
+             ("accuracy", "macro_f1")),
+            ("wnut17_t5", "finetune_ner_wnut17_t5.py", "NER, WNUT-17 dev (its encoder)",
+             ("f1", "precision", "recall"))):
+        command = f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}"
+        rows += [Experiment(BACKBONE, f"{stem}_fixed", f"{what}, after the T5 fixes", f"{command}_fixed", "", metrics),
+                 Experiment(BACKBONE, f"{stem}_scratch", f"{what}: the same architecture and tokenizer from scratch",
+                            f"{command}_scratch {T5_SCRATCH}", "", metrics)]
+    return rows
+
+
 SFT = "Decoder-only fine-tuning (sft) against the encoder-decoder, the same data and budget"
 LORA = "--config.peft.method=lora --config.peft.learning_rate=2e-3"
 
@@ -249,6 +269,10 @@ EXPERIMENTS += [
       for e in _few_label(FEW_CONLL, "finetune_ner_conll_mlm.py", "ner_conll", n, ("f1", "precision", "recall"),
                           "finetune_ner_conll.py")),
     *_sft_rows(),
+    *_t5_encoder_rows(),
+    Experiment("NER (entity F1, seqeval)", "wnut17_full", "WNUT-17 dev, MiniLM, full, 4 epochs",
+               f"{DATA}crosswrite train --config configs/finetune_ner_wnut17.py --workdir runs/wnut17_full", "",
+               ("f1", "precision", "recall"), readme=True),
     Experiment(QUICKSTART_T5, "quickstart_t5_before_fix", "T5 v1.1 of the same size, before the init fix",
                "git checkout eb87928 -- crosswrite_jax && crosswrite train --config configs/quickstart_t5.py "
                "--workdir runs/quickstart_t5_before_fix && crosswrite eval --workdir runs/quickstart_t5_before_fix "
