@@ -13,7 +13,7 @@ import jax
 from crosswrite_jax import config as config_lib
 from crosswrite_jax.config import Config
 from crosswrite_jax.data import sources, subsets, text_sources
-from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new
+from crosswrite_jax.data.tokenizer import PAD_ID, Tokenizer, save_new, train_cached
 from crosswrite_jax.errors import UserError
 from crosswrite_jax.tasks import check_config, get_task
 
@@ -132,6 +132,7 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.load(folder)
     d = config.data
+    cached = None  # the tokenizer cache's folder of a trained tokenizer: its files are copied, not written again
     if d.tokenizer:
         tokenizer = Tokenizer.load(d.tokenizer)
     elif config.train.init_from and (_init_tokenizer(config) / "tokenizer.json").is_file():
@@ -142,14 +143,14 @@ def _tokenizer(config: Config, workdir: Path) -> Tokenizer:
                             f"files there, e.g. --config.data.sources='text:corpus/*.txt'")
         texts = _tokenizer_sample([text_sources.read_documents(s, d.data_dir or None)
                                    for s in d.sources + d.tokenizer_sources])
-        tokenizer = Tokenizer.train(texts, config.model.vocab_size, d.tokenizer_model, mask=True,
-                                    sentinels=NUM_SENTINELS)
+        tokenizer, cached = train_cached(texts, config.model.vocab_size, d.tokenizer_model, mask=True,
+                                         sentinels=NUM_SENTINELS)
     else:
         extra = [doc for s in d.tokenizer_sources for doc in text_sources.read_documents(s, d.data_dir or None)]
-        tokenizer = Tokenizer.train(_training_texts(config, workdir) + extra, config.model.vocab_size,
-                                    d.tokenizer_model)
+        tokenizer, cached = train_cached(_training_texts(config, workdir) + extra, config.model.vocab_size,
+                                         d.tokenizer_model)
     if jax.process_index() == 0:  # tokenizer.json lands last, by rename: other processes never read half a file
-        save_new(tokenizer, folder, force=True)
+        save_new(tokenizer, folder, force=True, files_from=cached)
     return tokenizer
 
 

@@ -16,6 +16,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, _CACHE, True)
 
+# Trained tokenizers are kept by their texts and settings: one cache per test session, never ~/.cache.
+os.environ.setdefault("CROSSWRITE_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="crosswrite-tests-tokenizers-"))
+atexit.register(shutil.rmtree, os.environ["CROSSWRITE_TOKENIZER_CACHE"], True)
 # Training on CPU reads the host's matmul peak for MFU (measured once, in a subprocess, when unknown): a fixed
 # figure here keeps test runs from measuring it; test_train measures it into a temporary folder.
 os.environ.setdefault("CROSSWRITE_PEAK_FLOPS", "1e11")

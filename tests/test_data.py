@@ -136,6 +136,47 @@ def test_tokenizer_save_load_and_auto_tokenizer(small_tokenizer, tmp_path):
     assert (auto.pad_token_id, auto.eos_token_id, auto.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID)
 
 
+def test_trained_tokenizers_are_cached_by_texts_settings_and_code(sample_train, tmp_path, monkeypatch):
+    from crosswrite_jax.data import tokenizer as tokenizer_lib
+
+    monkeypatch.setenv(tokenizer_lib.CACHE_ENV, str(tmp_path / "cache"))
+    trained = []
+    real_train = Tokenizer.train.__func__
+    monkeypatch.setattr(Tokenizer, "train", classmethod(lambda cls, *a, **k: trained.append(a[1:]) or
+                                                        real_train(cls, *a, **k)))
+    texts = [s for s, _ in sample_train[:300]]
+    first, folder = tokenizer_lib.train_cached(texts, 300, "bpe")
+    again, same_folder = tokenizer_lib.train_cached(texts, 300, "bpe")
+    assert len(trained) == 1 and same_folder == folder and again.fingerprint == first.fingerprint
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {f.name for f in folder.iterdir()}
+    tokenizer_lib.train_cached(texts, 320, "bpe")  # other settings, other texts: trained again
+    tokenizer_lib.train_cached(texts[:-1], 300, "bpe")
+    assert len(trained) == 3
+    (folder / "tokenizer.json").write_text("{")  # a damaged entry is trained again and replaced
+    mended, _ = tokenizer_lib.train_cached(texts, 300, "bpe")
+    assert len(trained) == 4 and mended.fingerprint == first.fingerprint
+    assert Tokenizer.load(folder).fingerprint == first.fingerprint
+    monkeypatch.setenv(tokenizer_lib.CACHE_ENV, "")  # off
+    assert tokenizer_lib.train_cached(texts, 300, "bpe")[1] is None and len(trained) == 5
+
+
+def test_a_fresh_run_copies_the_cached_tokenizer_its_data_trained_before(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from crosswrite_jax import workdir
+
+    monkeypatch.setenv("CROSSWRITE_TOKENIZER_CACHE", str(tmp_path / "cache"))
+    trained = []
+    real_train = Tokenizer.train.__func__
+    monkeypatch.setattr(Tokenizer, "train", classmethod(lambda cls, *a, **k: trained.append(1) or
+                                                        real_train(cls, *a, **k)))
+    first = workdir.prepare(tiny_config(), tmp_path / "one")
+    second = workdir.prepare(tiny_config(), tmp_path / "two")
+    assert trained == [1] and second.tokenizer.fingerprint == first.tokenizer.fingerprint
+    files = lambda run: {f.name: f.read_bytes() for f in (run / "tokenizer").iterdir()}  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one") and "tokenizer_config.json" in files(tmp_path / "one")
+
+
 def test_tokenizer_load_errors_and_foreign_specials(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models

@@ -258,17 +258,23 @@ def check_output(directory: str | Path, force: bool = False) -> Path:
     return out
 
 
-def save_new(tokenizer: Tokenizer, directory: str | Path, force: bool = False) -> Path:
+def save_new(tokenizer: Tokenizer, directory: str | Path, force: bool = False, files_from: Path | None = None) -> Path:
     """Saves into `directory`, refusing (UserError) if it already holds a tokenizer.json unless `force`.
 
     With `force` the old tokenizer files are replaced together: the files are written to a temporary
     folder inside it, stale HF tokenizer files `save` does not write are removed, then tokenizer.json last.
+    `files_from`: a folder `save` already wrote for this tokenizer, whose files are copied instead.
     """
     out = check_output(directory, force)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out))
     try:
-        tokenizer.save(staging)
+        if files_from is None:
+            tokenizer.save(staging)
+        else:
+            for file in files_from.iterdir():
+                if file.is_file():
+                    shutil.copyfile(file, staging / file.name)
         for stale in ("special_tokens_map.json", "added_tokens.json"):  # would override the new specials
             if not (staging / stale).exists():
                 (out / stale).unlink(missing_ok=True)
@@ -410,3 +416,43 @@ def _rescore_unigram(tok: _HFTokenizer, texts: list[str], specials: list[str],
             for token in encoding.tokens:
                 counts[token] += words[word]
     raise AssertionError("unreachable")
+
+
+CACHE_ENV = "CROSSWRITE_TOKENIZER_CACHE"  # where trained tokenizers are kept; the empty string turns the cache off
+
+
+def tokenizer_cache_dir() -> Path | None:
+    """$CROSSWRITE_TOKENIZER_CACHE, else $XDG_CACHE_HOME/crosswrite_jax/tokenizers (~/.cache by default); None: off."""
+    if CACHE_ENV in os.environ:
+        return Path(os.environ[CACHE_ENV]).expanduser() if os.environ[CACHE_ENV] else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crosswrite_jax" / "tokenizers"
+
+
+def train_cached(texts: list[str], vocab_size: int, model: str = "bpe", *, mask: bool = False,
+                 sentinels: int = 0) -> tuple[Tokenizer, Path | None]:
+    """`Tokenizer.train`, kept in the tokenizer cache under a hash of its texts, settings, this module's code and
+    the tokenizers version: (the tokenizer, the cached folder `save` wrote for it, or None with the cache off).
+
+    Training is deterministic, so a cached tokenizer is the one training would give again (the same fingerprint).
+    """
+    import tokenizers
+
+    cache = tokenizer_cache_dir()
+    if cache is None:
+        return Tokenizer.train(texts, vocab_size, model, mask=mask, sentinels=sentinels), None
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    key.update(json.dumps([vocab_size, model, mask, sentinels, tokenizers.__version__]).encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    folder = cache / key.hexdigest()[:32]
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return Tokenizer.load(folder), folder
+        except Exception:  # noqa: BLE001 - a damaged entry is trained again and replaced
+            pass
+    tokenizer = Tokenizer.train(texts, vocab_size, model, mask=mask, sentinels=sentinels)
+    try:
+        save_new(tokenizer, folder, force=True)
+    except OSError:
+        return tokenizer, None
+    return tokenizer, folder
