@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "crosswrite_jax"
 LAYERS = (
     ("foundation", ("errors", "config", "chips", "compile_cache", "reporting", "profiling", "integrity", "metrics",
                     "distributed", "supervise")),
-    ("blocks", ("sharding", "optim", "objectives", "flops", "preflight", "peft", "decode", "models.", "data.",
-                "tasks.")),
+    ("blocks", ("sharding", "optim", "objectives", "flops", "preflight", "peft", "decode", "slots", "models.",
+                "data.", "tasks.")),
     ("layout", ("state",)),
     ("run", ("checkpoint", "workdir", "losses", "batches", "initialize")),
     ("evaluation", ("evaluate",)),
