@@ -71,3 +71,29 @@ def test_an_idle_decoder_takes_no_steps_and_filler_rows_never_run():
     state, taken = slots.advance(state, MAX_NEW)
     running, out = slots.outputs(state)
     assert int(taken) == 0 and not running.any() and (out == PAD_ID).all()
+
+
+def test_slots_on_a_restored_run_sharded_over_8_devices_equal_predict(tmp_path):
+    from crosswrite_jax.predict import load_predictor
+    from crosswrite_jax.train import train
+
+    train(tiny_config(train__steps=2, checkpoint__every=2, optimizer__learning_rate=1e-6,
+                      model__tie_output_embedding=False), tmp_path / "run")
+    predictor = load_predictor(tmp_path / "run")
+    restored = predictor.restored
+    texts = ["A man rides a bike.", "Two dogs play in the snow near a red house.", "Hello", "A boat on a lake."]
+    expected = [o["output"] for o in predictor.outputs(texts, rows=8)]
+    assert jax.device_count() == 8 and len(set(expected)) > 2
+    with restored.context():
+        slots = SlotDecoder(restored.model, restored.params, rows=8, width=max(predictor.widths()),
+                            max_new=restored.run.config.eval.max_decode_length, eos_id=restored.run.tokenizer.eos_id)
+        state = slots.join(slots.start(), predictor.source_ids(texts[:3]), np.array([0, 5, 8]))  # 8: filler
+        state, _ = slots.advance(state, 2)
+        state = slots.join(state, predictor.source_ids(texts[3:]), np.array([2]))  # joins two steps later
+        done = {}
+        while len(done) < 3:
+            state, _ = slots.advance(state, 100)
+            running, out = slots.outputs(state)
+            done.update({s: out[s] for s in (0, 2, 5) if not running[s] and s not in done})
+    got = [o["output"] for o in predictor.generated_outputs(np.stack([done[0], done[5], done[2]]))]
+    assert got == [expected[0], expected[1], expected[3]]
