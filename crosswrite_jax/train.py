@@ -64,8 +64,10 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
         raise
     workdir_lib.record_config(run)
     loop = _Loop(run, trainer, manager, data_iterator, state, resumed, stop_at, on_validation, clock)
+    ended = False  # the loop ran to its end (not an error or Ctrl-C): only then may the host's peak be measured
     try:
         loop.run()
+        ended = not loop.preemption.interrupted
     finally:
         loop.close()
         clock.mark("finish")
@@ -74,7 +76,7 @@ def train(config: Config, workdir: str | Path, stop_at: int | None = None,
                    "optimizer_state_bytes": report["optimizer_state_bytes"], **loop.best.summary(),
                    "seconds": round(time.perf_counter() - started, 1), **compiles.counts(),
                    "phase_seconds": clock.phases}
-        peak, source = host_peak_at_finish() if loop.last.get("model_flops_per_second") else (None, None)
+        peak, source = host_peak_at_finish(measure=ended) if loop.last.get("model_flops_per_second") else (None, None)
         if peak:  # the last logged window's model FLOP/s over the peak
             summary.update(mfu=loop.last["model_flops_per_second"] / peak, peak_flops_per_second=peak,
                            peak_source=source)
@@ -372,10 +374,11 @@ def peak_flops() -> tuple[float | None, str | None]:
     return None, None
 
 
-def host_peak_at_finish() -> tuple[float | None, str | None]:
-    """The peak for a CPU run's summary: the known one, else measured now (once per host, in a subprocess)."""
+def host_peak_at_finish(measure: bool = True) -> tuple[float | None, str | None]:
+    """The peak for a run's summary: the known one, else on a CPU host (with `measure`) measured now, once per
+    host, in a subprocess."""
     peak, source = peak_flops()
-    if peak is not None or jax.devices()[0].platform != "cpu" or jax.process_index() != 0:
+    if peak is not None or not measure or jax.devices()[0].platform != "cpu" or jax.process_index() != 0:
         return peak, source
     log.info("measuring this host's float32 matmul peak for MFU, once (kept in %s)", flops.host_peak_path())
     try:
