@@ -875,6 +875,7 @@ def curve_plots(rows: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     current = curve_rows([row for row in rows if not row.get("legacy")])
     for section in dict.fromkeys(row["section"] for row in current):
@@ -887,6 +888,9 @@ def curve_plots(rows: list[dict], out: Path) -> None:
                           capsize=3, label=start)
         axes.set(xscale="log", xlabel="labeled training examples", ylabel=points[0]["metric"],
                  title=section.split(":")[0])
+        counts = sorted({row["labeled_examples"] for row in points})  # ticks at the curve's points, no crowded minors
+        axes.set_xticks(counts, [f"{n:,}" for n in counts])
+        axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()
