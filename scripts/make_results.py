@@ -414,8 +414,8 @@ NOTES[FEW_CONLL] = NOTES[FEW_SST2] + (
     "`crosswrite eval --checkpoint runs/RUN/best` reproduces every per-seed score of the SST-2 rows at 250, 1,000 "
     "and 6,920 labels and the CoNLL rows at 500, 2,000 and 14,041 exactly, and of the MiniLM runs finished so far "
     "(runs/session14/eval_check.sh, runs/session15/eval_watch.sh). MiniLM's seed 0 on all 14,041 sentences scores "
-    "89.07, the full-data recipe row's figure to the digit (the same command but the workdir). Still to run: the "
-    "rest of MiniLM on CoNLL (8 runs).")
+    "89.07, the full-data recipe row's figure to the digit (the same recipe and seed; its subset holds every "
+    "sentence). Still to run: the rest of MiniLM on CoNLL (8 runs).")
 NOTES[FEW_SST2] += (
     "\n\nAt 1,000 SST-2 labels the own encoder beats scratch by about 2.4 points (3 seeds each), short of the "
     "5-point target by about 2.6. The seed-0 checks below show where the gain comes from: books + news pretraining "
