@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosswrite_jax.decode import _name, _rows_axis
+from crosswrite_jax.decode import _name, _rows_axis, encoder_decoder_start
+from crosswrite_jax.models.layers import DTYPES
 from crosswrite_jax.models.transformer import PAD_ID, EncoderDecoder
 
 Array = jax.Array
@@ -50,19 +51,16 @@ def _per_row_index(cache: Any, position_N: Array) -> Any:
 
 def _set_rows(cache: Any, fresh: Any, slots_A: Array) -> Any:
     """`cache` with the cross-attention entries of rows `slots_A` taken from `fresh` (A rows, sources of any
-    width up to the cache's, zeros after; index == rows: dropped), and those rows' cache index at 0; the
-    self-attention entries stay (masked until rewritten)."""
+    width up to the cache's, zeros after; index == rows: dropped). The self-attention entries stay, masked until
+    rewritten: every step sets the cache index from the rows' positions."""
     def put(path: tuple, x: Array, new: Array) -> Array:
+        if not _name(path).startswith("cross_"):
+            return x
         axis = _rows_axis(path)
-        if _name(path).startswith("cross_"):
-            widen = [(0, 0)] * new.ndim
-            widen[axis + 1] = (0, x.shape[axis + 1] - new.shape[axis + 1])
-            where = (slice(None),) * axis + (slots_A,)
-            return x.at[where].set(jnp.pad(new, widen).astype(x.dtype), mode="drop")
-        if _name(path) == "cache_index":
-            where = (slice(None),) * axis + (slots_A,)
-            return x.at[where].set(0, mode="drop")
-        return x
+        widen = [(0, 0)] * new.ndim
+        widen[axis + 1] = (0, x.shape[axis + 1] - new.shape[axis + 1])
+        where = (slice(None),) * axis + (slots_A,)
+        return x.at[where].set(jnp.pad(new, widen).astype(x.dtype), mode="drop")
 
     return jax.tree_util.tree_map_with_path(put, cache, fresh)
 
@@ -85,32 +83,18 @@ class SlotDecoder:
 
     # --------------------------------------------------------------------------------------- traced functions
 
-    def _fresh_cache(self, params: Any, inputs_AW: Array) -> tuple[Array, Any]:
-        """Encoder outputs and a one-position decoder cache (its cross-attention keys/values) for the sources."""
-        model, variables = self.model, {"params": params}
-        encoded = model.apply(variables, inputs_AW, method=model.encode)
-        targets = jnp.full((inputs_AW.shape[0], 1), PAD_ID, jnp.int32)
-        cache = model.apply(variables, encoded, inputs_AW, targets, decode=True, mutable=["cache"],
-                            method=model.decode)[1]["cache"]
-        return encoded, cache
-
     def _empty(self, params: Any) -> SlotState:
-        rows, width, length = self.rows, self.width, self.max_new
-        inputs = jnp.full((rows, width), PAD_ID, jnp.int32).at[:, 0].set(self.eos_id)  # a harmless source
-        model, variables = self.model, {"params": params}
-        encoded = model.apply(variables, inputs, method=model.encode)
-        targets = jnp.full((rows, length), PAD_ID, jnp.int32)
-        shapes = jax.eval_shape(lambda: model.apply(variables, encoded, inputs, targets, decode=True,
-                                                     mutable=["cache"], method=model.decode)[1]["cache"])
-        _, short = self._fresh_cache(params, inputs)
-        cache = jax.tree.map(lambda s, x: x if x.shape == s.shape else jnp.zeros(s.shape, s.dtype), shapes, short)
+        rows, length = self.rows, self.max_new
+        inputs = jnp.full((rows, self.width), PAD_ID, jnp.int32).at[:, 0].set(self.eos_id)  # a harmless source
+        _, cache, _, _, _ = encoder_decoder_start(self.model, params, inputs, length)  # cache rows of `length`
         zeros = jnp.zeros((rows,), jnp.int32)
-        placeholder = jnp.zeros((rows, 1, encoded.shape[-1]), encoded.dtype)
+        placeholder = jnp.zeros((rows, 1, self.model.config.d_model), DTYPES[self.model.config.dtype])
         return SlotState(_per_row_index(cache, zeros), placeholder, inputs, jnp.full((rows,), PAD_ID, jnp.int32),
                          zeros, jnp.full((rows, length), PAD_ID, jnp.int32), jnp.zeros((rows,), bool))
 
     def _join_rows(self, params: Any, state: SlotState, inputs_Aw: Array, slots_A: Array) -> SlotState:
-        _, fresh = self._fresh_cache(params, inputs_Aw)  # encoded at the sources' own width w <= W
+        # The sources' cross-attention keys / values, at their own width w <= W (a one-position cache).
+        _, fresh, _, _, _ = encoder_decoder_start(self.model, params, inputs_Aw, 1)
         put = lambda x, new: x.at[slots_A].set(new.astype(x.dtype), mode="drop")  # noqa: E731
         inputs = jnp.pad(inputs_Aw, ((0, 0), (0, self.width - inputs_Aw.shape[1])), constant_values=PAD_ID)
         return SlotState(_set_rows(state.cache, fresh, slots_A), state.encoded,
