@@ -314,13 +314,16 @@ class SlotBatcher(Batcher):
         slots[:len(items)] = free[:len(items)]
         try:
             ids = self.predictor.source_ids([item.text for item in items])  # at their bucket width
-            ids = np.pad(ids, ((0, rows - len(items)), (0, 0)), constant_values=PAD_ID)
+        except Exception as exc:  # noqa: BLE001 - the callers get the error; the server keeps serving
+            log.exception("%d texts failed to tokenize", len(items))
+            self._deliver(items, [None] * len(items), exc)
+            return
+        ids = np.pad(ids, ((0, rows - len(items)), (0, 0)), constant_values=PAD_ID)
+        try:
             with self.predictor.restored.context():
                 self._state = self.decoder.join(self._state, ids, slots)
-        except Exception as exc:  # noqa: BLE001 - the callers get the error; the server keeps serving
-            log.exception("%d texts failed to join the decoding slots", len(items))
-            self._deliver(items, [None] * len(items), exc)
-            self._restart()
+        except Exception as exc:  # noqa: BLE001
+            self._fail_all(items, exc, "joining")
             return
         for slot, item in zip(slots, items):
             self._occupants[slot] = item
@@ -334,10 +337,7 @@ class SlotBatcher(Batcher):
                 self._state, taken = self.decoder.advance(self._state, self.decoder.max_new)
                 running, out = self.decoder.outputs(self._state)
         except Exception as exc:  # noqa: BLE001
-            log.exception("decoding %d texts failed", len(occupied))
-            self._deliver(occupied, [None] * len(occupied), exc)
-            self._occupants = [None] * self.slots
-            self._restart()
+            self._fail_all([], exc, "decoding")
             return
         steps = int(taken)
         self.counters["decode_calls"] += 1
@@ -352,8 +352,13 @@ class SlotBatcher(Batcher):
                 self._occupants[s] = None
             self._deliver(items, self.predictor.generated_outputs(out[ended]), None)
 
-    def _restart(self) -> None:
-        """Fresh slots after a failure (the donated state may be gone)."""
+    def _fail_all(self, items: list[_Item], exc: BaseException, doing: str) -> None:
+        """After a device call failed (the donated state may be gone): `items` and every text in the slots get the
+        error, and the slots start empty."""
+        failed = items + [item for item in self._occupants if item is not None]
+        log.exception("%s failed; %d texts get the error", doing, len(failed))
+        self._deliver(failed, [None] * len(failed), exc)
+        self._occupants = [None] * self.slots
         with self.predictor.restored.context():
             self._state = self.decoder.start()
 

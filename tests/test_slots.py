@@ -97,3 +97,44 @@ def test_slots_on_a_restored_run_sharded_over_8_devices_equal_predict(tmp_path):
             done.update({s: out[s] for s in (0, 2, 5) if not running[s] and s not in done})
     got = [o["output"] for o in predictor.generated_outputs(np.stack([done[0], done[5], done[2]]))]
     assert got == [expected[0], expected[1], expected[3]]
+
+
+def test_a_failed_join_fails_the_texts_already_decoding_and_the_server_decodes_on(tmp_path):
+    from crosswrite_jax.predict import load_predictor
+    from crosswrite_jax.serve import ServeOptions, SlotBatcher
+    from crosswrite_jax.train import train
+
+    train(tiny_config(train__steps=2, checkpoint__every=2, optimizer__learning_rate=1e-6,
+                      model__tie_output_embedding=False), tmp_path / "run")
+    predictor = load_predictor(tmp_path / "run")
+    batcher = SlotBatcher(predictor, ServeOptions(max_batch=4, max_wait_ms=0))
+    batcher.compile()
+    answers = {}
+    done = lambda name: lambda outputs, error: answers.update({name: (outputs, error)})  # noqa: E731
+    batcher.submit(["A man rides a bike."], None, done("first"))
+    batcher._join(list(batcher._queue))  # the worker's steps, driven by hand: one text decoding...
+    batcher._queue.clear()
+    batcher._advance = lambda: None
+    real_join, calls = batcher.decoder.join, []
+
+    def failing_join(*args):
+        calls.append(1)
+        raise RuntimeError("device lost")
+
+    batcher.decoder.join = failing_join
+    batcher.submit(["Two dogs play."], None, done("second"))
+    batcher._join(list(batcher._queue))  # ...when the next text's join fails on the device
+    batcher._queue.clear()
+    assert calls == [1] and set(answers) == {"first", "second"}
+    assert all(outputs is None and "device lost" in str(error) for outputs, error in answers.values())
+    assert not batcher._busy() and batcher.counters["errors"] == 2
+
+    batcher.decoder.join = real_join  # fresh slots decode the next text as predict does
+    del batcher._advance
+    batcher.submit(["Hello"], None, done("third"))
+    batcher._join(list(batcher._queue))
+    batcher._queue.clear()
+    while batcher._busy():
+        batcher._advance()
+    assert answers["third"][1] is None
+    assert answers["third"][0][0]["output"] == predictor.outputs(["Hello"], rows=8)[0]["output"]
