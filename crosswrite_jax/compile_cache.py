@@ -27,9 +27,14 @@ def host_fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/crosswrite_jax (~/.cache by default): the compilation cache, the host's matmul peak and
+    trained tokenizers live under it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crosswrite_jax"
+
+
 def default_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "crosswrite_jax" / "xla" / host_fingerprint()
+    return cache_home() / "xla" / host_fingerprint()
 
 
 def enable_default() -> str | None:

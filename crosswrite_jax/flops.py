@@ -186,11 +186,10 @@ PEAK_ENV = "CROSSWRITE_PEAK_FLOPS"  # FLOP/s of the whole host or chip set, for 
 
 def host_peak_path() -> Path:
     """Where this host's measured CPU matmul peak is kept (beside the compilation cache)."""
-    from crosswrite_jax.compile_cache import host_fingerprint
+    from crosswrite_jax.compile_cache import cache_home, host_fingerprint
 
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return base / "crosswrite_jax" / "peak" / f"{host_fingerprint()}-{cores}cores.json"
+    return cache_home() / "peak" / f"{host_fingerprint()}-{cores}cores.json"
 
 
 def known_host_peak() -> tuple[float | None, str | None]:

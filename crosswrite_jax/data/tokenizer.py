@@ -423,9 +423,11 @@ CACHE_ENV = "CROSSWRITE_TOKENIZER_CACHE"  # where trained tokenizers are kept; t
 
 def tokenizer_cache_dir() -> Path | None:
     """$CROSSWRITE_TOKENIZER_CACHE, else $XDG_CACHE_HOME/crosswrite_jax/tokenizers (~/.cache by default); None: off."""
+    from crosswrite_jax.compile_cache import cache_home
+
     if CACHE_ENV in os.environ:
         return Path(os.environ[CACHE_ENV]).expanduser() if os.environ[CACHE_ENV] else None
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crosswrite_jax" / "tokenizers"
+    return cache_home() / "tokenizers"
 
 
 def train_cached(texts: list[str], vocab_size: int, model: str = "bpe", *, mask: bool = False,
