@@ -61,8 +61,20 @@ def span_corruption_encoder(**head) -> "ModelConfig":  # noqa: F821
                                **head)
 
 
+PADDED_BATCH = 32  # sentences a batch where a recipe pads them to length buckets instead of packing them
+
+
+def padded(base: "Config") -> "Config":  # noqa: F821
+    """`base` with batches of 32 sentences padded to its length buckets, not packed: the batching the few-label
+    curves on the project's own encoders were measured with (docs/RESULTS.md)."""
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, packing=False),
+                               train=dataclasses.replace(base.train, batch_size=PADDED_BATCH))
+
+
 def on_span_corruption_encoder(base: "Config", name: str, steps: int, **head) -> "Config":  # noqa: F821
-    """A MiniLM labeling recipe moved onto the span-corruption T5's encoder: same data and schedule, AdamW at 5e-4."""
+    """A MiniLM labeling recipe moved onto the span-corruption T5's encoder: same data and schedule in padded
+    batches, AdamW at 5e-4."""
+    base = padded(base)
     return dataclasses.replace(base, name=name, model=span_corruption_encoder(**head), optimizer=adamw(5e-4, steps),
                                train=dataclasses.replace(base.train, init_from=SPAN_CORRUPTION_RUN))
 
@@ -85,8 +97,9 @@ def mlm_encoder(**head) -> "ModelConfig":  # noqa: F821
 
 
 def on_mlm_encoder(base: "Config", name: str, steps: int, learning_rate: float, **head) -> "Config":  # noqa: F821
-    """A MiniLM labeling recipe moved onto the masked-LM run's encoder: same data and schedule, AdamW at
-    `learning_rate`, a fresh pooler and classifier, and a validation every eighth of the run (patience 3)."""
+    """A MiniLM labeling recipe moved onto the masked-LM run's encoder: same data and schedule in padded batches,
+    AdamW at `learning_rate`, a fresh pooler and classifier, and a validation every eighth of the run (patience 3)."""
+    base = padded(base)
     # a fresh classifier (and pooler: a tagger has none) on the pretrained encoder
     fresh = ("pooler/.*", "classifier/.*") if head.get("head") == "classification" else ("classifier/.*",)
     train = dataclasses.replace(base.train, init_from=MLM_RUN, init_exclude=fresh, eval_every=steps // 8,

@@ -112,6 +112,7 @@ EXPERIMENTS = [
 FEW_SST2 = "Few labels: SST-2 dev accuracy, the project's own masked-LM encoder against scratch and MiniLM"
 FEW_CONLL = "Few labels: CoNLL-2003 valid entity F1, the project's own masked-LM encoder against scratch and MiniLM"
 SCRATCH = "--config.train.init_from= --config.data.tokenizer=runs/pretrain_mlm/tokenizer"
+UNPACKED = "--config.data.packing=false --config.train.batch_size=32"  # MiniLM recipes' batches before packing
 TARGET_POINTS = (1000, 2000)  # the label counts the few-label targets are set at (SST-2, CoNLL)
 
 
@@ -120,8 +121,8 @@ def _few_label(section: str, recipe: str, stem: str, n: int, metrics: tuple[str,
     subset = f"--config.data.max_train_examples={n} --config.data.train_subset_seed=0 --config.train.seed={{seed}}"
     minilm = Experiment(section, f"{stem}_minilm_n{n}", f"imported all-MiniLM-L6-v2, {n:,} labels",
                         f"{DATA}crosswrite train --config configs/{minilm_recipe} "
-                        f"--workdir runs/{stem}_minilm_n{n}_s{{seed}} {subset}", "", metrics, seeds=(0, 1, 2),
-                        labeled_examples=n, start="MiniLM (imported)")
+                        f"--workdir runs/{stem}_minilm_n{n}_s{{seed}} {subset} {UNPACKED}", "", metrics,
+                        seeds=(0, 1, 2), labeled_examples=n, start="MiniLM (imported)")
     return [Experiment(section, f"{stem}_mlm_n{n}", f"own MLM encoder, {n:,} labels",
                        f"{DATA}crosswrite train --config configs/{recipe} --workdir runs/{stem}_mlm_n{n}_s{{seed}} "
                        f"{subset}", "", metrics, seeds=(0, 1, 2), labeled_examples=n, start="own MLM",
@@ -690,19 +691,53 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _side_by_side_section(result: dict | None) -> list[str]:
-    if result is None:
-        return []
-    return ["## Side by side with transformers + PyTorch: SST-2, all-MiniLM-L6-v2 (dev accuracy)", "",
-            f"One run of `{SIDE_BY_SIDE_COMMAND}`: the same weights, {result['steps']} steps of 32 at learning rate "
-            f"{result['learning_rate']:g} on both sides, dev validated 4 times (best kept). Ours pads to length "
-            "buckets and includes compilation in its time; PyTorch pads each batch to its longest sentence.", "",
-            "| side | dev accuracy | wall |", "|---|---|---|",
-            f"| crosswrite_jax | {result['ours_accuracy']:.2f} | {_minutes(result['ours_seconds'])} |",
-            f"| transformers + PyTorch (eager, 2 threads) | {result['pytorch_accuracy']:.2f} | "
-            f"{_minutes(result['pytorch_seconds'])} |", "",
-            f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", "",
-            result.get("note", ""), ""]
+SIDE_BY_SIDE_TITLES = {"sst2_vs_pytorch": "SST-2, all-MiniLM-L6-v2 (dev accuracy)",
+                       "ner_vs_pytorch": "CoNLL-2003 NER, all-MiniLM-L6-v2 (valid entity F1)"}
+
+
+def side_by_side_results(stored: dict | None) -> dict:
+    """The side-by-side results by benchmark name; a summary from before the NER benchmark stored one SST-2 run."""
+    if not stored:
+        return {}
+    return {"sst2_vs_pytorch": stored} if "ratio" in stored else stored
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _side_by_side_section(name: str, result: dict) -> list[str]:
+    command = f"{DATA}python benchmarks/{name}.py | tail -1 > runs/{name}.json"
+    lines = [f"## Side by side with transformers + PyTorch: {SIDE_BY_SIDE_TITLES[name]}", ""]
+    if "seeds" not in result:  # one seed, before packing: ours padded its batches to length buckets
+        lines += [f"One run of `{command}`: the same weights, {result['steps']} steps of 32 at learning rate "
+                  f"{result['learning_rate']:g} on both sides, dev validated 4 times (best kept). Ours padded to "
+                  "length buckets and included compilation in its time; PyTorch pads each batch to its longest "
+                  "sentence.", "",
+                  "| side | dev accuracy | wall |", "|---|---|---|",
+                  f"| crosswrite_jax | {result['ours_accuracy']:.2f} | {_minutes(result['ours_seconds'])} |",
+                  f"| transformers + PyTorch (eager, 2 threads) | {result['pytorch_accuracy']:.2f} | "
+                  f"{_minutes(result['pytorch_seconds'])} |", ""]
+    else:
+        metric = result["metric"]
+        batching = (f"sentences packed into rows, {result['ours_examples_per_step']:g} a step on average"
+                    if result["packing"] else "batches of 32 padded to length buckets")
+        lines += [f"One run of `{command}`: {result['seeds']} seeds a side, alternating, the same weights, "
+                  f"{result['steps']} steps at learning rate {result['learning_rate']:g}, AdamW with linear warmup "
+                  "and decay, validated 4 times (best kept). Ours: the recipe's batches "
+                  f"({batching}), compilation included; PyTorch: batches of {result['pytorch_examples_per_step']}, "
+                  "each padded to its longest sentence. Mean ± standard deviation over the seeds.", "",
+                  f"| side | {metric} | wall | per seed |", "|---|---|---|---|"]
+        for side, label in (("ours", "crosswrite_jax"), ("pytorch", "transformers + PyTorch (eager, 2 threads)")):
+            scores, seconds = result[f"{side}_{metric}"], result[f"{side}_seconds"]
+            lines.append(f"| {label} | {_spread(scores)} | {_minutes(statistics.mean(seconds))} ± "
+                         f"{statistics.stdev(seconds) if len(seconds) > 1 else 0:.0f} s | "
+                         + ", ".join(f"{a:.2f} in {_minutes(b)}" for a, b in zip(scores, seconds)) + " |")
+        lines.append("")
+    lines += [f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", ""]
+    return lines + ([result["note"], ""] if result.get("note") else [])
 
 
 SWEEP = "sweep_quickstart"  # the hyperparameter-search demonstration's sweep directory under --runs
@@ -789,8 +824,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-SIDE_BY_SIDE = "sst2_vs_pytorch.json"  # the last (JSON) line of benchmarks/sst2_vs_pytorch.py, saved under --runs
-SIDE_BY_SIDE_COMMAND = f"{DATA}python benchmarks/sst2_vs_pytorch.py | tail -1 > runs/{SIDE_BY_SIDE}"
+SIDE_BY_SIDE = ("sst2_vs_pytorch", "ner_vs_pytorch")  # benchmarks/NAME.py; its last (JSON) line in --runs/NAME.json
 
 
 def render(rows: list[dict], images: list[str], compared: dict | None = None, notes: dict | None = None,
@@ -823,7 +857,8 @@ def render(rows: list[dict], images: list[str], compared: dict | None = None, no
             if section in notes:
                 parts += [notes[section], ""]
     parts += before_after_table(rows, recipes or [])
-    parts += _side_by_side_section(compared)
+    for name, result in side_by_side_results(compared).items():
+        parts += _side_by_side_section(name, result)
     parts += _sweep_section(sweep, images)
     for image in images:
         if not image.startswith(("curve_", "sweep_")):
@@ -949,8 +984,11 @@ def main() -> None:
         return
     summary = load_summary()
     rows = collect(runs, summary["rows"])
-    compared = json.loads((runs / SIDE_BY_SIDE).read_text()) if (runs / SIDE_BY_SIDE).is_file() else None
-    summary = {"rows": rows, "side_by_side": compared or summary.get("side_by_side"), "notes": summary.get("notes", {}),
+    compared = side_by_side_results(summary.get("side_by_side"))
+    for name in SIDE_BY_SIDE:
+        if (runs / f"{name}.json").is_file():
+            compared[name] = json.loads((runs / f"{name}.json").read_text())
+    summary = {"rows": rows, "side_by_side": compared or None, "notes": summary.get("notes", {}),
                "sweep": measure_sweep(runs / SWEEP) or summary.get("sweep")}
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")

@@ -187,7 +187,7 @@ def _finetune(t: Path, train_tsv: bytes = b"good film\t1\nbad film\t0\n" * 20, *
     (folder / "dev.tsv").write_bytes(b"good film\t1\nbad film\t0\n" * 4)
     flags = {"model.vocab_size": 200, "model.d_model": 32, "model.num_heads": 4, "model.d_ff": 64,
              "model.num_encoder_layers": 1, "model.max_length": 64, "train.init_from": "", "train.steps": 2,
-             "train.batch_size": 8, "train.eval_every": 0, "train.progress_bar": False,
+             "train.batch_size": 8, "train.eval_every": 0, "train.progress_bar": False, "data.packing": False,
              "data.data_dir": str(t / "data"), **extra}
     return ["train", "--config", SST2, "--workdir", str(t / "r"), *[f"--config.{k}={v}" for k, v in flags.items()]]
 

@@ -116,10 +116,23 @@ def test_rows_over_seeds_are_means_with_sample_deviation_and_before_values(tmp_p
 def test_side_by_side_section_shows_both_sides_or_is_left_out():
     make_results = _script()
     result = {"steps": 432, "learning_rate": 1e-4, "ours_accuracy": 88.1, "pytorch_accuracy": 87.6,
-              "ours_seconds": 600.0, "pytorch_seconds": 900.0, "ratio": 1.5}
+              "ours_seconds": 600.0, "pytorch_seconds": 900.0, "ratio": 1.5}  # one seed, as stored before seeds
     shown = make_results.render([], [], result, {})
     assert "| crosswrite_jax | 88.10 | 10m 00s |" in shown and "**1.50x**" in shown
     assert "Side by side" not in make_results.render([], [], None, {})
+
+
+def test_side_by_side_sections_give_each_benchmarks_means_over_seeds():
+    make_results = _script()
+    ner = {"benchmark": "ner_vs_pytorch", "metric": "f1", "steps": 877, "learning_rate": 1e-4, "seeds": 3,
+           "packing": True, "ours_examples_per_step": 31.5, "pytorch_examples_per_step": 32,
+           "ours_f1": [88.0, 89.0, 90.0], "ours_seconds": [500.0, 600.0, 700.0],
+           "pytorch_f1": [89.0, 89.0, 89.0], "pytorch_seconds": [900.0, 900.0, 900.0], "ratio": 1.5}
+    shown = make_results.render([], [], {"ner_vs_pytorch": ner}, {})
+    assert "PyTorch: CoNLL-2003 NER" in shown and "PyTorch: SST-2" not in shown
+    assert "| crosswrite_jax | 89.00 ± 1.00 | 10m 00s ± 100 s | 88.00 in 8m 20s, 89.00 in 10m 00s, 90.00 in 11m 40s |" \
+        in shown
+    assert "31.5 a step on average" in shown and "**1.50x**" in shown
 
 
 def test_a_learning_curve_table_puts_each_mean_under_its_label_count():
