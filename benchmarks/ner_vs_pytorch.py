@@ -23,6 +23,26 @@ RECIPE = "finetune_ner_conll.py"
 IGNORED = -100  # the label PyTorch's cross-entropy skips: subwords after a word's first, special tokens, padding
 
 
+def first_subword_labels(word_ids: list, tags: list[str], tag_id: dict[str, int]) -> list[int]:
+    """A label per subword: the word's tag id at its first subword, IGNORED elsewhere (the HF example's rule)."""
+    labels, seen = [], set()
+    for word in word_ids:
+        first = word is not None and word not in seen
+        labels.append(tag_id.get(tags[word], IGNORED) if first else IGNORED)
+        seen.add(word)
+    return labels
+
+
+def word_predictions(word_ids: list, predicted_ids: list[int], words: int, tags: list[str]) -> list[str]:
+    """A tag per word, from the prediction at its first subword; words cut off by truncation get "O"."""
+    guess, seen = ["O"] * words, set()
+    for position, word in enumerate(word_ids):
+        if word is not None and word not in seen:
+            guess[word] = tags[predicted_ids[position]]
+            seen.add(word)
+    return guess
+
+
 def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_rate: float, seed: int) -> dict:
     import time
 
@@ -31,6 +51,7 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification
 
+    sbs.torch_threads()
     started = time.perf_counter()
     torch.manual_seed(seed)
     directory = sbs.minilm_directory()
@@ -45,16 +66,9 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
     def encode(rows):
         encoded = tokenizer([list(words) for words, _ in rows], is_split_into_words=True, truncation=True,
                             max_length=128)
-        out = []
-        for i, (_, sentence_tags) in enumerate(rows):
-            word_ids, seen, labels = encoded.word_ids(i), set(), []
-            for word in word_ids:
-                first = word is not None and word not in seen
-                labels.append(tag_id.get(sentence_tags[word], IGNORED) if first else IGNORED)
-                seen.add(word)
-            out.append({"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-                        "labels": labels, "word_ids": word_ids})
-        return out
+        return [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+                 "labels": first_subword_labels(encoded.word_ids(i), sentence_tags, tag_id),
+                 "word_ids": encoded.word_ids(i)} for i, (_, sentence_tags) in enumerate(rows)]
 
     train_rows = [{k: v for k, v in row.items() if k != "word_ids"} for row in encode(train_examples)]
     valid_rows = encode(valid_examples)
@@ -68,12 +82,7 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
             batch.pop("labels")
             ids = model(**batch).logits.argmax(-1).tolist()
             for row, row_ids, (words, _) in zip(chunk, ids, valid_examples[start:start + 128]):
-                guess, seen = ["O"] * len(words), set()
-                for position, word in enumerate(row["word_ids"]):
-                    if word is not None and word not in seen:
-                        guess[word] = tags[row_ids[position]]
-                        seen.add(word)
-                predicted.append(guess)
+                predicted.append(word_predictions(row["word_ids"], row_ids, len(words), tags))
         return 100.0 * f1_score([list(gold) for _, gold in valid_examples], predicted)
 
     return sbs.torch_finetune(

@@ -128,7 +128,6 @@ def compare(name: str, metric: str, *, steps: int, learning_rate: float, example
     results: dict[str, list[dict]] = {"ours": [], "pytorch": []}
     for seed in range(seeds):
         for side, run in (("ours", run_ours), ("pytorch", run_pytorch)):
-            torch_threads()
             result = run(seed)
             results[side].append(result)
             print(f"  seed {seed} {side:8s} {metric} {result['score']:.2f} (final {result['final']:.2f}), "

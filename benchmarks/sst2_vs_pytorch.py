@@ -28,6 +28,7 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
+    sbs.torch_threads()
     started = time.perf_counter()
     torch.manual_seed(seed)
     directory = sbs.minilm_directory()

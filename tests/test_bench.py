@@ -1,9 +1,12 @@
-"""`crosswrite bench` through the console script, and `train.profile_steps` writing a jax.profiler trace."""
+"""`crosswrite bench` through the console script, `train.profile_steps` writing a jax.profiler trace, and the
+benchmarks' own helpers."""
 
+import importlib
 import json
+import sys
 
 import pytest
-from conftest import QUICKSTART, tiny_config
+from conftest import QUICKSTART, ROOT, tiny_config
 from test_cli import _overrides, _run
 
 from crosswrite_jax.errors import UserError
@@ -140,3 +143,37 @@ def test_gpu_suite_records_a_failing_entry_and_goes_on(monkeypatch):
     record = gpu_suite.run_entry("broken", tiny=True, steps=1, warmup=0, timeout=120)
     assert record["entry"] == "broken" and "no_such_key" in record["error"]
     assert "failed" in gpu_suite.table_row(record)[1]
+
+
+def _benchmark(name: str):
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_side_by_side_alternates_sides_and_compares_mean_seconds(capsys):
+    sbs = _benchmark("side_by_side")
+    order = []
+
+    def side(name, seconds):
+        def run(seed):
+            order.append((name, seed))
+            return {"score": 80.0 + seed, "final": 79.0, "seconds": seconds[seed]}
+        return run
+
+    summary = sbs.compare("x_vs_pytorch", "f1", steps=10, learning_rate=1e-4, examples_per_step=31.5, padded=False,
+                          seeds=2, run_ours=side("ours", [100.0, 300.0]), run_pytorch=side("pytorch", [600.0, 600.0]))
+    assert order == [("ours", 0), ("pytorch", 0), ("ours", 1), ("pytorch", 1)]
+    assert summary["ratio"] == 3.0 and summary["ours_f1"] == [80.0, 81.0] and summary["packing"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_ner_side_by_side_labels_and_reads_each_words_first_subword():
+    ner = _benchmark("ner_vs_pytorch")
+    word_ids = [None, 0, 0, 1, 2, 2, None]  # [CLS] Wash ##ington is Ama ##zon [SEP]
+    tag_id = {"B-LOC": 0, "O": 1, "B-ORG": 2}
+    assert ner.first_subword_labels(word_ids, ["B-LOC", "O", "B-ORG"], tag_id) == [-100, 0, -100, 1, 2, -100, -100]
+    # a prediction on a later subword is ignored; a fourth word cut off by truncation is "O"
+    tags = ["B-LOC", "O", "B-ORG"]
+    assert ner.word_predictions(word_ids, [1, 0, 2, 1, 2, 0, 1], 4, tags) == ["B-LOC", "O", "B-ORG", "O"]
