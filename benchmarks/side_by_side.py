@@ -55,7 +55,8 @@ def examples(recipe: str, data: Path, split: str, limit: int = 0) -> list:
     config = config_lib.load(ROOT / "configs" / recipe)
     path_hint = config.data.examples.split(":", 1)[1].split("?")[0].format(split=split)
     if not (data / path_hint).is_file():
-        sys.exit(f"error: {data / path_hint} not found; pass --data or set CROSSWRITE_DATA")
+        print(f"error: {data / path_hint} not found; pass --data or set CROSSWRITE_DATA", file=sys.stderr)
+        sys.exit(2)
     return labeled.read_examples(get_task(config.task), config.data.examples, split, str(data), max_examples=limit)
 
 
@@ -80,12 +81,15 @@ def ours(recipe: str, data: Path, *, steps: int, eval_every: int, learning_rate:
     return {"score": metrics[f"best_val_{metric}"], "final": metrics[f"val_{metric}"], "seconds": seconds}
 
 
-def torch_finetune(model, batches: Callable[[], object], *, steps: int, learning_rate: float, eval_every: int,
-                   evaluate: Callable[[], float], started: float) -> dict:
-    """transformers' training recipe by hand: AdamW, linear warmup and decay, clipping at 1; `evaluate` every
-    `eval_every` steps and at the end. `batches()` is a new pass over the shuffled training batches."""
+def torch_finetune(model, train_rows: list[dict], collate: Callable, *, seed: int, steps: int, learning_rate: float,
+                   eval_every: int, evaluate: Callable[[], float], started: float) -> dict:
+    """transformers' training recipe by hand: AdamW, linear warmup and decay, clipping at 1, over batches of 32 of
+    `train_rows` drawn at random (each epoch a new order); `evaluate` every `eval_every` steps and at the end."""
     import torch
+    from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
+
+    generator = torch.Generator().manual_seed(seed)
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -95,7 +99,8 @@ def torch_finetune(model, batches: Callable[[], object], *, steps: int, learning
     model.train()
     step, best, last = 0, float("-inf"), float("-inf")
     while step < steps:
-        for batch in batches():
+        for batch in DataLoader(train_rows, batch_size=BATCH, shuffle=True, collate_fn=collate, drop_last=True,
+                                generator=generator):
             model(**batch).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
