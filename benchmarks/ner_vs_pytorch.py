@@ -48,7 +48,6 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
 
     import torch
     from seqeval.metrics import f1_score
-    from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification
 
     sbs.torch_threads()
@@ -72,7 +71,6 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
 
     train_rows = [{k: v for k, v in row.items() if k != "word_ids"} for row in encode(train_examples)]
     valid_rows = encode(valid_examples)
-    generator = torch.Generator().manual_seed(seed)
 
     def entity_f1() -> float:
         predicted = []
@@ -85,10 +83,8 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
                 predicted.append(word_predictions(row["word_ids"], row_ids, len(words), tags))
         return 100.0 * f1_score([list(gold) for _, gold in valid_examples], predicted)
 
-    return sbs.torch_finetune(
-        model, lambda: DataLoader(train_rows, batch_size=sbs.BATCH, shuffle=True, collate_fn=collate,
-                                  drop_last=True, generator=generator),
-        steps=steps, learning_rate=learning_rate, eval_every=eval_every, evaluate=entity_f1, started=started)
+    return sbs.torch_finetune(model, train_rows, collate, seed=seed, steps=steps, learning_rate=learning_rate,
+                              eval_every=eval_every, evaluate=entity_f1, started=started)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
 
     train_rows = encode(sbs.examples(RECIPE, data, "train", max_train))
     dev_rows = encode(sbs.examples(RECIPE, data, "dev"))
-    generator = torch.Generator().manual_seed(seed)
 
     def accuracy() -> float:
         correct = 0
@@ -51,10 +50,8 @@ def pytorch(data: Path, steps: int, max_train: int, eval_every: int, learning_ra
             correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
         return 100.0 * correct / len(dev_rows)
 
-    return sbs.torch_finetune(
-        model, lambda: DataLoader(train_rows, batch_size=sbs.BATCH, shuffle=True, collate_fn=collate,
-                                  drop_last=True, generator=generator),
-        steps=steps, learning_rate=learning_rate, eval_every=eval_every, evaluate=accuracy, started=started)
+    return sbs.torch_finetune(model, train_rows, collate, seed=seed, steps=steps, learning_rate=learning_rate,
+                              eval_every=eval_every, evaluate=accuracy, started=started)
 
 
 if __name__ == "__main__":
