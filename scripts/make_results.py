@@ -709,7 +709,9 @@ def _spread(values: list[float], digits: int = 2) -> str:
 
 
 def _side_by_side_section(name: str, result: dict) -> list[str]:
-    command = f"{DATA}python benchmarks/{name}.py | tail -1 > runs/{name}.json"
+    seeds = result.get("seeds", 1)
+    flags = f" --seeds {seeds}" if seeds != 3 and "seeds" in result else ""  # 3: the benchmarks' default
+    command = f"{DATA}python benchmarks/{name}.py{flags} | tail -1 > runs/{name}.json"
     lines = [f"## Side by side with transformers + PyTorch: {SIDE_BY_SIDE_TITLES[name]}", ""]
     if "seeds" not in result:  # one seed, before packing: ours padded its batches to length buckets
         lines += [f"One run of `{command}`: the same weights, {result['steps']} steps of 32 at learning rate "
@@ -724,7 +726,8 @@ def _side_by_side_section(name: str, result: dict) -> list[str]:
         metric = result["metric"]
         batching = (f"sentences packed into rows, {result['ours_examples_per_step']:g} a step on average"
                     if result["packing"] else "batches of 32 padded to length buckets")
-        lines += [f"One run of `{command}`: {result['seeds']} seeds a side, alternating, the same weights, "
+        lines += [f"One run of `{command}`: {seeds} seed{'s' if seeds > 1 else ''} a side, alternating, the same "
+                  "weights, "
                   f"{result['steps']} steps at learning rate {result['learning_rate']:g}, AdamW with linear warmup "
                   "and decay, validated 4 times (best kept). Ours: the recipe's batches "
                   f"({batching}), compilation included; PyTorch: batches of {result['pytorch_examples_per_step']}, "
@@ -732,8 +735,8 @@ def _side_by_side_section(name: str, result: dict) -> list[str]:
                   f"| side | {metric} | wall | per seed |", "|---|---|---|---|"]
         for side, label in (("ours", "crosswrite_jax"), ("pytorch", "transformers + PyTorch (eager, 2 threads)")):
             scores, seconds = result[f"{side}_{metric}"], result[f"{side}_seconds"]
-            lines.append(f"| {label} | {_spread(scores)} | {_minutes(statistics.mean(seconds))} ± "
-                         f"{statistics.stdev(seconds) if len(seconds) > 1 else 0:.0f} s | "
+            spread = f" ± {statistics.stdev(seconds):.0f} s" if len(seconds) > 1 else ""
+            lines.append(f"| {label} | {_spread(scores)} | {_minutes(statistics.mean(seconds))}{spread} | "
                          + ", ".join(f"{a:.2f} in {_minutes(b)}" for a, b in zip(scores, seconds)) + " |")
         lines.append("")
     lines += [f"Wall-clock ratio (PyTorch's time over ours): **{result['ratio']:.2f}x**.", ""]
