@@ -50,14 +50,15 @@ def examples(recipe: str, data: Path, split: str, limit: int = 0) -> list:
     """The recipe's examples of `split` (the first `limit` when > 0), read as training reads them."""
     from crosswrite_jax import config as config_lib
     from crosswrite_jax.data import labeled
+    from crosswrite_jax.errors import UserError
     from crosswrite_jax.tasks import get_task
 
     config = config_lib.load(ROOT / "configs" / recipe)
-    path_hint = config.data.examples.split(":", 1)[1].split("?")[0].format(split=split)
-    if not (data / path_hint).is_file():
-        print(f"error: {data / path_hint} not found; pass --data or set CROSSWRITE_DATA", file=sys.stderr)
+    try:
+        return labeled.read_examples(get_task(config.task), config.data.examples, split, str(data), max_examples=limit)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    return labeled.read_examples(get_task(config.task), config.data.examples, split, str(data), max_examples=limit)
 
 
 def ours(recipe: str, data: Path, *, steps: int, eval_every: int, learning_rate: float, max_train: int, seed: int,
