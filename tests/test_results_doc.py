@@ -113,12 +113,15 @@ def test_rows_over_seeds_are_means_with_sample_deviation_and_before_values(tmp_p
     assert "bleu 12.00 ± 2.00 (3 seeds)" in make_results.render([row], [], None, {})
 
 
-def test_side_by_side_section_shows_both_sides_or_is_left_out():
+def test_a_one_seed_side_by_side_states_its_seeds_and_no_spread_and_none_is_left_out():
     make_results = _script()
-    result = {"steps": 432, "learning_rate": 1e-4, "ours_accuracy": 88.1, "pytorch_accuracy": 87.6,
-              "ours_seconds": 600.0, "pytorch_seconds": 900.0, "ratio": 1.5}  # one seed, as stored before seeds
-    shown = make_results.render([], [], result, {})
-    assert "| crosswrite_jax | 88.10 | 10m 00s |" in shown and "**1.50x**" in shown
+    sst2 = {"benchmark": "sst2_vs_pytorch", "metric": "accuracy", "steps": 432, "learning_rate": 1e-4, "seeds": 1,
+            "packing": False, "ours_examples_per_step": 32, "pytorch_examples_per_step": 32, "ours_accuracy": [88.1],
+            "ours_seconds": [600.0], "pytorch_accuracy": [87.6], "pytorch_seconds": [900.0], "ratio": 1.5}
+    shown = make_results.render([], [], {"sst2_vs_pytorch": sst2}, {})
+    assert "benchmarks/sst2_vs_pytorch.py --seeds 1 | tail -1" in shown and "1 seed a side" in shown
+    assert "| crosswrite_jax | 88.10 | 10m 00s | 88.10 in 10m 00s |" in shown and "**1.50x**" in shown
+    assert "batches of 32 padded to length buckets" in shown
     assert "Side by side" not in make_results.render([], [], None, {})
 
 
